@@ -1,0 +1,150 @@
+"""Entry-point settings as pydantic models: one field, one description, defaults here.
+
+`TrainConfig` is what `train_job.py` reads from `configs/*.yaml` plus ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateConfig(_Strict):
+    queries: int = Field(2000, ge=10, description="Number of synthetic queries to generate.")
+    seed: int = Field(0, description="Generator seed (the data is a pure function of it).")
+    min_candidates: int = Field(20, ge=1, description="Shortest candidate list.")
+    max_candidates: int = Field(32, ge=1, description="Longest candidate list.")
+
+
+class DataConfig(_Strict):
+    path: str | None = Field(
+        None, description="Training data file. None = generate synthetic data into the output directory."
+    )
+    format: Literal["jsonl", "letor"] = Field("jsonl", description="File format of `path`.")
+    cache_dir: str = Field("artifacts/data", description="Where generated synthetic data is written and reused.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Synthetic data settings.")
+    feature_spec: FeatureSpec = Field(
+        default=IMAGE_SEARCH_SPEC, description="Feature groups of a JSONL dataset (LETOR files use `letor`)."
+    )
+    letor_num_features: int = Field(136, ge=1, description="LETOR: number of features per row.")
+    letor_upstream_feature: int = Field(
+        110, ge=1, description="LETOR: 1-based feature that gives the upstream order (MSLR: 110 = BM25)."
+    )
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.7, "validation": 0.1, "calibration": 0.1, "test": 0.1},
+        description="Query-level split fractions (by a hash of the query id); must include train/validation/test.",
+    )
+    split_salt: str = Field("cotrr-split", description="Salt of the split hash; change it to draw new splits.")
+    relevance_threshold: float = Field(
+        1.0, description="A candidate is 'relevant' (the calibrated probability's event) iff label >= this."
+    )
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> DataConfig:
+        missing = {"train", "validation", "test"} - set(self.splits)
+        if missing:
+            raise ValueError(f"data.splits must include {sorted(missing)}")
+        if abs(sum(self.splits.values()) - 1.0) > 1e-6:
+            raise ValueError(f"data.splits must sum to 1, got {sum(self.splits.values())}")
+        return self
+
+
+class ModelArgs(_Strict):
+    top_m: int = Field(20, ge=1, description="Top-M window the model scores; the tail keeps upstream order.")
+    d_model: int = Field(256, ge=8, description="Token width.")
+    n_heads: int = Field(8, ge=1, description="Attention heads (must divide d_model).")
+    n_layers: int = Field(2, ge=1, description="Blocks of cross-attention + list self-attention + FFN.")
+    ffn_mult: int = Field(4, ge=1, description="FFN hidden width as a multiple of d_model.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and FFN.")
+
+
+class OptimConfig(_Strict):
+    loss: Literal["lambda", "listnet"] = Field("lambda", description="Listwise loss (see cotrr_ray.losses).")
+    ranknet_weight: float = Field(0.0, ge=0, description="Weight of an extra pairwise RankNet term.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(32, ge=1, description="Queries per micro-batch per worker.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_epochs: int = Field(20, ge=1, description="Upper bound on epochs (the cosine schedule spans these).")
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Fraction of optimizer steps of linear warm-up.")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
+    patience: int = Field(4, ge=1, description="Early stopping: epochs without validation nDCG@10 gain.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    amp: Literal["bf16", "fp16", "none"] = Field(
+        "bf16", description="Autocast dtype; fp16 (CUDA only) uses a GradScaler."
+    )
+    input_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on normalised inputs (regulariser).")
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    seed: int = Field(0, description="Seed for init, shuffling and dropout.")
+
+
+class ScalingArgs(_Strict):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); otherwise CPU + gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    torch_threads: int = Field(
+        1, ge=1, description="Intra-op threads per worker; more threads than reserved CPUs thrash."
+    )
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared FS or s3:// for multi-node). None = <output>/ray_results."
+    )
+    run_name: str | None = Field(
+        None,
+        description="Ray Train run name. None = a fresh timestamped run; a fixed name makes a rerun "
+        "of a crashed job resume from its last checkpoint in storage_path.",
+    )
+    fail_after_epoch: int | None = Field(
+        None, description="Testing only: rank 0 raises once after reporting this epoch, to exercise resume."
+    )
+
+
+class CalibrationArgs(_Strict):
+    method: Literal["holdout", "cross_fit"] = Field(
+        "holdout",
+        description="holdout = fit on the calibration split; cross_fit = out-of-fold scores (small data).",
+    )
+    folds: int = Field(5, ge=2, description="cross_fit: number of query folds.")
+    min_samples: int = Field(1000, ge=1, description="Warn when fewer calibration rows than this.")
+
+
+class TrainConfig(_Strict):
+    output: str = Field("artifacts/bundles/demo", description="Bundle directory to write.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the lists come from.")
+    model: ModelArgs = Field(default_factory=ModelArgs, description="Reranker shape.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
+    scaling: ScalingArgs = Field(default_factory=ScalingArgs, description="Ray Train scaling and fault tolerance.")
+    calibration: CalibrationArgs = Field(default_factory=CalibrationArgs, description="Calibrator fitting.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for the metric intervals.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.model_validate(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict, in place."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.path=value")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)

@@ -1,0 +1,256 @@
+"""The training job: data -> Ray Train (DDP) -> best checkpoint -> calibration -> evaluation -> bundle.
+
+Phases, in order (`run`):
+1. prepare: load (or generate) the data, split by query, fit the input normaliser on train;
+2. fit: `ray.train.torch.TorchTrainer` runs `cotrr_ray.train.fit` on every worker (gloo on CPU,
+   NCCL on GPU), checkpointing each epoch, restarting failed worker groups from the latest one;
+3. calibrate: score the calibration split with the best checkpoint, fit the isotonic calibrator;
+4. evaluate: test split only (never data the model or the calibrator was fitted on);
+5. export: write the bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cotrr_ray.bundle import Bundle
+from cotrr_ray.calibration import IsotonicCalibrator
+from cotrr_ray.config import TrainConfig
+from cotrr_ray.evaluate import evaluate_lists, format_report
+from cotrr_ray.features import CandidateList
+from cotrr_ray.model import Reranker, RerankerConfig
+from cotrr_ray.scoring import predict_logits
+from cotrr_ray.train import VAL_METRIC, PreparedData, fit, load_state, pad_split, prepare_data, save_state
+
+logger = logging.getLogger(__name__)
+
+
+class RayContext:
+    """`LoopContext` for a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def prepare_loader(self, loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if state is not None:
+                save_state(state, d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray
+
+    def resolve(x: Any) -> Any:
+        return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    model_config = RerankerConfig.from_dict(config["model_config"])
+    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), RayContext())
+
+
+def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: Path) -> dict[str, Any]:
+    """Fit through Ray Train and return the best checkpoint's state (by validation nDCG@10)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    train, val = data.padded["train"], data.padded["validation"]
+    if s.num_workers > 0:
+        # The object store ships the arrays to workers on any node; no shared filesystem needed.
+        train, val = ray.put(train), ray.put(val)
+    run_name = s.run_name or f"cotrr-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "model_config": data.model_config.to_dict(),
+            "train": train,
+            "validation": val,
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    if not result.best_checkpoints:
+        raise RuntimeError("training produced no checkpoint")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
+    with best_ckpt.as_directory() as d:
+        state = load_state(d)
+    state["final_metrics"] = dict(result.metrics or {})
+    state["run_path"] = str(result.path)
+    logger.info("best checkpoint: epoch %d, %s %.4f", best_metrics["epoch"], VAL_METRIC, best_metrics[VAL_METRIC])
+    return state
+
+
+def _window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
+    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
+    logits = predict_logits(model, padded)
+    return [logits[i, : cl.window] for i, cl in enumerate(lists)]
+
+
+def _labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
+    return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
+    if cfg.data.path is not None:
+        return Path(cfg.data.path)
+    from cotrr_ray.data import generate
+
+    g = cfg.data.generate
+    path = Path(cfg.data.cache_dir) / (
+        f"synthetic-q{g.queries}-s{g.seed}-c{g.min_candidates}-{g.max_candidates}-m{cfg.model.top_m}.jsonl"
+    )
+    if path.exists():
+        say(f"using cached synthetic data {path}")
+    else:
+        say(f"generating {g.queries} synthetic queries -> {path}")
+        generate(
+            path.with_suffix(".tmp"),
+            queries=g.queries,
+            seed=g.seed,
+            min_candidates=g.min_candidates,
+            max_candidates=g.max_candidates,
+            top_m=cfg.model.top_m,
+        ).rename(path)
+    return path
+
+
+def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
+    """Run every phase and return the bundle directory."""
+    import ray
+
+    t_start = time.perf_counter()
+    data_path = resolve_data_path(cfg, say)
+    data = prepare_data(cfg, data_path)
+    sizes = {k: len(v) for k, v in data.lists.items()}
+    say(f"splits by query: {sizes}; model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
+
+    if not ray.is_initialized() and cfg.scaling.num_workers > 0:
+        ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
+    storage = Path(cfg.scaling.storage_path or Path(cfg.output).parent / "ray_results").resolve()
+    t_fit = time.perf_counter()
+    state = run_ray_train(cfg, data, storage)
+    fit_s = time.perf_counter() - t_fit
+    model = Reranker(data.model_config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    say(f"best epoch {state['epoch']}: {VAL_METRIC} {state['metrics'][VAL_METRIC]:.4f} (fit {fit_s:.0f} s)")
+
+    thr = cfg.data.relevance_threshold
+    cal_lists = data.lists.get("calibration", [])
+    if cfg.calibration.method != "holdout":
+        raise NotImplementedError("calibration.method=cross_fit is not implemented yet; use holdout")
+    if not cal_lists:
+        raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
+    calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
+        np.concatenate(_window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
+    )
+
+    test_lists = data.lists.get("test", [])
+    if not test_lists:
+        raise ValueError("test split is empty")
+    test_logits = _window_logits(model, test_lists, data)
+    report = evaluate_lists(test_lists, test_logits, calibrator, relevance_threshold=thr, n_boot=cfg.bootstrap_samples)
+    say(format_report(report))
+
+    metrics = {
+        "test": report,
+        "best_checkpoint": state["metrics"],
+        "final_epoch": state.get("final_metrics", {}),
+        "splits": sizes,
+        "calibration_fit": {"method": "holdout", "rows": int(calibrator.n_samples_)},
+        "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
+        "headline": {
+            "test_ndcg@10_model": report["ndcg@10"]["model"],
+            "test_ndcg@10_upstream": report["ndcg@10"]["upstream"],
+            "test_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        from cotrr_ray.metrics import sigmoid
+        from cotrr_ray.plots import reliability_diagram
+
+        y = _labels01(test_lists, thr)
+        z = np.concatenate(test_logits)
+        png = reliability_diagram(
+            {"raw sigmoid": (sigmoid(z), y), "calibrated": (calibrator.predict(z), y)},
+            Path(tmp) / "reliability.png",
+            title=f"test split, P(label >= {thr:g})",
+            metrics=report["calibration"],
+        )
+        out = Bundle.save(
+            cfg.output,
+            model=model,
+            spec=data.spec,
+            normalizer=data.normalizer,
+            calibrator=calibrator,
+            relevance_threshold=thr,
+            metrics=metrics,
+            train_config=cfg.model_dump(mode="json"),
+            data_fingerprint=file_fingerprint(data_path),
+            extra_files={"reliability.png": png},
+        )
+    return out.resolve()

@@ -1,0 +1,34 @@
+"""Train a cotrr-ray bundle with Ray Train.
+
+    python train_job.py --config configs/demo.yaml [--output DIR] [key.path=value ...]
+
+Locally this starts an embedded Ray (or attaches to a running `ray start` cluster); on a cluster:
+
+    ray job submit --working-dir . -- python train_job.py --config configs/demo.yaml
+
+The last line printed is the bundle directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cotrr_ray.config import TrainConfig
+from cotrr_ray.job import run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--config", required=True, help="YAML TrainConfig, e.g. configs/demo.yaml")
+    p.add_argument("--output", default=None, help="bundle directory (overrides `output`)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4 data.path=FILE")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    cfg = TrainConfig.from_yaml(args.config, overrides)
+    print(run(cfg), flush=True)
+
+
+if __name__ == "__main__":
+    main()
