@@ -154,6 +154,7 @@ class Bundle:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp is owner-only; a bundle is meant to be read by serving processes
         try:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
             _write_json(tmp / "model_config.json", model.config.to_dict())
