@@ -25,8 +25,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4 data.path=FILE")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
-    cfg = TrainConfig.from_yaml(args.config, overrides)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    if args.output:  # a path, not YAML: taken verbatim
+        cfg = cfg.model_copy(update={"output": args.output})
     print(run(cfg), flush=True)
 
 

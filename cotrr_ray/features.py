@@ -60,7 +60,8 @@ def decode_vector(value: Vector, dim: int, field: str) -> np.ndarray:
     else:
         if len(value) != dim:
             raise RecordError(field, f"expected dimension {dim}, got {len(value)}")
-        arr = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # overflow to inf is reported below as a field error
+            arr = np.asarray(value, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise RecordError(field, f"non-finite value at position {bad} (NaN, Infinity, or beyond float32 range)")
@@ -215,13 +216,20 @@ class FeatureNormalizer:
             raise ValueError("normalizer was fitted for a different feature spec")
         self = cls(spec)
         self.stats_ = {}
+        dims = {**{f"candidate.{g}": n for g, n in spec.candidate.items()},
+                **{f"query.{g}": n for g, n in spec.query.items()}, "context.upstream_score": 1}  # fmt: skip
+        stats = d.get("stats")
+        if not isinstance(stats, dict):
+            raise ValueError("normalizer state lacks 'stats'")
         for scope, group in self._keys():
             key = f"{scope}.{group}"
-            if key not in d["stats"]:
-                raise ValueError(f"normalizer state lacks {key!r}")
-            mean = np.asarray(d["stats"][key]["mean"], dtype=np.float32)
-            scale = np.asarray(d["stats"][key]["scale"], dtype=np.float32)
-            if mean.shape != scale.shape or not (np.isfinite(mean).all() and np.isfinite(scale).all()):
+            if not isinstance(stats.get(key), dict) or not {"mean", "scale"} <= set(stats[key]):
+                raise ValueError(f"normalizer state lacks {key!r} mean/scale")
+            mean = np.asarray(stats[key]["mean"], dtype=np.float32)
+            scale = np.asarray(stats[key]["scale"], dtype=np.float32)
+            if mean.shape != (dims[key],) or scale.shape != (dims[key],):
+                raise ValueError(f"normalizer state for {key!r} has shape {mean.shape}, expected ({dims[key]},)")
+            if not (np.isfinite(mean).all() and np.isfinite(scale).all()):
                 raise ValueError(f"normalizer state for {key!r} is malformed")
             if (scale <= 0).any():
                 raise ValueError(f"normalizer state for {key!r} has a non-positive scale")

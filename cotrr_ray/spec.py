@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GroupTransform = Literal["none", "standardize", "signed_log1p_standardize"]
 
@@ -55,12 +55,23 @@ class FeatureSpec(BaseModel):
             raise ValueError("a feature spec needs at least one candidate group")
         return groups
 
+    @model_validator(mode="after")
+    def _transforms_name_known_groups(self) -> FeatureSpec:
+        known = {f"candidate.{g}" for g in self.candidate} | {f"query.{g}" for g in self.query}
+        unknown = sorted(set(self.transforms) - known)
+        if unknown:
+            raise ValueError(f"transforms for unknown groups {unknown}; known keys are {sorted(known)}")
+        return self
+
     def transform_for(self, scope: Literal["candidate", "query"], group: str) -> GroupTransform:
         return self.transforms.get(f"{scope}.{group}", "standardize")
 
     def fingerprint(self) -> str:
         """Stable sha256 of the canonical JSON form; equal specs have equal fingerprints."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=False, separators=(",", ":"))
+        d = self.model_dump(mode="json")
+        # Group order is significant (model input order); transform order is not.
+        d["transforms"] = dict(sorted(d["transforms"].items()))
+        canonical = json.dumps(d, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def describe(self) -> str:

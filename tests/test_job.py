@@ -1,0 +1,94 @@
+"""End to end through a real local Ray: 2 Ray Train workers, an injected worker failure, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from factories import tiny_train_config
+
+pytestmark = pytest.mark.integration
+
+MAX_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield ray
+    # A Ray instance another fixture started (e.g. the session's Serve cluster) is shared and left
+    # alone. One started here is shut down, because conftest's `serve_session` calls ray.init()
+    # unconditionally and would fail ("called ray.init twice") if a later module requested it.
+    if started_here:
+        ray.shutdown()
+
+
+def _retried_after_injected_failure(ray, run_name: str) -> bool:
+    """Whether this Ray session's Train controller logged a RETRY of `run_name` caused by the
+    injected failure (the controller logs are JSON lines tagged with the run name)."""
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    for f in (session / "logs" / "train").glob("*controller*.log"):
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            text = str(rec.get("message", "")) + str(rec.get("exc_text", ""))
+            if (
+                rec.get("run_name") == run_name
+                and "[FailurePolicy] RETRY" in text
+                and "injected failure after epoch 0" in text
+            ):
+                return True
+    return False
+
+
+def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path) -> None:
+    from cotrr_ray.bundle import Bundle
+    from cotrr_ray.job import run
+
+    run_name = f"cotrr-test-resume-{tmp_path.name}"
+    cfg = tiny_train_config(
+        tmp_path,
+        [
+            "data.generate={queries: 300, seed: 0, min_candidates: 10, max_candidates: 14}",
+            f"optim.max_epochs={MAX_EPOCHS}",
+            "optim.patience=50",
+            "scaling.num_workers=2",
+            "scaling.max_failures=1",
+            "scaling.fail_after_epoch=0",
+            f"scaling.storage_path={tmp_path / 'ray_results'}",
+            f"scaling.run_name={run_name}",
+            "calibration.min_samples=10",
+        ],
+    )
+    said: list[str] = []
+    out = run(cfg, say=said.append)
+
+    assert out == (tmp_path / "bundle").resolve()
+    bundle = Bundle.load(out)
+    assert bundle.top_m == 8 and bundle.model_config.d_model == 32
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The worker group failed after epoch 0, was restarted from the epoch-0 checkpoint and finished.
+    assert metrics["final_epoch"]["epoch"] == MAX_EPOCHS - 1
+    assert 0 <= metrics["best_checkpoint"]["epoch"] <= MAX_EPOCHS - 1
+    assert sum(metrics["splits"].values()) == 300
+
+    # The held-out test report exists, with every metric and both calibration variants.
+    report = metrics["test"]
+    assert report["queries"] > 0
+    for m in ("ndcg@1", "ndcg@5", "ndcg@10", "mrr"):
+        assert {"model", "upstream", "oracle", "model_ci"} <= set(report[m])
+    assert {"raw", "calibrated"} == set(report["calibration"])
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("held-out test queries") and "ndcg@10" in line for line in said)
+    assert bundle.manifest["headline_metrics"]["test_ndcg@10_model"] == report["ndcg@10"]["model"]
+
+    # The injected failure really happened and Ray Train restarted the worker group because of it,
+    # so the finished run above is a resumed one.
+    assert _retried_after_injected_failure(ray_local, run_name)
