@@ -148,3 +148,110 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {p!r} is not a section")
     node[parts[-1]] = yaml.safe_load(value)
+
+
+# =============================================================================== serving
+# Settings of the Serve application (`cotrr_ray.app:build_app`, issue 3). `AppArgs` is the
+# builder's `args` (a change rebuilds the app and restarts replicas); `RoutingConfig` and
+# `ScorerConfig` are deployments' `user_config`, applied live by `reconfigure` (no restart) when
+# `serve deploy serve_config.yaml` changes them.
+
+
+class RoutingConfig(_Strict):
+    """The Router's `user_config`: traffic split, shadow mode, timeouts, default Top-M."""
+
+    rollout_percentage: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description=(
+            "Share of units (0-100) assigned to the treatment arm: treatment iff "
+            "bucket(experiment_salt, unit) <= rollout_percentage (see cotrr_ray.routing)."
+        ),
+    )
+    shadow_mode: bool = Field(
+        False,
+        description=(
+            "Answer every request with the control arm and score the treatment in the background, "
+            "recording Kendall tau / overlap@10 between the two orders."
+        ),
+    )
+    experiment_salt: str = Field(
+        "rerank-v1", max_length=256, description="Hash salt of the A/B split; a new salt reshuffles every unit."
+    )
+    timeout_ms: float = Field(
+        1000.0, gt=0, le=60_000, description="Budget for scorer + calibrator per request; past it -> upstream order."
+    )
+    top_m: int | None = Field(
+        None, ge=1, description="Top-M window when a request omits top_m. None = the bundle's top_m (the maximum)."
+    )
+    shadow_timeout_ms: float = Field(2000.0, gt=0, le=60_000, description="Budget of one background shadow scoring.")
+    max_shadow_in_flight: int = Field(
+        16, ge=1, description="Concurrent shadow scorings per router replica; more are dropped and counted."
+    )
+
+
+class ScorerConfig(_Strict):
+    """A Scorer deployment's `user_config`: bundle hot swap and dynamic batching."""
+
+    bundle_uri: str | None = Field(
+        None,
+        description=(
+            "Hot swap: load this bundle directory and switch to it atomically (in-flight batches finish "
+            "on the old one). It must have the same feature spec and a top_m >= the builder's bundle. "
+            "None = the bundle from the builder args."
+        ),
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=256, description="@serve.batch size; keep max_ongoing_requests >= this."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+    )
+    fault: Literal["none", "raise", "slow"] = Field(
+        "none",
+        description=(
+            "TESTING ONLY (fault injection, like scaling.fail_after_epoch): 'raise' fails every "
+            "scoring call, 'slow' delays it by fault_delay_s. Never set in a production config."
+        ),
+    )
+    fault_delay_s: float = Field(5.0, ge=0, le=600, description="TESTING ONLY: delay of fault='slow'.")
+
+
+class AppArgs(_Strict):
+    """`args` of `cotrr_ray.app:build_app` (serve_config.yaml)."""
+
+    bundle_uri: str = Field(
+        "artifacts/bundles/demo",
+        description=(
+            "Treatment bundle directory (what `train_job.py --config configs/demo.yaml` writes). A "
+            "relative path resolves against the working directory of the process that builds the "
+            "app (the directory `serve run` was started from); a missing bundle fails the deploy."
+        ),
+    )
+    control_bundle_uri: str | None = Field(
+        None,
+        description="Optional control bundle (deployment 'ScorerControl'); None = control is the upstream order.",
+    )
+    max_candidates: int = Field(1000, ge=1, description="More candidates in one request -> HTTP 413.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Larger request bodies -> HTTP 413 (checked before parsing)."
+    )
+    exposure_log_path: str | None = Field(
+        None,
+        description=(
+            "Append exposure records (JSON lines) to this file. None = log them through the "
+            "'ray.serve' logger (the replica's log file)."
+        ),
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig,
+        description=(
+            "Initial Router user_config for apps built from Python. In serve_config.yaml set the "
+            "Router deployment's user_config instead: that is what `serve deploy` changes live."
+        ),
+    )
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Initial Scorer user_config.")
+    control_scorer: ScorerConfig = Field(
+        default_factory=ScorerConfig, description="Initial ScorerControl user_config."
+    )

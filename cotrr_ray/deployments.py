@@ -1,0 +1,301 @@
+"""Ray Serve deployments: thin shells around `cotrr_ray.serving`.
+
+    Router (FastAPI ingress) --score--> Scorer [, ScorerControl]   (@serve.batch, torch)
+                             --transform--> Calibrator              (@serve.batch, isotonic)
+
+Nothing is bound here; `cotrr_ray.app.build_app` wires the graph. Decorator options are the
+defaults for apps built from Python; serve_config.yaml overrides them per deployment.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of
+# the ingress methods (Serve rebinds them, and string annotations then fail to resolve).
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import cotrr_ray
+from cotrr_ray.api import ErrorResponse, RerankResponse, install_openapi
+from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
+from cotrr_ray.errors import RequestError
+from cotrr_ray.features import CandidateList
+from cotrr_ray.serving import (
+    CalibrationInput,
+    CalibratorCore,
+    Downstream,
+    ExposureLog,
+    RerankService,
+    ScoreResult,
+    ScorerCore,
+    read_body,
+    read_bundle_meta,
+    resolve_uri,
+)
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="cotrr-ray rerank",
+    version=cotrr_ray.__version__,
+    description="Listwise reranking of image-search candidates (Top-M reranked, tail in upstream order).",
+)
+install_openapi(api)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 503: "not_ready"}
+
+
+def _route_package_logs_to_serve() -> None:
+    """Send `cotrr_ray.*` loggers (bundle loaded, hot swaps, calibration warnings) to this
+    replica's Serve log handlers, at the level of serve_config.yaml's logging_config."""
+    serve_logger = logging.getLogger("ray.serve")
+    package = logging.getLogger("cotrr_ray")
+    for handler in serve_logger.handlers:
+        if handler not in package.handlers:
+            package.addHandler(handler)
+    package.setLevel(serve_logger.level)
+    package.propagate = False
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    body = {"error": {"code": code, "message": str(exc.detail), "field": None}}
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("internal error on %s (request %s)", request.url.path, request.headers.get("x-request-id"))
+    body = {"error": {"code": "internal", "message": f"{type(exc).__name__}", "field": None}}
+    return JSONResponse(body, status_code=500)
+
+
+class ServeMetrics:
+    """`serving.Metrics` on `ray.serve.metrics` (exported as ray_cotrr_* on the Prometheus port)."""
+
+    _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+
+    def __init__(self) -> None:
+        self._requests = Counter(
+            "cotrr_rerank_requests", description="Rerank responses by arm and outcome.", tag_keys=("arm", "outcome")
+        )
+        self._latency = Histogram(
+            "cotrr_rerank_latency_ms",
+            description="Router handling time of a rerank request.",
+            boundaries=self._LATENCY_MS,
+            tag_keys=("arm",),
+        )
+        self._rejected = Counter("cotrr_rerank_rejected", description="4xx by error code.", tag_keys=("code",))
+        self._fallbacks = Counter(
+            "cotrr_rerank_fallbacks", description="Upstream-order fallbacks by reason.", tag_keys=("reason",)
+        )
+        self._calibration = Counter(
+            "cotrr_calibration_failures", description="Answers without probabilities.", tag_keys=("reason",)
+        )
+        self._shadow = Counter(
+            "cotrr_shadow_comparisons", description="Shadow scorings by outcome.", tag_keys=("outcome",)
+        )
+        # Ray histograms take positive boundaries only, so Kendall tau (-1..1) is exported as the
+        # share of discordant window pairs, (1 - tau) / 2 in 0..1 (0 = same order, 1 = reversed).
+        self._discordance = Histogram(
+            "cotrr_shadow_discordant_pairs_ratio",
+            description="(1 - Kendall tau) / 2 between the control and treatment windows.",
+            boundaries=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+        )
+        self._overlap = Histogram(
+            "cotrr_shadow_overlap_at_10",
+            description="Overlap@10 between control and treatment orders.",
+            boundaries=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+        )
+        self._shadow_latency = Histogram(
+            "cotrr_shadow_latency_ms", description="Shadow scoring latency.", boundaries=self._LATENCY_MS
+        )
+        self._rollout = Gauge("cotrr_rollout_percentage", description="Current rollout percentage.")
+        self._shadow_mode = Gauge("cotrr_shadow_mode", description="1 when shadow mode is on.")
+
+    def request(self, arm: str, outcome: str, latency_ms: float) -> None:
+        self._requests.inc(1, tags={"arm": arm, "outcome": outcome})
+        self._latency.observe(latency_ms, tags={"arm": arm})
+
+    def rejected(self, code: str) -> None:
+        self._rejected.inc(1, tags={"code": code})
+
+    def fallback(self, reason: str) -> None:
+        self._fallbacks.inc(1, tags={"reason": reason})
+
+    def calibration_failure(self, reason: str) -> None:
+        self._calibration.inc(1, tags={"reason": reason})
+
+    def shadow(self, outcome: str, comparison: dict[str, float] | None, latency_ms: float | None) -> None:
+        self._shadow.inc(1, tags={"outcome": outcome})
+        if comparison is not None:
+            self._discordance.observe((1.0 - comparison["kendall_tau"]) / 2.0)
+            self._overlap.observe(comparison["overlap_at_10"])
+        if latency_ms is not None:
+            self._shadow_latency.observe(latency_ms)
+
+    def routing(self, config: RoutingConfig) -> None:
+        self._rollout.set(config.rollout_percentage)
+        self._shadow_mode.set(1.0 if config.shadow_mode else 0.0)
+
+
+@serve.deployment(
+    name="Router", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}
+)
+@serve.ingress(api)
+class Router:
+    """HTTP ingress: validation, arm assignment, fallback, shadow, stats (see RerankService)."""
+
+    def __init__(
+        self,
+        scorer: DeploymentHandle,
+        calibrator: DeploymentHandle,
+        control: DeploymentHandle | None,
+        args: AppArgs,
+    ) -> None:
+        _route_package_logs_to_serve()
+        meta = read_bundle_meta(args.bundle_uri)
+        max_top_m = meta.top_m
+        if control is not None and args.control_bundle_uri is not None:
+            max_top_m = min(max_top_m, read_bundle_meta(args.control_bundle_uri).top_m)
+        downstream = Downstream(
+            score=scorer.score.remote,
+            calibrate=calibrator.transform.remote,
+            info=lambda _: scorer.info.remote(),
+            score_control=control.score.remote if control is not None else None,
+            info_control=(lambda _: control.info.remote()) if control is not None else None,
+        )
+        self.service = RerankService(
+            meta,
+            args,
+            downstream,
+            max_top_m=max_top_m,
+            metrics=ServeMetrics(),
+            exposure=ExposureLog(args.exposure_log_path),
+        )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:  # on the event loop: no races
+        self.service.configure(RoutingConfig.model_validate(user_config))
+
+    @api.post(
+        "/v1/rerank",
+        response_model=None,
+        responses={200: {"model": RerankResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        summary="Rerank the Top-M of an upstream candidate list",
+    )
+    async def rerank(self, request: Request) -> Response:
+        try:
+            body = await read_body(request, self.service.args.max_body_bytes)
+        except RequestError as e:
+            self.service.note_rejected(e)
+            return _error(e)
+        try:
+            payload = await self.service.rerank(body, request.headers.get("x-request-id"))
+        except RequestError as e:  # already counted by the service
+            return _error(e)
+        return Response(orjson.dumps(payload), media_type="application/json")
+
+    @api.get("/v1/model", summary="Served model, feature spec, Top-M limits and routing config")
+    async def model(self) -> Response:
+        return Response(orjson.dumps(await self.service.model_info()), media_type="application/json")
+
+    @api.get("/v1/stats", summary="Counters of this router replica")
+    async def stats(self) -> Response:
+        return Response(orjson.dumps(self.service.stats_snapshot()), media_type="application/json")
+
+    @api.get("/healthz", summary="200 when scorer(s) and calibrator answer a real inference")
+    async def healthz(self) -> JSONResponse:
+        healthy, detail = await self.service.health()
+        return JSONResponse(detail, status_code=200 if healthy else 503)
+
+
+@serve.deployment(name="Scorer", max_ongoing_requests=32, max_queued_requests=64, ray_actor_options={"num_cpus": 1})
+class Scorer:
+    """Loads a bundle (fails closed), scores batches of windows off the event loop, hot-swaps."""
+
+    def __init__(self, bundle_uri: str, base_dir: str) -> None:
+        import torch
+
+        _route_package_logs_to_serve()
+        torch.set_num_threads(1)  # one intra-op thread per replica; scale with replicas
+        self.base_dir = base_dir
+        self.args_uri = resolve_uri(bundle_uri, base_dir)
+        self.core = ScorerCore.load(self.args_uri)  # BundleError -> the replica does not start
+        self.config = ScorerConfig()
+        self._configured = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = ScorerConfig.model_validate(user_config)
+        self.score.set_max_batch_size(config.max_batch_size)
+        self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        target = resolve_uri(config.bundle_uri, self.base_dir) if config.bundle_uri else self.args_uri
+        if target != str(self.core.bundle.path):
+            try:
+                bundle = await asyncio.to_thread(self.core.load_replacement, target)
+            except Exception as e:
+                if not self._configured:
+                    raise  # a fresh replica never serves a bundle other than the configured one
+                self.core.swap_failed(target, e)
+            else:
+                self.core.swap(bundle)
+        self.config = config
+        self._configured = True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def score(self, lists: list[CandidateList]) -> list[ScoreResult]:
+        if self.config.fault == "raise":
+            raise RuntimeError("injected scorer fault (ScorerConfig.fault='raise', testing only)")
+        if self.config.fault == "slow":
+            await asyncio.sleep(self.config.fault_delay_s)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.core.score, lists)
+
+    async def info(self) -> dict[str, Any]:
+        return {**self.core.info(), "config": self.config.model_dump()}
+
+
+@serve.deployment(
+    name="Calibrator", max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.25}
+)
+class Calibrator:
+    """Batched isotonic transform raw logit -> probability, by the bundle that made the logit."""
+
+    def __init__(self, bundle_uris: list[str]) -> None:
+        _route_package_logs_to_serve()
+        self.core = CalibratorCore()
+        for uri in bundle_uris:
+            self.core.add(uri)  # fails closed like the scorer
+
+    async def transform(self, item: CalibrationInput) -> Any:
+        ok, value = await self._transform_batch(item)
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def _transform_batch(self, items: list[CalibrationInput]) -> list[tuple[bool, Any]]:
+        missing = self.core.missing(items)
+        errors = await asyncio.to_thread(self.core.load_missing, missing) if missing else {}
+        out: list[tuple[bool, Any]] = []
+        for item in items:  # one item's failure (unknown bundle) never fails the others
+            if item.bundle_id in errors:
+                out.append((False, errors[item.bundle_id]))
+                continue
+            try:
+                out.append((True, self.core.transform(item)))
+            except Exception as e:
+                out.append((False, f"{type(e).__name__}: {e}"))
+        return out

@@ -1,0 +1,87 @@
+"""Request errors and their HTTP mapping, in one table.
+
+Bad input is always a 4xx with the body ``{"error": {"code", "message", "field"}}``; `field` is a
+JSON path into the request (``candidates[3].features.visual``) or null. Downstream failures are
+never errors for the client: the router answers 200 with the upstream order and a `fallback`
+reason (see `cotrr_ray.serving`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from cotrr_ray.features import RecordError
+
+STATUS = {
+    "invalid_json": 422,  # body is not JSON
+    "invalid_request": 422,  # schema or feature-spec violation (dims, NaN, groups, ids, ranges)
+    "body_too_large": 413,  # content-length or actual body above AppArgs.max_body_bytes
+    "too_many_candidates": 413,  # more than AppArgs.max_candidates
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "not_ready": 503,
+    "overloaded": 503,
+    "internal": 500,  # a bug in the router, never bad input (logged with the request id)
+}
+"""Error code -> HTTP status. The code is part of the API; the message is for humans."""
+
+
+class RequestError(Exception):
+    """A request the router refuses; `status` comes from `STATUS[code]`."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        if code not in STATUS:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.code!r}, {self.message!r}, field={self.field!r})"
+
+
+# pydantic adds the tag of the union member it tried (`list[float]`, `str`) to `loc`; not a JSON path.
+_UNION_TAGS = {"list[float]", "str", "float", "int"}
+
+
+def _json_path(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in _UNION_TAGS:
+            path += f".{part}" if path else str(part)
+    return path or None  # the body as a whole
+
+
+def from_validation_error(err: ValidationError) -> RequestError:
+    """The most useful pydantic error as one `RequestError` (422, or invalid_json).
+
+    A value that fails every member of a union (a vector given as a number, say) produces one
+    error per member; the one that is not a plain type mismatch names the real problem (e.g.
+    `finite_number` for NaN inside a list), so it wins.
+    """
+    errors = err.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        first = next(e for e in errors if e["type"] == "json_invalid")
+        return RequestError("invalid_json", f"body is not valid JSON: {first['msg']}")
+    best = min(errors, key=lambda e: (e["type"].endswith("_type"), len(e["loc"]) == 0))
+    return RequestError("invalid_request", best["msg"], _json_path(tuple(best["loc"])))
+
+
+def from_record_error(err: RecordError) -> RequestError:
+    """A feature-spec violation from `features.to_candidate_list`.
+
+    Its field is already a path into the HTTP body (`query.features.<g>`, `candidates[i]...`).
+    """
+    return RequestError("invalid_request", err.message, err.field)

@@ -1,0 +1,799 @@
+"""The serving logic as plain objects, with no Ray import: the deployments in
+`cotrr_ray.deployments` are thin shells around them, and tests drive them directly.
+
+- `RequestParser`: raw body -> validated arrays of the Top-M window (or a `RequestError`).
+- `RerankService`: the router. Assigns the arm, calls scorer and calibrator through injected async
+  callables with a bounded budget, orders the list, falls back to upstream order on any downstream
+  failure, runs shadow scoring in the background, keeps stats and writes exposure records.
+- `ScorerCore`: a loaded bundle that scores batches of windows, with a checked hot swap.
+- `CalibratorCore`: isotonic calibrators keyed by bundle id, so a probability always comes from
+  the calibrator of the bundle that produced the logit.
+
+Router-side code never imports torch (the bundle is imported lazily by `ScorerCore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+
+from cotrr_ray.api import RerankRequest
+from cotrr_ray.config import AppArgs, RoutingConfig
+from cotrr_ray.errors import RequestError, from_record_error, from_validation_error
+from cotrr_ray.features import CandidateList, RecordError, to_candidate_list
+from cotrr_ray.ranking import agreement, build_results, model_order, upstream_order
+from cotrr_ray.routing import decide
+from cotrr_ray.spec import FeatureSpec
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- bundle files
+
+
+class BundleMetaError(RuntimeError):
+    """A bundle directory cannot be served; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """What the router needs from a bundle: no weights, no torch."""
+
+    path: str
+    bundle_id: str
+    spec: FeatureSpec
+    top_m: int
+    relevance_threshold: float
+
+
+def resolve_uri(uri: str, base_dir: str | Path) -> str:
+    """A local bundle path (plain or file://) made absolute against `base_dir`."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise BundleMetaError(f"unsupported bundle URI {uri!r}: only local directories (or file://) are served")
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleMetaError(f"{path} not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleMetaError(f"{path}: unreadable ({e})") from None
+
+
+def read_bundle_meta(path: str | Path) -> BundleMeta:
+    """Read manifest, feature spec and Top-M of a bundle (checksums are verified by the scorer)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleMetaError(
+            f"no bundle directory at {p} (cwd {os.getcwd()}): train one with "
+            "`python train_job.py --config configs/demo.yaml`, or point AppArgs.bundle_uri at a bundle"
+        )
+    manifest = _read_json(p / "manifest.json")
+    try:
+        spec = FeatureSpec.model_validate(_read_json(p / "feature_spec.json"))
+        top_m = int(_read_json(p / "model_config.json")["max_list_len"])
+        meta = BundleMeta(str(p), str(manifest["bundle_id"]), spec, top_m, float(manifest["relevance_threshold"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleMetaError(f"{p}: not a valid bundle ({type(e).__name__}: {e})") from None
+    if spec.fingerprint() != manifest.get("feature_spec_fingerprint"):
+        raise BundleMetaError(f"{p}: feature_spec.json does not match the manifest's fingerprint")
+    return meta
+
+
+def load_calibrator(path: str | Path) -> tuple[str, Any]:
+    """(bundle id, IsotonicCalibrator) from a bundle's calibrator.json, checksum-verified."""
+    from cotrr_ray.bundle import sha256_file
+    from cotrr_ray.calibration import IsotonicCalibrator
+
+    p = Path(path)
+    manifest = _read_json(p / "manifest.json")
+    digest = manifest.get("files", {}).get("calibrator.json")
+    if digest is None or sha256_file(p / "calibrator.json") != digest:
+        raise BundleMetaError(f"{p}: calibrator.json is missing or does not match the manifest checksum")
+    try:
+        return str(manifest["bundle_id"]), IsotonicCalibrator.from_dict(_read_json(p / "calibrator.json"))
+    except (KeyError, ValueError) as e:
+        raise BundleMetaError(f"{p}: invalid calibrator ({e})") from None
+
+
+def synthetic_list(spec: FeatureSpec, n: int = 4, window: int = 4, seed: int = 0) -> CandidateList:
+    """An in-spec list of `n` random candidates (health checks and warm-up)."""
+    rng = np.random.default_rng(seed)
+    window = min(window, n)
+
+    def vec(d: int, rows: int | None = None) -> np.ndarray:
+        x = rng.standard_normal((rows, d) if rows else d).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    return CandidateList(
+        query_id="synthetic",
+        ids=[f"synthetic-{i}" for i in range(n)],
+        upstream=np.linspace(1.0, 0.5, n, dtype=np.float32),
+        window=window,
+        features={g: vec(d, window) for g, d in spec.candidate.items()},
+        query_features={g: vec(d) for g, d in spec.query.items()},
+        labels=None,
+    )
+
+
+# ----------------------------------------------------------------------------- messages between deployments
+
+
+@dataclass
+class ScoreResult:
+    """What a scorer returns per list: the window's raw logits and the bundle that made them."""
+
+    logits: np.ndarray  # (window,) float32
+    model_version: str
+    bundle_path: str
+
+
+@dataclass
+class CalibrationInput:
+    bundle_id: str
+    bundle_path: str
+    logits: np.ndarray  # (window,)
+
+
+# ----------------------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ParsedRequest:
+    query_id: str
+    unit_id: str | None
+    ids: list[str]  # every candidate, upstream order
+    top_n: int | None
+    inputs: CandidateList  # the Top-M window only: what the scorer receives
+
+    @property
+    def window(self) -> int:
+        return self.inputs.window
+
+
+def window_only(cl: CandidateList) -> CandidateList:
+    """The window of `cl` as its own list (drops the tail's ids and scores before the hop)."""
+    w = cl.window
+    return CandidateList(cl.query_id, cl.ids[:w], cl.upstream[:w], w, cl.features, cl.query_features, None)
+
+
+class RequestParser:
+    """Body bytes -> `ParsedRequest`, raising `RequestError` for every bad input."""
+
+    def __init__(self, spec: FeatureSpec, *, max_top_m: int, max_candidates: int):
+        self.spec = spec
+        self.max_top_m = max_top_m
+        self.max_candidates = max_candidates
+
+    def parse(self, body: bytes, *, default_top_m: int) -> ParsedRequest:
+        try:
+            req = RerankRequest.model_validate_json(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        n = len(req.candidates)
+        if n > self.max_candidates:
+            raise RequestError(
+                "too_many_candidates", f"{n} candidates, more than the maximum of {self.max_candidates}", "candidates"
+            )
+        if req.top_m is not None and req.top_m > self.max_top_m:
+            raise RequestError("invalid_request", f"top_m must be in 1..{self.max_top_m}, got {req.top_m}", "top_m")
+        if req.top_n is not None and req.top_n > self.max_candidates:
+            raise RequestError(
+                "invalid_request", f"top_n must be in 1..{self.max_candidates}, got {req.top_n}", "top_n"
+            )
+        for i, c in enumerate(req.candidates):
+            if c.label is not None:
+                raise RequestError(
+                    "invalid_request", "labels are training data and are not accepted here", f"candidates[{i}].label"
+                )
+        try:
+            cl = to_candidate_list(req.to_record(), self.spec, window=req.top_m or default_top_m)
+        except RecordError as e:
+            raise from_record_error(e) from None
+        return ParsedRequest(req.query.id, req.unit_id, cl.ids, req.top_n, window_only(cl))
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The raw body of a Starlette request, refusing more than `limit` bytes before parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError("invalid_request", "content-length is not an integer", None) from None
+        if size > limit:
+            raise RequestError("body_too_large", f"body of {size} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError("body_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------- router
+
+
+Call = Callable[[Any], Awaitable[Any]]
+
+
+@dataclass
+class Downstream:
+    """How the router reaches the other deployments (handle calls in Serve, fakes in tests).
+
+    Each callable returns an awaitable; if it also has `cancel()` (a Serve `DeploymentResponse`),
+    it is cancelled when its budget runs out.
+    """
+
+    score: Call  # CandidateList -> ScoreResult
+    calibrate: Call  # CalibrationInput -> (window,) probabilities
+    info: Call  # None -> dict
+    score_control: Call | None = None
+    info_control: Call | None = None
+
+
+async def call_with_timeout(fn: Call, arg: Any, timeout_s: float) -> Any:
+    """Await `fn(arg)` for at most `timeout_s`; cancel the downstream request on timeout."""
+    response = fn(arg)
+    try:
+        return await asyncio.wait_for(_awaited(response), timeout_s)
+    except asyncio.TimeoutError:
+        cancel = getattr(response, "cancel", None)
+        if callable(cancel):
+            cancel()
+        raise
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def exception_name(e: BaseException) -> str:
+    """The user-level exception type: Ray wraps remote errors (`RayTaskError(X)`, `.cause`)."""
+    cause = getattr(e, "cause", None)
+    return type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__
+
+
+class Metrics(Protocol):
+    def request(self, arm: str, outcome: str, latency_ms: float) -> None: ...
+    def rejected(self, code: str) -> None: ...
+    def fallback(self, reason: str) -> None: ...
+    def calibration_failure(self, reason: str) -> None: ...
+    def shadow(self, outcome: str, comparison: dict[str, float] | None, latency_ms: float | None) -> None: ...
+    def routing(self, config: RoutingConfig) -> None: ...
+
+
+class NullMetrics:
+    def request(self, arm: str, outcome: str, latency_ms: float) -> None: ...
+    def rejected(self, code: str) -> None: ...
+    def fallback(self, reason: str) -> None: ...
+    def calibration_failure(self, reason: str) -> None: ...
+    def shadow(self, outcome: str, comparison: dict[str, float] | None, latency_ms: float | None) -> None: ...
+    def routing(self, config: RoutingConfig) -> None: ...
+
+
+class ExposureLog:
+    """One JSON line per decision: to a file (append) or through the Serve replica logger."""
+
+    def __init__(self, path: str | None = None, log: logging.Logger | None = None):
+        self._log = log or logging.getLogger("ray.serve")
+        self._file = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # line-buffered; O_APPEND lines do not interleave
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = orjson.dumps(record).decode()
+        if self._file is not None:
+            self._file.write(line + "\n")
+        else:
+            self._log.info(line)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass
+class ServingStats:
+    """Counters of one router replica (GET /v1/stats)."""
+
+    requests: int = 0
+    served: int = 0
+    reranked: int = 0
+    by_arm: collections.Counter = field(default_factory=collections.Counter)
+    fallbacks: collections.Counter = field(default_factory=collections.Counter)
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    calibration_failures: collections.Counter = field(default_factory=collections.Counter)
+    shadow: collections.Counter = field(default_factory=collections.Counter)
+    shadow_tau_sum: float = 0.0
+    shadow_overlap_sum: float = 0.0
+    last_shadow: dict[str, Any] | None = None
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    shadow_latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
+
+    @staticmethod
+    def _percentiles(values: collections.deque) -> dict[str, float | None]:
+        if not values:
+            return {"p50": None, "p95": None, "p99": None}
+        p = np.percentile(np.fromiter(values, float), [50, 95, 99])
+        return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
+
+    def snapshot(self) -> dict[str, Any]:
+        ok = self.shadow["ok"]
+        return {
+            "requests": self.requests,
+            "served": self.served,
+            "reranked": self.reranked,
+            "by_arm": dict(self.by_arm),
+            "fallbacks": dict(self.fallbacks),
+            "rejected": dict(self.rejected),
+            "calibration_failures": dict(self.calibration_failures),
+            "error_rate": (sum(self.fallbacks.values()) / self.served) if self.served else 0.0,
+            "reject_rate": (sum(self.rejected.values()) / self.requests) if self.requests else 0.0,
+            "latency_ms": {**self._percentiles(self.latencies_ms), "window": len(self.latencies_ms)},
+            "shadow": {
+                "comparisons": ok,
+                "errors": self.shadow["error"],
+                "timeouts": self.shadow["timeout"],
+                "dropped": self.shadow["dropped"],
+                "mean_kendall_tau": self.shadow_tau_sum / ok if ok else None,
+                "mean_overlap_at_10": self.shadow_overlap_sum / ok if ok else None,
+                "latency_ms": self._percentiles(self.shadow_latencies_ms),
+                "last": self.last_shadow,
+            },
+        }
+
+
+@dataclass
+class _Outcome:
+    order: np.ndarray
+    logits: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    model_version: str | None = None
+    fallback: str | None = None
+
+
+class InvalidOutput(ValueError):
+    """A downstream deployment answered with something unusable (wrong shape, NaN, out of range)."""
+
+
+def _check_logits(result: Any, window: int) -> ScoreResult:
+    if not isinstance(result, ScoreResult):
+        raise InvalidOutput(f"scorer returned {type(result).__name__}, expected ScoreResult")
+    logits = np.asarray(result.logits)
+    if logits.shape != (window,) or not np.isfinite(logits).all():
+        raise InvalidOutput(f"scorer returned logits of shape {logits.shape} (non-finite or not ({window},))")
+    return result
+
+
+class RerankService:
+    """The router's logic. One instance per router replica; all methods run on its event loop."""
+
+    def __init__(
+        self,
+        meta: BundleMeta,
+        args: AppArgs,
+        downstream: Downstream,
+        *,
+        max_top_m: int | None = None,
+        metrics: Metrics | None = None,
+        exposure: ExposureLog | None = None,
+    ):
+        self.meta = meta
+        self.args = args
+        self.down = downstream
+        self.max_top_m = max_top_m or meta.top_m
+        self.parser = RequestParser(meta.spec, max_top_m=self.max_top_m, max_candidates=args.max_candidates)
+        self.metrics: Metrics = metrics or NullMetrics()
+        self.exposure = exposure or ExposureLog(None)
+        self.stats = ServingStats()
+        self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
+        self._model_version = meta.bundle_id  # last treatment version seen (changes on hot swap)
+        self._background: set[asyncio.Task] = set()
+        self._shadow_in_flight = 0
+        self._health_list = synthetic_list(meta.spec, n=4, window=min(4, self.max_top_m))
+        self.configure(args.routing)
+
+    # -------------------------------------------------------------- configuration
+
+    def configure(self, config: RoutingConfig) -> None:
+        """Apply a RoutingConfig (the router's user_config); invalid values raise, nothing changes."""
+        if config.top_m is not None and config.top_m > self.max_top_m:
+            raise ValueError(f"routing top_m {config.top_m} exceeds the bundle's top_m {self.max_top_m}")
+        self.config = config
+        self.default_top_m = config.top_m or self.max_top_m
+        self.metrics.routing(config)
+        logger.info("routing config: %s", config.model_dump())
+
+    # -------------------------------------------------------------- POST /v1/rerank
+
+    async def rerank(self, body: bytes, request_id: str | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cfg = self.config
+        request_id = request_id or uuid.uuid4().hex
+        self.stats.requests += 1
+        try:
+            req = self.parser.parse(body, default_top_m=self.default_top_m)
+        except RequestError as e:
+            self._count_rejected(e)
+            raise
+        decision = decide(req.unit_id, req.query_id, salt=cfg.experiment_salt, rollout_percentage=cfg.rollout_percentage)
+        arm = "control" if cfg.shadow_mode else decision.arm
+        n = len(req.ids)
+        if arm == "treatment":
+            out = await self._score(self.down.score, req, cfg.timeout_ms / 1000, "scorer")
+        elif self.down.score_control is not None:
+            out = await self._score(self.down.score_control, req, cfg.timeout_ms / 1000, "control_scorer")
+        else:
+            out = _Outcome(upstream_order(n))
+        results = build_results(
+            req.ids, out.order, window=req.window, logits=out.logits, probabilities=out.probabilities, top_n=req.top_n
+        )
+        latency_ms = (time.perf_counter() - t0) * 1000
+        self._record(request_id, req, decision, arm, cfg, out, latency_ms)
+        if cfg.shadow_mode:
+            self._spawn_shadow(request_id, req, out.order, cfg)
+        return {
+            "request_id": request_id,
+            "model_version": out.model_version,
+            "arm": arm,
+            "shadow": cfg.shadow_mode,
+            "fallback": out.fallback,
+            "calibrated": out.probabilities is not None,
+            "results": results,
+        }
+
+    def note_rejected(self, e: RequestError) -> None:
+        """Count a request refused before `rerank` saw it (e.g. an oversized body)."""
+        self.stats.requests += 1
+        self._count_rejected(e)
+
+    def _count_rejected(self, e: RequestError) -> None:
+        self.stats.rejected[e.code] += 1
+        self.metrics.rejected(e.code)
+
+    async def _score(self, score: Call, req: ParsedRequest, timeout_s: float, who: str) -> _Outcome:
+        """Scorer then calibrator within one budget; upstream order on any scorer failure."""
+        start = time.perf_counter()
+        n = len(req.ids)
+        try:
+            result = _check_logits(await call_with_timeout(score, req.inputs, timeout_s), req.window)
+        except asyncio.TimeoutError:
+            return self._fallback(n, f"{who}_timeout")
+        except Exception as e:  # any downstream failure: serve the upstream order, flagged
+            return self._fallback(n, f"{who}_error:{exception_name(e)}")
+        if who == "scorer":
+            self._model_version = result.model_version
+        out = _Outcome(model_order(result.logits, n), logits=result.logits, model_version=result.model_version)
+        remaining = timeout_s - (time.perf_counter() - start)
+        reason = None
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+            probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
+            if probs.shape != (req.window,) or not (np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()):
+                raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
+            out.probabilities = probs
+        except asyncio.TimeoutError:
+            reason = "calibrator_timeout"
+        except Exception as e:  # ordered by the scorer anyway; probabilities are null
+            reason = f"calibrator_error:{exception_name(e)}"
+        if reason is not None:
+            self.stats.calibration_failures[reason] += 1
+            self.metrics.calibration_failure(reason)
+        return out
+
+    def _fallback(self, n: int, reason: str) -> _Outcome:
+        self.stats.fallbacks[reason] += 1
+        self.metrics.fallback(reason)
+        return _Outcome(upstream_order(n), fallback=reason)
+
+    def _record(self, request_id, req, decision, arm, cfg, out: _Outcome, latency_ms: float) -> None:
+        s = self.stats
+        s.served += 1
+        s.by_arm[arm] += 1
+        s.latencies_ms.append(latency_ms)
+        if out.logits is not None:
+            s.reranked += 1
+        outcome = "fallback" if out.fallback else ("reranked" if out.logits is not None else "upstream")
+        self.metrics.request(arm, outcome, latency_ms)
+        self.exposure.write(
+            {
+                "event": "exposure",
+                "ts": round(time.time(), 3),
+                "request_id": request_id,
+                "query_id": req.query_id,
+                "unit": decision.unit,
+                "bucket": decision.bucket,
+                "arm": arm,
+                "shadow": cfg.shadow_mode,
+                "experiment_salt": cfg.experiment_salt,
+                "rollout_percentage": cfg.rollout_percentage,
+                "model_version": out.model_version,
+                "fallback": out.fallback,
+                "calibrated": out.probabilities is not None,
+                "n_candidates": len(req.ids),
+                "window": req.window,
+                "latency_ms": round(latency_ms, 3),
+            }
+        )
+
+    # -------------------------------------------------------------- shadow
+
+    def _spawn_shadow(self, request_id: str, req: ParsedRequest, control_order: np.ndarray, cfg: RoutingConfig) -> None:
+        """Score the treatment in the background: bounded, counted, never awaited by the response."""
+        if self._shadow_in_flight >= cfg.max_shadow_in_flight:
+            self.stats.shadow["dropped"] += 1
+            self.metrics.shadow("dropped", None, None)
+            return
+        self._shadow_in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._shadow(request_id, req, control_order, cfg))
+        self._background.add(task)  # strong reference until done
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, request_id: str, req: ParsedRequest, control_order: np.ndarray, cfg: RoutingConfig) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await call_with_timeout(self.down.score, req.inputs, cfg.shadow_timeout_ms / 1000)
+            result = _check_logits(result, req.window)
+            treatment_order = model_order(result.logits, len(req.ids))
+            comparison = agreement(req.ids, control_order, treatment_order, req.window)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            s = self.stats
+            s.shadow["ok"] += 1
+            s.shadow_tau_sum += comparison["kendall_tau"]
+            s.shadow_overlap_sum += comparison["overlap_at_10"]
+            s.shadow_latencies_ms.append(latency_ms)
+            s.last_shadow = {"request_id": request_id, "model_version": result.model_version, **comparison}
+            self.metrics.shadow("ok", comparison, latency_ms)
+            self.exposure.write(
+                {
+                    "event": "shadow_comparison",
+                    "ts": round(time.time(), 3),
+                    "request_id": request_id,
+                    "model_version": result.model_version,
+                    **comparison,
+                    "latency_ms": round(latency_ms, 3),
+                }
+            )
+        except asyncio.TimeoutError:
+            self.stats.shadow["timeout"] += 1
+            self.metrics.shadow("timeout", None, None)
+        except Exception as e:  # swallowed and counted: the shadow never affects responses
+            self.stats.shadow["error"] += 1
+            self.metrics.shadow("error", None, None)
+            logger.debug("shadow scoring failed for %s: %r", request_id, e)
+        finally:
+            self._shadow_in_flight -= 1
+
+    async def drain(self) -> None:
+        """Wait for background shadow tasks (tests, graceful shutdown)."""
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -------------------------------------------------------------- GET endpoints
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """A real multi-candidate inference through every scorer and the calibrator; no stats touched."""
+        timeout_s = max(self.config.timeout_ms / 1000, 1.0)
+        checks: dict[str, Any] = {}
+        scorers = [("scorer", self.down.score)]
+        if self.down.score_control is not None:
+            scorers.append(("control_scorer", self.down.score_control))
+        cl = self._health_list
+        for name, score in scorers:
+            try:
+                result = _check_logits(await call_with_timeout(score, cl, timeout_s), cl.window)
+                checks[name] = {"ok": True, "model_version": result.model_version}
+            except Exception as e:
+                checks[name] = {"ok": False, "error": f"{exception_name(e)}: {e}"[:500]}
+                continue
+            try:
+                cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+                probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
+                if probs.shape != (cl.window,) or not ((0 <= probs).all() and (probs <= 1).all()):
+                    raise InvalidOutput(f"probabilities of shape {probs.shape} outside [0, 1]")
+                checks.setdefault("calibrator", {"ok": True})
+            except Exception as e:
+                checks["calibrator"] = {"ok": False, "error": f"{exception_name(e)}: {e}"[:500]}
+        healthy = all(c["ok"] for c in checks.values()) and "calibrator" in checks
+        return healthy, {"status": "ok" if healthy else "unavailable", "checks": checks}
+
+    async def model_info(self) -> dict[str, Any]:
+        async def info(fn: Call | None) -> dict[str, Any] | None:
+            if fn is None:
+                return None
+            try:
+                return await call_with_timeout(fn, None, 2.0)
+            except Exception as e:
+                return {"error": f"{exception_name(e)}: {e}"[:500]}
+
+        treatment, control = await asyncio.gather(info(self.down.info), info(self.down.info_control))
+        return {
+            "model_version": (treatment or {}).get("bundle_id"),
+            "control_model_version": (control or {}).get("bundle_id") if control else None,
+            "feature_spec": {
+                "version": self.meta.spec.version,
+                "candidate": self.meta.spec.candidate,
+                "query": self.meta.spec.query,
+                "fingerprint": self.meta.spec.fingerprint(),
+            },
+            "top_m": {"default": self.default_top_m, "max": self.max_top_m},
+            "max_candidates": self.args.max_candidates,
+            "max_body_bytes": self.args.max_body_bytes,
+            "relevance_threshold": (treatment or {}).get("relevance_threshold", self.meta.relevance_threshold),
+            "probability": "calibrated P(label >= relevance_threshold) for reranked candidates",
+            "routing": self.config.model_dump(),
+            "scorer": treatment,
+            "control_scorer": control,
+        }
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        return {
+            **self.stats.snapshot(),
+            "model_version": self._model_version,
+            "routing": self.config.model_dump(),
+            "replica": self.replica,
+            "shadow_in_flight": self._shadow_in_flight,
+        }
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+class ScorerCore:
+    """A loaded bundle that scores batches; `swap` replaces it atomically (one reference)."""
+
+    def __init__(self, bundle: Any, *, amp: str):
+        self.bundle = bundle
+        self.amp = amp
+        self.reference_fingerprint = bundle.spec.fingerprint()
+        self.reference_top_m = bundle.top_m
+        self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
+        self.swaps: collections.Counter = collections.Counter()
+        self.last_swap_error: str | None = None
+
+    @staticmethod
+    def device_and_amp() -> tuple[str, str]:
+        """cuda with bf16 (fp16 where bf16 is unsupported) when a GPU is visible, else cpu/fp32."""
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "cpu", "none"
+
+    @classmethod
+    def load(cls, path: str) -> ScorerCore:
+        """Load and warm up a bundle; raises `BundleError` (fail closed, never a random model)."""
+        from cotrr_ray.bundle import Bundle
+
+        device, amp = cls.device_and_amp()
+        t0 = time.perf_counter()
+        bundle = Bundle.load(path, device=device)
+        core = cls(bundle, amp=amp)
+        warm_ms = core.warm_up(bundle)
+        logger.info(
+            "loaded bundle %s on %s (%s) in %.0f ms, warm-up %.1f ms",
+            bundle.bundle_id, device, bundle.spec.describe(), (time.perf_counter() - t0) * 1000, warm_ms,
+        )
+        return core
+
+    def warm_up(self, bundle: Any) -> float:
+        t0 = time.perf_counter()
+        logits = bundle.score([synthetic_list(bundle.spec, n=4, window=min(4, bundle.top_m))], amp=self.amp)[0]
+        if not np.isfinite(logits).all():
+            raise RuntimeError(f"bundle {bundle.bundle_id} produced non-finite logits on the warm-up list")
+        return (time.perf_counter() - t0) * 1000
+
+    def load_replacement(self, path: str) -> Any:
+        """Load a bundle for a hot swap and check it can serve this app's requests (blocking)."""
+        from cotrr_ray.bundle import Bundle
+
+        bundle = Bundle.load(path, device=self.bundle.device)
+        if bundle.spec.fingerprint() != self.reference_fingerprint:
+            raise ValueError(
+                f"bundle {path} has feature spec {bundle.spec.describe()!r}, not the served one; "
+                "a new spec needs a redeploy with new AppArgs"
+            )
+        if bundle.top_m < self.reference_top_m:
+            raise ValueError(f"bundle {path} has top_m {bundle.top_m} < the served top_m {self.reference_top_m}")
+        self.warm_up(bundle)
+        return bundle
+
+    def swap(self, bundle: Any) -> None:
+        old, self.bundle = self.bundle, bundle
+        self.swaps["ok"] += 1
+        self.last_swap_error = None
+        logger.info("hot-swapped bundle %s -> %s", old.bundle_id, bundle.bundle_id)
+
+    def swap_failed(self, path: str, error: BaseException) -> None:
+        self.swaps["error"] += 1
+        self.last_swap_error = f"{path}: {type(error).__name__}: {error}"[:1000]
+        logger.error("bundle hot swap to %s failed; still serving %s: %s", path, self.bundle.bundle_id, error)
+
+    def score(self, lists: list[CandidateList]) -> list[ScoreResult]:
+        """Raw logits per list (blocking; run it off the event loop)."""
+        bundle = self.bundle  # one read: a concurrent swap never mixes bundles within a batch
+        logits = bundle.score(lists, amp=self.amp)
+        return [ScoreResult(np.array(x, dtype=np.float32), bundle.bundle_id, str(bundle.path)) for x in logits]
+
+    def info(self) -> dict[str, Any]:
+        b = self.bundle
+        return {
+            "bundle_id": b.bundle_id,
+            "bundle_path": str(b.path),
+            "device": str(b.device),
+            "amp": self.amp,
+            "top_m": b.top_m,
+            "relevance_threshold": b.relevance_threshold,
+            "num_parameters": b.manifest.get("num_parameters"),
+            "headline_metrics": b.manifest.get("headline_metrics", {}),
+            "replica": self.replica,
+            "swaps": dict(self.swaps),
+            "last_swap_error": self.last_swap_error,
+        }
+
+
+# ----------------------------------------------------------------------------- calibrator
+
+
+class CalibratorCore:
+    """Calibrators by bundle id (LRU). Unknown ids are loaded from the path the scorer reported."""
+
+    def __init__(self, max_bundles: int = 8):
+        self.max_bundles = max_bundles
+        self._by_id: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def add(self, path: str) -> str:
+        bundle_id, calibrator = load_calibrator(path)
+        self._by_id[bundle_id] = calibrator
+        self._by_id.move_to_end(bundle_id)
+        while len(self._by_id) > self.max_bundles:
+            self._by_id.popitem(last=False)
+        return bundle_id
+
+    def missing(self, items: list[CalibrationInput]) -> dict[str, str]:
+        """{bundle_id: path} of the items whose calibrator is not loaded yet."""
+        return {it.bundle_id: it.bundle_path for it in items if it.bundle_id not in self._by_id}
+
+    def load_missing(self, missing: dict[str, str]) -> dict[str, str]:
+        """Load calibrators (blocking); returns {bundle_id: error} for those that failed."""
+        errors = {}
+        for bundle_id, path in missing.items():
+            try:
+                loaded = self.add(path)
+                if loaded != bundle_id:
+                    errors[bundle_id] = f"{path} now holds bundle {loaded}, not {bundle_id}"
+            except Exception as e:
+                errors[bundle_id] = f"{type(e).__name__}: {e}"
+        return errors
+
+    def transform(self, item: CalibrationInput) -> np.ndarray:
+        calibrator = self._by_id.get(item.bundle_id)
+        if calibrator is None:
+            raise KeyError(f"no calibrator loaded for bundle {item.bundle_id}")
+        return calibrator.predict(np.asarray(item.logits, dtype=np.float64))
+
+    @property
+    def bundle_ids(self) -> list[str]:
+        return list(self._by_id)

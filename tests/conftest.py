@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny real bundles (session) and one local Ray Serve instance (session, lazy).
+
+Only tests that request `serve_session` start Ray; everything else stays Ray-free.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from _bundles import make_bundle, make_data, read_records
+
+
+@pytest.fixture(scope="session")
+def test_data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data") / "lists.jsonl")
+
+
+@pytest.fixture(scope="session")
+def bundle_a(tmp_path_factory, test_data) -> Path:
+    """The treatment bundle."""
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "a", test_data, seed=0, steps=30)
+
+
+@pytest.fixture(scope="session")
+def bundle_b(tmp_path_factory, test_data) -> Path:
+    """A second bundle with the same spec and different weights (control / hot swap)."""
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "b", test_data, seed=1, steps=10)
+
+
+@pytest.fixture(scope="session")
+def records(test_data) -> list[dict]:
+    return read_records(test_data)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeSession:
+    http_url: str
+    dashboard_url: str
+    metrics_url: str
+    http_port: int
+
+
+@pytest.fixture(scope="session")
+def serve_session():
+    """One local Ray cluster + Serve for the whole session (never attaches to a running cluster).
+
+    Ports are picked free at start so parallel sessions on the box do not collide. The dashboard is
+    on because `serve deploy` (the config path for live user_config changes) talks to it.
+    """
+    import ray
+    from ray import serve
+
+    http_port, dashboard_port, metrics_port = _free_port(), _free_port(), _free_port()
+    ray.init(
+        address="local",
+        num_cpus=8,  # logical; replicas reserve 0.25-1 each
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    try:
+        yield ServeSession(
+            http_url=f"http://127.0.0.1:{http_port}",
+            dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            http_port=http_port,
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    """Environment for Ray CLI calls against the session cluster (token auth is on by default)."""
+    return {**os.environ, "RAY_AUTH_MODE": "token"}

@@ -1,0 +1,438 @@
+"""The router, scorer and calibrator logic without Ray (cotrr_ray.serving), on real tiny bundles.
+
+Downstream deployments are replaced by local async callables that return awaitables with a
+`cancel()` method, like Serve's DeploymentResponse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import numpy as np
+import orjson
+import pytest
+from _bundles import TOP_M, make_bundle, request_body
+
+from cotrr_ray.bundle import Bundle, BundleError
+from cotrr_ray.config import AppArgs, RoutingConfig
+from cotrr_ray.errors import RequestError
+from cotrr_ray.routing import decide
+from cotrr_ray.serving import (
+    BundleMetaError,
+    CalibrationInput,
+    CalibratorCore,
+    Downstream,
+    ExposureLog,
+    RerankService,
+    ScoreResult,
+    ScorerCore,
+    exception_name,
+    read_bundle_meta,
+    resolve_uri,
+    synthetic_list,
+)
+
+RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
+RESULT_KEYS = {"id", "index", "rank", "score", "probability", "reranked"}
+
+
+class FakeResponse:
+    """An awaitable with cancel(), standing in for a Serve DeploymentResponse."""
+
+    def __init__(self, coro):
+        self._task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._task.cancel()
+
+
+class Local:
+    """A downstream method: runs `fn` after `delay` s, or raises `error`; records calls."""
+
+    def __init__(self, fn=None, *, delay: float = 0.0, error: Exception | None = None):
+        self.fn, self.delay, self.error = fn, delay, error
+        self.calls = 0
+        self.responses: list[FakeResponse] = []
+
+    def __call__(self, arg):
+        self.calls += 1
+
+        async def run():
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.error is not None:
+                raise self.error
+            return self.fn(arg)
+
+        r = FakeResponse(run())
+        self.responses.append(r)
+        return r
+
+
+@pytest.fixture(scope="module")
+def scorer_a(bundle_a) -> ScorerCore:
+    return ScorerCore.load(str(bundle_a))
+
+
+@pytest.fixture(scope="module")
+def scorer_b(bundle_b) -> ScorerCore:
+    return ScorerCore.load(str(bundle_b))
+
+
+@pytest.fixture(scope="module")
+def calibrators(bundle_a, bundle_b) -> CalibratorCore:
+    core = CalibratorCore()
+    core.add(str(bundle_a))
+    core.add(str(bundle_b))
+    return core
+
+
+def score_with(core: ScorerCore) -> Local:
+    return Local(lambda cl: core.score([cl])[0])
+
+
+def make_service(
+    bundle_a, scorer_a, calibrators, *, routing: RoutingConfig | None = None, score=None, calibrate=None,
+    control=None, exposure_path=None, **args,
+) -> RerankService:
+    score = score or score_with(scorer_a)
+    calibrate = calibrate or Local(calibrators.transform)
+    down = Downstream(
+        score=score,
+        calibrate=calibrate,
+        info=Local(lambda _: scorer_a.info()),
+        score_control=control,
+        info_control=Local(lambda _: {"bundle_id": "control"}) if control else None,
+    )
+    app_args = AppArgs(bundle_uri=str(bundle_a), routing=routing or RoutingConfig(rollout_percentage=100), **args)
+    return RerankService(read_bundle_meta(bundle_a), app_args, down, exposure=ExposureLog(exposure_path))
+
+
+def rerank(service: RerankService, body: dict) -> dict:
+    return asyncio.run(service.rerank(orjson.dumps(body)))
+
+
+@pytest.fixture()
+def service(bundle_a, scorer_a, calibrators) -> RerankService:
+    return make_service(bundle_a, scorer_a, calibrators)
+
+
+def assert_upstream(resp: dict, body: dict) -> None:
+    assert [r["id"] for r in resp["results"]] == [c["id"] for c in body["candidates"]]
+    assert all(not r["reranked"] and r["score"] is None and r["probability"] is None for r in resp["results"])
+
+
+# ----------------------------------------------------------------------------- contract and ordering
+
+
+def test_treatment_contract_and_ordering(service, scorer_a, records) -> None:
+    body = request_body(records[120], encoding="list")
+    resp = rerank(service, body)
+    assert set(resp) == RESPONSE_KEYS and all(set(r) == RESULT_KEYS for r in resp["results"])
+    assert resp["arm"] == "treatment" and resp["fallback"] is None and resp["calibrated"] and not resp["shadow"]
+    assert resp["model_version"] == scorer_a.bundle.bundle_id
+    res = resp["results"]
+    n = len(body["candidates"])
+    assert len(res) == n and [r["rank"] for r in res] == list(range(n))
+    head, tail = res[:TOP_M], res[TOP_M:]
+    assert sorted(r["index"] for r in head) == list(range(TOP_M)) and all(r["reranked"] for r in head)
+    assert [r["index"] for r in tail] == list(range(TOP_M, n))  # tail passthrough, upstream order
+    assert all(r["score"] is None and r["probability"] is None and not r["reranked"] for r in tail)
+    for a, b in zip(head[:-1], head[1:]):
+        assert a["score"] > b["score"] or (a["score"] == b["score"] and a["index"] < b["index"])
+        assert a["probability"] >= b["probability"]  # isotonic: monotone in the logit
+    assert all(0.0 <= r["probability"] <= 1.0 for r in head)
+    # Scores are the bundle's own logits for the window.
+    req = service.parser.parse(orjson.dumps(body), default_top_m=TOP_M)
+    logits = Bundle.load(scorer_a.bundle.path).score([req.inputs])[0]
+    by_index = {r["index"]: r["score"] for r in head}
+    np.testing.assert_allclose([by_index[i] for i in range(TOP_M)], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_top_m_and_top_n(service, records) -> None:
+    body = request_body(records[121], top_m=3, top_n=5)
+    res = rerank(service, body)["results"]
+    assert len(res) == 5
+    assert [r["reranked"] for r in res] == [True, True, True, False, False]
+    assert sorted(r["index"] for r in res[:3]) == [0, 1, 2] and [r["index"] for r in res[3:]] == [3, 4]
+
+
+def test_base64_and_list_bodies_score_identically(service, records) -> None:
+    a = rerank(service, request_body(records[122], encoding="list"))["results"]
+    b = rerank(service, request_body(records[122], encoding="base64"))["results"]
+    assert [(r["id"], r["score"]) for r in a] == [(r["id"], r["score"]) for r in b]
+
+
+def test_bad_input_raises_request_error_and_is_counted(service, records) -> None:
+    body = request_body(records[0])
+    body["candidates"][1]["id"] = body["candidates"][0]["id"]
+    with pytest.raises(RequestError) as info:
+        rerank(service, body)
+    assert info.value.status == 422 and info.value.field == "candidates[1].id"
+    stats = service.stats_snapshot()
+    assert stats["requests"] == 1 and stats["served"] == 0 and stats["rejected"] == {"invalid_request": 1}
+
+
+# ----------------------------------------------------------------------------- arms
+
+
+def test_arms_follow_the_routing_contract(bundle_a, scorer_a, calibrators, records) -> None:
+    score = score_with(scorer_a)
+    cfg = RoutingConfig(rollout_percentage=30, experiment_salt="exp-a")
+    service = make_service(bundle_a, scorer_a, calibrators, routing=cfg, score=score)
+    body = request_body(records[123], top_m=2)
+    arms = {}
+    for i in range(200):
+        unit = f"user-{i}"
+        resp = rerank(service, {**body, "unit_id": unit})
+        expected = decide(unit, body["query"]["id"], salt="exp-a", rollout_percentage=30).arm
+        assert resp["arm"] == expected
+        arms[unit] = expected
+        if expected == "control":  # no control bundle: upstream order, no model call
+            assert resp["model_version"] is None and not resp["calibrated"] and resp["fallback"] is None
+            assert_upstream(resp, body)
+    n_treat = sum(a == "treatment" for a in arms.values())
+    assert score.calls == n_treat and 30 < n_treat < 90
+    # Sticky across requests, and raising the rollout never moves a unit out of treatment.
+    service.configure(cfg.model_copy(update={"rollout_percentage": 60}))
+    for unit, arm in list(arms.items())[:60]:
+        again = rerank(service, {**body, "unit_id": unit})["arm"]
+        assert arm == "control" or again == "treatment"
+    stats = service.stats_snapshot()
+    assert stats["by_arm"]["treatment"] + stats["by_arm"]["control"] == stats["served"] == 260
+
+
+def test_unit_defaults_to_the_query_id(bundle_a, scorer_a, calibrators, records) -> None:
+    cfg = RoutingConfig(rollout_percentage=50, experiment_salt="s")
+    service = make_service(bundle_a, scorer_a, calibrators, routing=cfg)
+    for rec in records[:20]:
+        resp = rerank(service, request_body(rec, top_m=1))
+        assert resp["arm"] == decide(None, rec["id"], salt="s", rollout_percentage=50).arm
+
+
+def test_control_bundle_serves_the_control_arm(bundle_a, scorer_a, scorer_b, calibrators, records) -> None:
+    service = make_service(
+        bundle_a, scorer_a, calibrators, routing=RoutingConfig(rollout_percentage=0), control=score_with(scorer_b)
+    )
+    resp = rerank(service, request_body(records[124]))
+    assert resp["arm"] == "control" and resp["model_version"] == scorer_b.bundle.bundle_id
+    assert resp["calibrated"] and resp["results"][0]["reranked"]
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+
+class RemoteError(RuntimeError):
+    """Like ray.exceptions.RayTaskError: the user exception is in `.cause`."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def test_exception_names_unwrap_remote_errors() -> None:
+    assert exception_name(RemoteError(KeyError("x"))) == "KeyError"
+    assert exception_name(ValueError()) == "ValueError"
+
+
+@pytest.mark.parametrize(
+    "score,reason",
+    [
+        (Local(error=RuntimeError("boom")), "scorer_error:RuntimeError"),
+        (Local(error=RemoteError(MemoryError())), "scorer_error:MemoryError"),
+        (Local(lambda cl: ScoreResult(np.full(cl.window, np.nan, np.float32), "v", "p")), "scorer_error:InvalidOutput"),
+        (Local(lambda cl: ScoreResult(np.zeros(cl.window + 1, np.float32), "v", "p")), "scorer_error:InvalidOutput"),
+    ],
+)
+def test_scorer_failures_fall_back_to_upstream_order(bundle_a, scorer_a, calibrators, records, score, reason) -> None:
+    service = make_service(bundle_a, scorer_a, calibrators, score=score)
+    body = request_body(records[125])
+    resp = rerank(service, body)
+    assert resp["fallback"] == reason and resp["arm"] == "treatment" and not resp["calibrated"]
+    assert resp["model_version"] is None
+    assert_upstream(resp, body)
+    stats = service.stats_snapshot()
+    assert stats["fallbacks"] == {reason: 1} and stats["error_rate"] == 1.0 and stats["reranked"] == 0
+
+
+def test_scorer_timeout_falls_back_fast_and_cancels(bundle_a, scorer_a, calibrators, records) -> None:
+    slow = Local(lambda cl: scorer_a.score([cl])[0], delay=2.0)
+    service = make_service(
+        bundle_a, scorer_a, calibrators, routing=RoutingConfig(rollout_percentage=100, timeout_ms=50), score=slow
+    )
+    t0 = time.perf_counter()
+    resp = rerank(service, request_body(records[126]))
+    assert time.perf_counter() - t0 < 1.0
+    assert resp["fallback"] == "scorer_timeout" and slow.responses[0].cancelled
+
+
+@pytest.mark.parametrize(
+    "calibrate,reason",
+    [
+        (Local(error=RuntimeError("x")), "calibrator_error:RuntimeError"),
+        (Local(lambda x: np.ones(len(x.logits)), delay=2.0), "calibrator_timeout"),
+        (Local(lambda x: np.full(len(x.logits), 2.0)), "calibrator_error:InvalidOutput"),
+    ],
+)
+def test_calibrator_failure_keeps_the_model_order_without_probabilities(
+    bundle_a, scorer_a, calibrators, records, calibrate, reason
+) -> None:
+    routing = RoutingConfig(rollout_percentage=100, timeout_ms=1000)
+    service = make_service(bundle_a, scorer_a, calibrators, routing=routing, calibrate=calibrate)
+    resp = rerank(service, request_body(records[127]))
+    assert resp["fallback"] is None and not resp["calibrated"] and resp["model_version"] is not None
+    head = resp["results"][:TOP_M]
+    assert all(r["reranked"] and r["score"] is not None and r["probability"] is None for r in head)
+    assert [r["score"] for r in head] == sorted((r["score"] for r in head), reverse=True)
+    assert service.stats_snapshot()["calibration_failures"] == {reason: 1}
+
+
+# ----------------------------------------------------------------------------- shadow
+
+
+def test_shadow_answers_with_control_and_records_a_comparison(bundle_a, scorer_a, calibrators, records, tmp_path) -> None:
+    log = tmp_path / "exposure.jsonl"
+    routing = RoutingConfig(rollout_percentage=100, shadow_mode=True)
+    service = make_service(bundle_a, scorer_a, calibrators, routing=routing, exposure_path=str(log))
+    body = request_body(records[128])
+
+    async def go():
+        resp = await service.rerank(orjson.dumps(body))
+        await service.drain()
+        return resp
+
+    resp = asyncio.run(go())
+    assert resp["arm"] == "control" and resp["shadow"] and resp["fallback"] is None
+    assert_upstream(resp, body)
+    shadow = service.stats_snapshot()["shadow"]
+    assert shadow["comparisons"] == 1 and -1.0 <= shadow["mean_kendall_tau"] <= 1.0
+    assert 0.0 <= shadow["mean_overlap_at_10"] <= 1.0
+    assert shadow["last"]["model_version"] == scorer_a.bundle.bundle_id
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["exposure", "shadow_comparison"]
+    exposure = events[0]
+    assert {"request_id", "unit", "bucket", "arm", "shadow", "model_version", "fallback", "latency_ms"} <= set(exposure)
+    assert exposure["arm"] == "control" and exposure["shadow"] is True and exposure["unit"] == body["query"]["id"]
+
+
+def test_shadow_is_bounded_never_awaited_and_errors_are_swallowed(bundle_a, scorer_a, calibrators, records) -> None:
+    slow = Local(lambda cl: scorer_a.score([cl])[0], delay=1.0)
+    routing = RoutingConfig(rollout_percentage=100, shadow_mode=True, max_shadow_in_flight=2)
+    service = make_service(bundle_a, scorer_a, calibrators, routing=routing, score=slow)
+    body = orjson.dumps(request_body(records[129]))
+
+    async def go():
+        t0 = time.perf_counter()
+        for _ in range(5):
+            resp = await service.rerank(body)
+            assert resp["arm"] == "control"
+        elapsed = time.perf_counter() - t0
+        await service.drain()
+        return elapsed
+
+    assert asyncio.run(go()) < 0.8  # five responses while the shadow scorer takes 1 s each
+    shadow = service.stats_snapshot()["shadow"]
+    assert (shadow["comparisons"], shadow["dropped"]) == (2, 3)
+
+    failing = make_service(bundle_a, scorer_a, calibrators, routing=routing, score=Local(error=RuntimeError("x")))
+
+    async def go_failing():
+        resp = await failing.rerank(body)
+        await failing.drain()
+        return resp
+
+    assert asyncio.run(go_failing())["fallback"] is None
+    assert failing.stats_snapshot()["shadow"]["errors"] == 1
+
+
+# ----------------------------------------------------------------------------- health, info, config
+
+
+def test_health_runs_a_real_inference_without_touching_stats(bundle_a, scorer_a, calibrators) -> None:
+    service = make_service(bundle_a, scorer_a, calibrators)
+    ok, detail = asyncio.run(service.health())
+    assert ok and detail["checks"]["scorer"]["model_version"] == scorer_a.bundle.bundle_id
+    assert service.stats_snapshot()["requests"] == 0
+    broken = make_service(bundle_a, scorer_a, calibrators, score=Local(error=RuntimeError("down")))
+    ok, detail = asyncio.run(broken.health())
+    assert not ok and detail["checks"]["scorer"]["ok"] is False and "down" in detail["checks"]["scorer"]["error"]
+    no_cal = make_service(bundle_a, scorer_a, calibrators, calibrate=Local(error=RuntimeError("cal")))
+    assert asyncio.run(no_cal.health())[0] is False
+
+
+def test_model_info_and_configure(service, scorer_a) -> None:
+    info = asyncio.run(service.model_info())
+    assert info["model_version"] == scorer_a.bundle.bundle_id
+    assert info["top_m"] == {"default": TOP_M, "max": TOP_M}
+    assert info["feature_spec"]["candidate"]["visual"] == 8 and info["relevance_threshold"] == 1.0
+    assert info["routing"]["rollout_percentage"] == 100
+    service.configure(RoutingConfig(top_m=3))
+    assert asyncio.run(service.model_info())["top_m"]["default"] == 3
+    with pytest.raises(ValueError, match="top_m"):
+        service.configure(RoutingConfig(top_m=TOP_M + 1))
+    assert service.default_top_m == 3  # a rejected config changes nothing
+
+
+# ----------------------------------------------------------------------------- scorer and calibrator cores
+
+
+def test_scorer_hot_swap_checks_compatibility(bundle_a, bundle_b, tmp_path, test_data) -> None:
+    core = ScorerCore.load(str(bundle_a))
+    cl = synthetic_list(core.bundle.spec, n=6, window=4)
+    before = core.score([cl])[0]
+    core.swap(core.load_replacement(str(bundle_b)))
+    after = core.score([cl])[0]
+    assert after.model_version == read_bundle_meta(bundle_b).bundle_id != before.model_version
+    small = make_bundle(tmp_path / "small", test_data, steps=1, top_m=4)
+    with pytest.raises(ValueError, match="top_m"):
+        core.load_replacement(str(small))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(bundle_a, corrupt)
+    (corrupt / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(BundleError, match="checksum"):
+        core.load_replacement(str(corrupt))
+    core.swap_failed(str(corrupt), BundleError("checksum"))
+    info = core.info()
+    assert info["swaps"] == {"ok": 1, "error": 1} and "checksum" in info["last_swap_error"]
+    assert core.score([cl])[0].model_version == after.model_version  # still serving the last good one
+
+
+def test_scorer_fails_closed_on_a_missing_bundle(tmp_path) -> None:
+    with pytest.raises(BundleError, match="no bundle directory"):
+        ScorerCore.load(str(tmp_path / "nope"))
+
+
+def test_calibrator_by_bundle_id(bundle_a, bundle_b, scorer_a) -> None:
+    core = CalibratorCore()
+    id_a = core.add(str(bundle_a))
+    logits = np.array([-3.0, 0.0, 3.0])
+    probs = core.transform(CalibrationInput(id_a, str(bundle_a), logits))
+    np.testing.assert_allclose(probs, scorer_a.bundle.probabilities(logits))
+    id_b = read_bundle_meta(bundle_b).bundle_id
+    item = CalibrationInput(id_b, str(bundle_b), logits)
+    assert core.missing([item]) == {id_b: str(bundle_b)}
+    assert core.load_missing(core.missing([item])) == {}
+    assert core.transform(item).shape == (3,)
+    wrong = CalibrationInput("other-id", str(bundle_a), logits)
+    assert "now holds bundle" in core.load_missing(core.missing([wrong]))["other-id"]
+    with pytest.raises(KeyError):
+        core.transform(wrong)
+
+
+def test_bundle_paths_and_meta(bundle_a, tmp_path, monkeypatch) -> None:
+    with pytest.raises(BundleMetaError, match="train_job.py"):
+        read_bundle_meta(tmp_path / "missing")
+    meta = read_bundle_meta(bundle_a)
+    assert meta.top_m == TOP_M and meta.relevance_threshold == 1.0
+    assert resolve_uri("rel/dir", "/base") == "/base/rel/dir"
+    assert resolve_uri("file:///abs/dir", "/base") == "/abs/dir"
+    with pytest.raises(BundleMetaError, match="only local"):
+        resolve_uri("s3://bucket/b", "/base")
