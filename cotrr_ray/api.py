@@ -3,17 +3,21 @@
 The request reuses the canonical record (`cotrr_ray.schema`): the query is ``{id, features}`` and
 each candidate a `CandidateRecord`, so an HTTP candidate featurises exactly like a training row.
 Dimensions and group names depend on the served bundle and are checked after parsing by
-`features.to_candidate_list` (see `cotrr_ray.serving.RequestParser`). Response models document
+`features.to_candidate_list` (see `RequestParser` below). Response models document
 the API (OpenAPI at /docs); the router writes plain dicts of the same shape for speed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cotrr_ray.errors import RequestError, from_record_error, from_validation_error
+from cotrr_ray.features import CandidateList, RecordError, to_candidate_list
 from cotrr_ray.schema import CandidateRecord, QueryRecord, Vector
+from cotrr_ray.spec import FeatureSpec
 
 
 class QueryIn(BaseModel):
@@ -103,3 +107,80 @@ def install_openapi(app: Any, path: str = "/v1/rerank") -> None:
         return schema
 
     app.openapi = openapi
+
+
+# ----------------------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ParsedRequest:
+    query_id: str
+    unit_id: str | None
+    ids: list[str]  # every candidate, upstream order
+    top_n: int | None
+    inputs: CandidateList  # the Top-M window only: what the scorer receives
+
+    @property
+    def window(self) -> int:
+        return self.inputs.window
+
+
+def window_only(cl: CandidateList) -> CandidateList:
+    """The window of `cl` as its own list (drops the tail's ids and scores before the hop)."""
+    w = cl.window
+    return CandidateList(cl.query_id, cl.ids[:w], cl.upstream[:w], w, cl.features, cl.query_features, None)
+
+
+class RequestParser:
+    """Body bytes -> `ParsedRequest`, raising `RequestError` for every bad input."""
+
+    def __init__(self, spec: FeatureSpec, *, max_top_m: int, max_candidates: int):
+        self.spec = spec
+        self.max_top_m = max_top_m
+        self.max_candidates = max_candidates
+
+    def parse(self, body: bytes, *, default_top_m: int) -> ParsedRequest:
+        try:
+            req = RerankRequest.model_validate_json(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        n = len(req.candidates)
+        if n > self.max_candidates:
+            raise RequestError(
+                "too_many_candidates", f"{n} candidates, more than the maximum of {self.max_candidates}", "candidates"
+            )
+        if req.top_m is not None and req.top_m > self.max_top_m:
+            raise RequestError("invalid_request", f"top_m must be in 1..{self.max_top_m}, got {req.top_m}", "top_m")
+        if req.top_n is not None and req.top_n > self.max_candidates:
+            raise RequestError(
+                "invalid_request", f"top_n must be in 1..{self.max_candidates}, got {req.top_n}", "top_n"
+            )
+        for i, c in enumerate(req.candidates):
+            if c.label is not None:
+                raise RequestError(
+                    "invalid_request", "labels are training data and are not accepted here", f"candidates[{i}].label"
+                )
+        try:
+            cl = to_candidate_list(req.to_record(), self.spec, window=req.top_m or default_top_m)
+        except RecordError as e:
+            raise from_record_error(e) from None
+        return ParsedRequest(req.query.id, req.unit_id, cl.ids, req.top_n, window_only(cl))
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The raw body of a Starlette request, refusing more than `limit` bytes before parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError("invalid_request", "content-length is not an integer", None) from None
+        if size > limit:
+            raise RequestError("body_too_large", f"body of {size} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError("body_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

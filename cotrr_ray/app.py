@@ -17,9 +17,9 @@ import os
 
 from ray.serve import Application
 
+from cotrr_ray.bundle import BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs
 from cotrr_ray.deployments import Calibrator, Router, Scorer
-from cotrr_ray.serving import BundleMetaError, read_bundle_meta, resolve_uri
 
 
 def build_app(args: AppArgs) -> Application:
@@ -27,14 +27,14 @@ def build_app(args: AppArgs) -> Application:
     args = AppArgs.model_validate(args)  # a no-op for AppArgs; validates a dict from other callers
     base_dir = os.getcwd()
     bundle_uri = resolve_uri(args.bundle_uri, base_dir)
-    meta = read_bundle_meta(bundle_uri)  # a missing bundle fails the deploy here, with the path
+    meta = read_meta(bundle_uri)  # a missing bundle fails the deploy here, with the path
     max_top_m = meta.top_m
     control_uri = None
     if args.control_bundle_uri is not None:
         control_uri = resolve_uri(args.control_bundle_uri, base_dir)
-        control_meta = read_bundle_meta(control_uri)
+        control_meta = read_meta(control_uri)
         if control_meta.spec.fingerprint() != meta.spec.fingerprint():
-            raise BundleMetaError(
+            raise BundleError(
                 f"control bundle {control_uri} has feature spec {control_meta.spec.describe()!r}, "
                 f"treatment {bundle_uri} has {meta.spec.describe()!r}: both arms must share one spec"
             )

@@ -27,17 +27,19 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 import cotrr_ray
 from cotrr_ray.calibration import IsotonicCalibrator
 from cotrr_ray.features import CandidateList, FeatureNormalizer, PaddedLists, pad_lists
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.scoring import predict_logits
 from cotrr_ray.spec import FeatureSpec
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, not by light readers
+    import torch
+
+    from cotrr_ray.model import Reranker, RerankerConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,6 +67,7 @@ def sha256_file(path: Path) -> str:
 
 def _versions() -> dict[str, str]:
     import sklearn
+    import torch
 
     out = {
         "cotrr_ray": cotrr_ray.__version__,
@@ -89,6 +92,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path} not found") from None
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable JSON ({e})") from None
 
@@ -127,6 +132,8 @@ class Bundle:
 
     def score(self, lists: list[CandidateList], *, amp: str = "none") -> list[np.ndarray]:
         """Raw logits of each list's window, as a list of (window,) float32 arrays."""
+        from cotrr_ray.scoring import predict_logits
+
         padded = self.featurize(lists)
         logits = predict_logits(self.model, padded, device=self.device, batch_size=len(lists), amp=amp)
         return [logits[i, : cl.window] for i, cl in enumerate(lists)]
@@ -151,6 +158,8 @@ class Bundle:
         extra_files: dict[str, Path] | None = None,
     ) -> Path:
         """Write a bundle atomically: into a temp dir beside `path`, then rename over it."""
+        import torch
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -189,6 +198,10 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
+        import torch
+
+        from cotrr_ray.model import Reranker, RerankerConfig
+
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"no bundle directory at {path}")
@@ -234,6 +247,61 @@ class Bundle:
         return cls(path, manifest, spec, model_config, model, normalizer, calibrator, device)
 
 
-def load_spec(path: str | Path) -> FeatureSpec:
-    """Just the feature spec of a bundle (for processes that validate but never score)."""
-    return FeatureSpec.model_validate(_read_json(Path(path) / "feature_spec.json"))
+# ----------------------------------------------------------------------------- light readers
+# For processes that route or calibrate but never run the model: no weights, no torch.
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """What the router needs from a bundle: no weights, no torch."""
+
+    path: str
+    bundle_id: str
+    spec: FeatureSpec
+    top_m: int
+    relevance_threshold: float
+
+
+def resolve_uri(uri: str, base_dir: str | Path) -> str:
+    """A local bundle path (plain or file://) made absolute against `base_dir`."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise BundleError(f"unsupported bundle URI {uri!r}: only local directories (or file://) are served")
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
+
+
+
+
+def read_meta(path: str | Path) -> BundleMeta:
+    """Read manifest, feature spec and Top-M of a bundle (checksums are verified by the scorer)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleError(
+            f"no bundle directory at {p} (cwd {os.getcwd()}): train one with "
+            "`python train_job.py --config configs/demo.yaml`, or point AppArgs.bundle_uri at a bundle"
+        )
+    manifest = _read_json(p / "manifest.json")
+    try:
+        spec = FeatureSpec.model_validate(_read_json(p / "feature_spec.json"))
+        top_m = int(_read_json(p / "model_config.json")["max_list_len"])
+        meta = BundleMeta(str(p), str(manifest["bundle_id"]), spec, top_m, float(manifest["relevance_threshold"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{p}: not a valid bundle ({type(e).__name__}: {e})") from None
+    if spec.fingerprint() != manifest.get("feature_spec_fingerprint"):
+        raise BundleError(f"{p}: feature_spec.json does not match the manifest's fingerprint")
+    return meta
+
+
+def load_calibrator(path: str | Path) -> tuple[str, Any]:
+    """(bundle id, IsotonicCalibrator) from a bundle's calibrator.json, checksum-verified."""
+    p = Path(path)
+    manifest = _read_json(p / "manifest.json")
+    digest = manifest.get("files", {}).get("calibrator.json")
+    if digest is None or sha256_file(p / "calibrator.json") != digest:
+        raise BundleError(f"{p}: calibrator.json is missing or does not match the manifest checksum")
+    try:
+        return str(manifest["bundle_id"]), IsotonicCalibrator.from_dict(_read_json(p / "calibrator.json"))
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{p}: invalid calibrator ({e})") from None

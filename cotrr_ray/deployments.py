@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin shells around `cotrr_ray.serving`.
+"""Ray Serve deployments: thin shells around `cotrr_ray.router` and `cotrr_ray.scorer`.
 
     Router (FastAPI ingress) --score--> Scorer [, ScorerControl]   (@serve.batch, torch)
                              --transform--> Calibrator              (@serve.batch, isotonic)
@@ -23,22 +23,13 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cotrr_ray
-from cotrr_ray.api import ErrorResponse, RerankResponse, install_openapi
+from cotrr_ray.api import ErrorResponse, RerankResponse, install_openapi, read_body
+from cotrr_ray.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.errors import RequestError
 from cotrr_ray.features import CandidateList
-from cotrr_ray.serving import (
-    CalibrationInput,
-    CalibratorCore,
-    Downstream,
-    ExposureLog,
-    RerankService,
-    ScoreResult,
-    ScorerCore,
-    read_body,
-    read_bundle_meta,
-    resolve_uri,
-)
+from cotrr_ray.router import Downstream, ExposureLog, RerankService
+from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -166,10 +157,10 @@ class Router:
         args: AppArgs,
     ) -> None:
         _route_package_logs_to_serve()
-        meta = read_bundle_meta(args.bundle_uri)
+        meta = read_meta(args.bundle_uri)
         max_top_m = meta.top_m
         if control is not None and args.control_bundle_uri is not None:
-            max_top_m = min(max_top_m, read_bundle_meta(args.control_bundle_uri).top_m)
+            max_top_m = min(max_top_m, read_meta(args.control_bundle_uri).top_m)
         downstream = Downstream(
             score=scorer.score.remote,
             calibrate=calibrator.transform.remote,

@@ -83,16 +83,15 @@ def format_report(report: dict[str, Any], title: str = "held-out test queries") 
         f"{title}: {report['queries']} queries ({report['skipped']} without a relevant candidate skipped)",
         f"{'metric':<9} {'upstream':>22} {'model':>22} {'oracle':>8}   model - upstream (95% CI)",
     ]
+    def fmt(e: dict[str, Any], k: str) -> str:
+        lo, hi = e[f"{k}_ci"]
+        return f"{e[k]:.4f} [{lo:.4f}, {hi:.4f}]"
+
     for m in RANKING_METRICS:
         e = report[m]
-
-        def fmt(k: str) -> str:
-            lo, hi = e[f"{k}_ci"]
-            return f"{e[k]:.4f} [{lo:.4f}, {hi:.4f}]"
-
         d_lo, d_hi = e["model_minus_upstream_ci"]
         lines.append(
-            f"{m:<9} {fmt('upstream'):>22} {fmt('model'):>22} {e['oracle']:>8.4f}   "
+            f"{m:<9} {fmt(e, 'upstream'):>22} {fmt(e, 'model'):>22} {e['oracle']:>8.4f}   "
             f"{e['model'] - e['upstream']:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]"
         )
     lines.append(f"calibration of P(label >= {report['relevance_threshold']:g}) over Top-M candidates:")

@@ -12,9 +12,8 @@ from _bundles import TOP_M, modified, request_body
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from cotrr_ray.api import RerankRequest, install_openapi
+from cotrr_ray.api import RequestParser, RerankRequest, install_openapi, read_body
 from cotrr_ray.errors import STATUS, RequestError, from_validation_error
-from cotrr_ray.serving import RequestParser, read_body
 from cotrr_ray.spec import IMAGE_SEARCH_SPEC
 
 MAX_CANDIDATES = 20

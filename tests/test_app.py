@@ -22,9 +22,9 @@ import pytest
 import yaml
 from _bundles import TOP_M, modified, request_body
 
+from cotrr_ray.bundle import read_meta
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.routing import assign_arm, decide
-from cotrr_ray.serving import read_bundle_meta
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_contract_ordering_and_tail_passthrough(client, py_app, records, bundle_
     assert set(out) == {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
     assert out["request_id"] == r.headers["x-request-id"]
     assert out["arm"] == "treatment" and out["fallback"] is None and out["calibrated"] and out["shadow"] is False
-    assert out["model_version"] == read_bundle_meta(bundle_a).bundle_id
+    assert out["model_version"] == read_meta(bundle_a).bundle_id
     res = out["results"]
     n = len(body["candidates"])
     assert [x["rank"] for x in res] == list(range(n))
@@ -111,7 +111,7 @@ def test_contract_ordering_and_tail_passthrough(client, py_app, records, bundle_
 
 def test_control_arm_is_served_by_the_control_bundle(client, py_app, records, bundle_b) -> None:
     out = post(client, "/py/v1/rerank", request_body(records[131], unit_id=unit_in("control", 50))).json()
-    assert out["arm"] == "control" and out["model_version"] == read_bundle_meta(bundle_b).bundle_id
+    assert out["arm"] == "control" and out["model_version"] == read_meta(bundle_b).bundle_id
     assert out["calibrated"] and out["results"][0]["reranked"]
 
 
@@ -183,8 +183,8 @@ def test_rollout_proportions_and_stickiness(client, py_app, records) -> None:
 
 def test_model_health_stats_and_docs(client, py_app, bundle_a, bundle_b) -> None:
     model = client.get("/py/v1/model").json()
-    assert model["model_version"] == read_bundle_meta(bundle_a).bundle_id
-    assert model["control_model_version"] == read_bundle_meta(bundle_b).bundle_id
+    assert model["model_version"] == read_meta(bundle_a).bundle_id
+    assert model["control_model_version"] == read_meta(bundle_b).bundle_id
     assert model["feature_spec"]["candidate"] == {"image_embedding": 512, "text_embedding": 512, "visual": 8, "conflict": 5}
     assert model["top_m"] == {"default": TOP_M, "max": TOP_M} and model["relevance_threshold"] == 1.0
     assert model["routing"]["rollout_percentage"] == 50 and model["max_candidates"] == 1000
@@ -297,7 +297,7 @@ def test_bundle_hot_swap_through_user_config(client, cfg_app, records, bundle_a,
     cfg_app.deploy(routing=routing)
     ids = cfg_app.replica_ids()
     cfg_app.deploy(routing=routing, scorer={"bundle_uri": str(bundle_b)})
-    version_b = read_bundle_meta(bundle_b).bundle_id
+    version_b = read_meta(bundle_b).bundle_id
     out = post(client, "/cfg/v1/rerank", request_body(records[138])).json()
     assert out["model_version"] == version_b and out["calibrated"]  # calibrator follows the bundle id
     # A bundle that fails to load keeps the previous one serving; the error is reported.
@@ -306,7 +306,7 @@ def test_bundle_hot_swap_through_user_config(client, cfg_app, records, bundle_a,
     assert post(client, "/cfg/v1/rerank", request_body(records[138])).json()["model_version"] == version_b
     cfg_app.deploy(routing=routing, scorer={"bundle_uri": None})
     out = post(client, "/cfg/v1/rerank", request_body(records[138])).json()
-    assert out["model_version"] == read_bundle_meta(bundle_a).bundle_id
+    assert out["model_version"] == read_meta(bundle_a).bundle_id
     assert cfg_app.replica_ids() == ids
 
 

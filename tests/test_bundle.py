@@ -10,7 +10,7 @@ import pytest
 import torch
 from factories import generated_lists, tiny_model, tiny_model_config
 
-from cotrr_ray.bundle import MANIFEST, REQUIRED_FILES, Bundle, BundleError, load_spec
+from cotrr_ray.bundle import MANIFEST, REQUIRED_FILES, Bundle, BundleError, read_meta
 from cotrr_ray.calibration import IsotonicCalibrator
 from cotrr_ray.features import FeatureNormalizer
 from cotrr_ray.scoring import predict_logits
@@ -107,7 +107,7 @@ def test_save_load_reproduces_scores_exactly(built) -> None:
 
 def test_loaded_parts_match_what_was_saved(built) -> None:
     b = Bundle.load(built["path"])
-    assert b.spec == IMAGE_SEARCH_SPEC and load_spec(built["path"]) == IMAGE_SEARCH_SPEC
+    assert b.spec == IMAGE_SEARCH_SPEC and read_meta(built["path"]).spec == IMAGE_SEARCH_SPEC
     assert b.top_m == TOP_M and b.relevance_threshold == 1.0
     assert b.model_config == tiny_model_config(top_m=TOP_M)
     assert not b.model.training

@@ -15,8 +15,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cotrr_ray.app import build_app
+from cotrr_ray.bundle import BundleError
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig, TrainConfig
-from cotrr_ray.serving import BundleMetaError
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = sorted(ROOT.glob("serve_config*.yaml"))
@@ -71,13 +71,13 @@ def test_build_app_resolves_relative_paths_against_the_cwd(bundle_a, tmp_path, m
 
 def test_build_app_fails_closed_with_the_path(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BundleMetaError, match=str(tmp_path / "artifacts" / "bundles" / "demo")):
+    with pytest.raises(BundleError, match=str(tmp_path / "artifacts" / "bundles" / "demo")):
         build_app(AppArgs())
 
 
 def test_build_app_checks_the_control_bundle_and_top_m(bundle_a, bundle_b, tmp_path) -> None:
     build_app(AppArgs(bundle_uri=str(bundle_a), control_bundle_uri=str(bundle_b)))
-    with pytest.raises(BundleMetaError):
+    with pytest.raises(BundleError):
         build_app(AppArgs(bundle_uri=str(bundle_a), control_bundle_uri=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="top_m"):
         build_app(AppArgs(bundle_uri=str(bundle_a), routing=RoutingConfig(top_m=1000)))

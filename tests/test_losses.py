@@ -59,7 +59,7 @@ def test_lambda_matches_loop_reference(k):
         order = sorted(range(n), key=lambda i: -s[i])
         rank = {i: r + 1 for r, i in enumerate(order)}
         cut = n if k is None else k
-        disc = lambda r: 1.0 / math.log2(1 + r) if r <= cut else 0.0  # noqa: E731
+        disc = lambda r, cut=cut: 1.0 / math.log2(1 + r) if r <= cut else 0.0  # noqa: E731
         idcg = sum((2**g - 1) * disc(r + 1) for r, g in enumerate(sorted(y, reverse=True)))
         total = 0.0
         for i in range(n):

@@ -73,7 +73,7 @@ def test_golden_vectors_match_reference_implementation(
     salt: str, unit_id: str, hashed: int, expected: int
 ) -> None:
     # Independent of mmh3: the golden values follow from the written contract alone.
-    h = murmur3_x86_32(f"{salt}:{unit_id}".encode("utf-8"), 0)
+    h = murmur3_x86_32(f"{salt}:{unit_id}".encode(), 0)
     assert h == hashed
     assert h % 100 + 1 == expected
 

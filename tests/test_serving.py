@@ -1,4 +1,4 @@
-"""The router, scorer and calibrator logic without Ray (cotrr_ray.serving), on real tiny bundles.
+"""The router, scorer and calibrator logic without Ray (cotrr_ray.router, cotrr_ray.scorer), on real tiny bundles.
 
 Downstream deployments are replaced by local async callables that return awaitables with a
 `cancel()` method, like Serve's DeploymentResponse.
@@ -16,24 +16,12 @@ import orjson
 import pytest
 from _bundles import TOP_M, make_bundle, request_body
 
-from cotrr_ray.bundle import Bundle, BundleError
+from cotrr_ray.bundle import Bundle, BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.errors import RequestError
+from cotrr_ray.router import Downstream, ExposureLog, RerankService, exception_name
 from cotrr_ray.routing import decide
-from cotrr_ray.serving import (
-    BundleMetaError,
-    CalibrationInput,
-    CalibratorCore,
-    Downstream,
-    ExposureLog,
-    RerankService,
-    ScoreResult,
-    ScorerCore,
-    exception_name,
-    read_bundle_meta,
-    resolve_uri,
-    synthetic_list,
-)
+from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
 
 RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
 RESULT_KEYS = {"id", "index", "rank", "score", "probability", "reranked"}
@@ -113,7 +101,7 @@ def make_service(
         info_control=Local(lambda _: {"bundle_id": "control"}) if control else None,
     )
     app_args = AppArgs(bundle_uri=str(bundle_a), routing=routing or RoutingConfig(rollout_percentage=100), **args)
-    return RerankService(read_bundle_meta(bundle_a), app_args, down, exposure=ExposureLog(exposure_path))
+    return RerankService(read_meta(bundle_a), app_args, down, exposure=ExposureLog(exposure_path))
 
 
 def rerank(service: RerankService, body: dict) -> dict:
@@ -390,7 +378,7 @@ def test_scorer_hot_swap_checks_compatibility(bundle_a, bundle_b, tmp_path, test
     before = core.score([cl])[0]
     core.swap(core.load_replacement(str(bundle_b)))
     after = core.score([cl])[0]
-    assert after.model_version == read_bundle_meta(bundle_b).bundle_id != before.model_version
+    assert after.model_version == read_meta(bundle_b).bundle_id != before.model_version
     small = make_bundle(tmp_path / "small", test_data, steps=1, top_m=4)
     with pytest.raises(ValueError, match="top_m"):
         core.load_replacement(str(small))
@@ -416,7 +404,7 @@ def test_calibrator_by_bundle_id(bundle_a, bundle_b, scorer_a) -> None:
     logits = np.array([-3.0, 0.0, 3.0])
     probs = core.transform(CalibrationInput(id_a, str(bundle_a), logits))
     np.testing.assert_allclose(probs, scorer_a.bundle.probabilities(logits))
-    id_b = read_bundle_meta(bundle_b).bundle_id
+    id_b = read_meta(bundle_b).bundle_id
     item = CalibrationInput(id_b, str(bundle_b), logits)
     assert core.missing([item]) == {id_b: str(bundle_b)}
     assert core.load_missing(core.missing([item])) == {}
@@ -428,11 +416,11 @@ def test_calibrator_by_bundle_id(bundle_a, bundle_b, scorer_a) -> None:
 
 
 def test_bundle_paths_and_meta(bundle_a, tmp_path, monkeypatch) -> None:
-    with pytest.raises(BundleMetaError, match="train_job.py"):
-        read_bundle_meta(tmp_path / "missing")
-    meta = read_bundle_meta(bundle_a)
+    with pytest.raises(BundleError, match="train_job.py"):
+        read_meta(tmp_path / "missing")
+    meta = read_meta(bundle_a)
     assert meta.top_m == TOP_M and meta.relevance_threshold == 1.0
     assert resolve_uri("rel/dir", "/base") == "/base/rel/dir"
     assert resolve_uri("file:///abs/dir", "/base") == "/abs/dir"
-    with pytest.raises(BundleMetaError, match="only local"):
+    with pytest.raises(BundleError, match="only local"):
         resolve_uri("s3://bucket/b", "/base")

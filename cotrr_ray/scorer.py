@@ -1,0 +1,198 @@
+"""The scorer and calibrator logic as plain objects (no Ray): `cotrr_ray.deployments` wraps them.
+
+- `ScorerCore`: a loaded bundle that scores batches of Top-M windows, with a checked hot swap.
+- `CalibratorCore`: isotonic calibrators keyed by bundle id, so a probability always comes from the
+  calibrator of the bundle that produced the logit.
+- `ScoreResult` / `CalibrationInput`: the messages that travel between deployments (numpy, no JSON).
+
+torch is imported lazily (through `Bundle`), so the router can import the message types cheaply.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cotrr_ray.bundle import load_calibrator
+from cotrr_ray.features import CandidateList
+from cotrr_ray.spec import FeatureSpec
+
+logger = logging.getLogger(__name__)
+
+
+def synthetic_list(spec: FeatureSpec, n: int = 4, window: int = 4, seed: int = 0) -> CandidateList:
+    """An in-spec list of `n` random candidates (health checks and warm-up)."""
+    rng = np.random.default_rng(seed)
+    window = min(window, n)
+
+    def vec(d: int, rows: int | None = None) -> np.ndarray:
+        x = rng.standard_normal((rows, d) if rows else d).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    return CandidateList(
+        query_id="synthetic",
+        ids=[f"synthetic-{i}" for i in range(n)],
+        upstream=np.linspace(1.0, 0.5, n, dtype=np.float32),
+        window=window,
+        features={g: vec(d, window) for g, d in spec.candidate.items()},
+        query_features={g: vec(d) for g, d in spec.query.items()},
+        labels=None,
+    )
+
+
+@dataclass
+class ScoreResult:
+    """What a scorer returns per list: the window's raw logits and the bundle that made them."""
+
+    logits: np.ndarray  # (window,) float32
+    model_version: str
+    bundle_path: str
+
+
+@dataclass
+class CalibrationInput:
+    bundle_id: str
+    bundle_path: str
+    logits: np.ndarray  # (window,)
+
+
+class ScorerCore:
+    """A loaded bundle that scores batches; `swap` replaces it atomically (one reference)."""
+
+    def __init__(self, bundle: Any, *, amp: str):
+        self.bundle = bundle
+        self.amp = amp
+        self.reference_fingerprint = bundle.spec.fingerprint()
+        self.reference_top_m = bundle.top_m
+        self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
+        self.swaps: collections.Counter = collections.Counter()
+        self.last_swap_error: str | None = None
+
+    @staticmethod
+    def device_and_amp() -> tuple[str, str]:
+        """cuda with bf16 (fp16 where bf16 is unsupported) when a GPU is visible, else cpu/fp32."""
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "cpu", "none"
+
+    @classmethod
+    def load(cls, path: str) -> ScorerCore:
+        """Load and warm up a bundle; raises `BundleError` (fail closed, never a random model)."""
+        from cotrr_ray.bundle import Bundle
+
+        device, amp = cls.device_and_amp()
+        t0 = time.perf_counter()
+        bundle = Bundle.load(path, device=device)
+        core = cls(bundle, amp=amp)
+        warm_ms = core.warm_up(bundle)
+        logger.info(
+            "loaded bundle %s on %s (%s) in %.0f ms, warm-up %.1f ms",
+            bundle.bundle_id, device, bundle.spec.describe(), (time.perf_counter() - t0) * 1000, warm_ms,
+        )
+        return core
+
+    def warm_up(self, bundle: Any) -> float:
+        t0 = time.perf_counter()
+        logits = bundle.score([synthetic_list(bundle.spec, n=4, window=min(4, bundle.top_m))], amp=self.amp)[0]
+        if not np.isfinite(logits).all():
+            raise RuntimeError(f"bundle {bundle.bundle_id} produced non-finite logits on the warm-up list")
+        return (time.perf_counter() - t0) * 1000
+
+    def load_replacement(self, path: str) -> Any:
+        """Load a bundle for a hot swap and check it can serve this app's requests (blocking)."""
+        from cotrr_ray.bundle import Bundle
+
+        bundle = Bundle.load(path, device=self.bundle.device)
+        if bundle.spec.fingerprint() != self.reference_fingerprint:
+            raise ValueError(
+                f"bundle {path} has feature spec {bundle.spec.describe()!r}, not the served one; "
+                "a new spec needs a redeploy with new AppArgs"
+            )
+        if bundle.top_m < self.reference_top_m:
+            raise ValueError(f"bundle {path} has top_m {bundle.top_m} < the served top_m {self.reference_top_m}")
+        self.warm_up(bundle)
+        return bundle
+
+    def swap(self, bundle: Any) -> None:
+        old, self.bundle = self.bundle, bundle
+        self.swaps["ok"] += 1
+        self.last_swap_error = None
+        logger.info("hot-swapped bundle %s -> %s", old.bundle_id, bundle.bundle_id)
+
+    def swap_failed(self, path: str, error: BaseException) -> None:
+        self.swaps["error"] += 1
+        self.last_swap_error = f"{path}: {type(error).__name__}: {error}"[:1000]
+        logger.error("bundle hot swap to %s failed; still serving %s: %s", path, self.bundle.bundle_id, error)
+
+    def score(self, lists: list[CandidateList]) -> list[ScoreResult]:
+        """Raw logits per list (blocking; run it off the event loop)."""
+        bundle = self.bundle  # one read: a concurrent swap never mixes bundles within a batch
+        logits = bundle.score(lists, amp=self.amp)
+        return [ScoreResult(np.array(x, dtype=np.float32), bundle.bundle_id, str(bundle.path)) for x in logits]
+
+    def info(self) -> dict[str, Any]:
+        b = self.bundle
+        return {
+            "bundle_id": b.bundle_id,
+            "bundle_path": str(b.path),
+            "device": str(b.device),
+            "amp": self.amp,
+            "top_m": b.top_m,
+            "relevance_threshold": b.relevance_threshold,
+            "num_parameters": b.manifest.get("num_parameters"),
+            "headline_metrics": b.manifest.get("headline_metrics", {}),
+            "replica": self.replica,
+            "swaps": dict(self.swaps),
+            "last_swap_error": self.last_swap_error,
+        }
+
+
+class CalibratorCore:
+    """Calibrators by bundle id (LRU). Unknown ids are loaded from the path the scorer reported."""
+
+    def __init__(self, max_bundles: int = 8):
+        self.max_bundles = max_bundles
+        self._by_id: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def add(self, path: str) -> str:
+        bundle_id, calibrator = load_calibrator(path)
+        self._by_id[bundle_id] = calibrator
+        self._by_id.move_to_end(bundle_id)
+        while len(self._by_id) > self.max_bundles:
+            self._by_id.popitem(last=False)
+        return bundle_id
+
+    def missing(self, items: list[CalibrationInput]) -> dict[str, str]:
+        """{bundle_id: path} of the items whose calibrator is not loaded yet."""
+        return {it.bundle_id: it.bundle_path for it in items if it.bundle_id not in self._by_id}
+
+    def load_missing(self, missing: dict[str, str]) -> dict[str, str]:
+        """Load calibrators (blocking); returns {bundle_id: error} for those that failed."""
+        errors = {}
+        for bundle_id, path in missing.items():
+            try:
+                loaded = self.add(path)
+                if loaded != bundle_id:
+                    errors[bundle_id] = f"{path} now holds bundle {loaded}, not {bundle_id}"
+            except Exception as e:
+                errors[bundle_id] = f"{type(e).__name__}: {e}"
+        return errors
+
+    def transform(self, item: CalibrationInput) -> np.ndarray:
+        calibrator = self._by_id.get(item.bundle_id)
+        if calibrator is None:
+            raise KeyError(f"no calibrator loaded for bundle {item.bundle_id}")
+        return calibrator.predict(np.asarray(item.logits, dtype=np.float64))
+
+    @property
+    def bundle_ids(self) -> list[str]:
+        return list(self._by_id)
