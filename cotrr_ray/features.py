@@ -7,7 +7,6 @@ padded, resized, zero-filled or dropped: every problem raises `RecordError` nami
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import dataclass
 
@@ -51,7 +50,8 @@ def decode_vector(value: Vector, dim: int, field: str) -> np.ndarray:
     """A JSON list or base64 little-endian float32 string -> finite (dim,) float32 array."""
     if isinstance(value, str):
         try:
-            raw = base64.b64decode(value, validate=True)
+            # a2b_base64 in strict mode rejects what b64decode(validate=True) rejects, a few us faster
+            raw = binascii.a2b_base64(value, strict_mode=True)
         except (binascii.Error, ValueError):
             raise RecordError(field, "is a string but not valid base64") from None
         if len(raw) != 4 * dim:
