@@ -88,7 +88,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), RayContext())
 
 
-def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: Path) -> dict[str, Any]:
+def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path) -> dict[str, Any]:
     """Fit through Ray Train and return the best checkpoint's state (by validation nDCG@10)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -190,7 +190,9 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
 
     if not ray.is_initialized() and cfg.scaling.num_workers > 0:
         ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
-    storage = Path(cfg.scaling.storage_path or Path(cfg.output).parent / "ray_results").resolve()
+    sp = cfg.scaling.storage_path
+    # URIs (s3://, gs://) go to Ray as they are; local paths become absolute (a job's cwd is temporary).
+    storage = sp if sp and "://" in sp else str(Path(sp or Path(cfg.output).parent / "ray_results").resolve())
     t_fit = time.perf_counter()
     state = run_ray_train(cfg, data, storage)
     fit_s = time.perf_counter() - t_fit

@@ -62,11 +62,7 @@ def diff_paths(a: Any, b: Any, path: tuple[str, ...] = ()) -> set[tuple[str, ...
             else:
                 out |= diff_paths(a[k], b[k], (*path, str(k)))
         return out
-    if (
-        isinstance(a, list)
-        and isinstance(b, list)
-        and all(isinstance(i, dict) and "name" in i for i in a + b)
-    ):
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(i, dict) and "name" in i for i in a + b):
         return diff_paths(_named(a), _named(b), path)
     return set() if a == b and type(a) is type(b) else {path}
 
@@ -154,9 +150,9 @@ def test_generator_follows_serve_config_edits() -> None:
     out = gen_rayservice.render(committed, yaml.safe_dump(serve_cfg, sort_keys=False))
     assert out != committed
     v2 = yaml.safe_load(yaml.safe_load(out)["spec"]["serveConfigV2"])
-    assert _named(_named(v2["applications"])["rerank"]["deployments"])["Router"]["user_config"][
-        "rollout_percentage"
-    ] == 7
+    assert (
+        _named(_named(v2["applications"])["rerank"]["deployments"])["Router"]["user_config"]["rollout_percentage"] == 7
+    )
     # Everything outside the block is untouched.
     strip = lambda d: {k: v for k, v in d["spec"].items() if k != "serveConfigV2"}  # noqa: E731
     assert strip(yaml.safe_load(out)) == strip(yaml.safe_load(committed))

@@ -1,0 +1,267 @@
+"""Python helpers of `cluster/local.sh` (one process each, so Ray is imported once per step).
+
+    python cluster/localctl.py ports N
+    python cluster/localctl.py port-free PORT
+    python cluster/localctl.py serve-config --src serve_config.yaml --dst OUT.yaml --bundle DIR --port P
+    python cluster/localctl.py wait-nodes --address 127.0.0.1:GCS --count 2
+    python cluster/localctl.py wait-serve --dashboard http://127.0.0.1:DASH --app rerank
+    python cluster/localctl.py placement --address 127.0.0.1:GCS
+    python cluster/localctl.py requests --port P --bundle DIR
+
+Token auth: the Ray clients used here (state API, Serve REST client) add the bearer token
+themselves when RAY_AUTH_MODE=token (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token), exactly like the `ray`/`serve` CLIs; local.sh exports those variables.
+Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The node labels local.sh gives its two nodes (`ray start --labels cotrr-role=...`).
+ROLE_LABEL = "cotrr-role"
+# Where the Serve deployments must run in the local two-node cluster, so that serving really spans
+# both nodes: the Router (HTTP ingress) on the head, the Scorer (the model) on the worker. The
+# Calibrator is left to the scheduler.
+LOCAL_PLACEMENT = {"Router": "head", "Scorer": "worker"}
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that are free on 127.0.0.1 right now (held open until all are picked)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def port_is_free(port: int) -> bool:
+    # A plain bind (no SO_REUSEPORT) fails while anyone listens on the port, including another
+    # engineer's Serve proxy on 0.0.0.0:8000 (Serve binds with SO_REUSEPORT; a second Serve on the
+    # same port would silently share the traffic, which is why local.sh checks first).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def local_serve_config(src: Path, bundle: Path, port: int) -> dict[str, Any]:
+    """serve_config.yaml with the three changes a one-machine two-node cluster needs.
+
+    1. `bundle_uri` absolute: `serve deploy` builds the app in a cluster process whose working
+       directory is not the repo, so a relative path would not resolve (both nodes share this
+       filesystem; on a real cluster this path is shared storage or baked into the image);
+    2. HTTP on 127.0.0.1:<port> instead of 0.0.0.0:8000 (loopback only; another Serve may own 8000);
+    3. `label_selector`s pinning the Router to the head node and the Scorer to the worker node.
+    Everything else (deployments, autoscaling, user_configs) is served as written.
+    """
+    cfg = yaml.safe_load(src.read_text())
+    cfg.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
+    (app,) = [a for a in cfg["applications"] if a["name"] == "rerank"]
+    app["args"]["bundle_uri"] = str(bundle.resolve())
+    deployments = {d["name"]: d for d in app["deployments"]}
+    for name, role in LOCAL_PLACEMENT.items():
+        opts = deployments[name].setdefault("ray_actor_options", {})
+        opts["label_selector"] = {ROLE_LABEL: role}
+    return cfg
+
+
+def _role(node: Any) -> str:
+    return (node.labels or {}).get(ROLE_LABEL, "?")
+
+
+def wait_nodes(address: str, count: int, timeout_s: float) -> None:
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout_s
+    alive: list[Any] = []
+    while time.monotonic() < deadline:
+        try:
+            alive = [n for n in list_nodes(address=address, detail=True) if n.state == "ALIVE"]
+        except Exception as e:  # the dashboard's state API comes up a little after the GCS
+            print(f"  (state API not ready: {type(e).__name__})", flush=True)
+            alive = []
+        if len(alive) >= count:
+            for n in sorted(alive, key=_role):
+                res = {k: v for k, v in (n.resources_total or {}).items() if not k.startswith("node:")}
+                print(f"  node {n.node_id[:12]} role={_role(n)} ip={n.node_ip} head={n.is_head_node} resources={res}")
+            return
+        time.sleep(2)
+    raise SystemExit(f"only {len(alive)} of {count} Ray nodes alive after {timeout_s:.0f} s")
+
+
+def wait_serve(dashboard: str, app: str, timeout_s: float) -> None:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard)
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            details = client.get_serve_details()
+        except Exception as e:
+            details = {}
+            print(f"  (serve REST API: {type(e).__name__}: {e})", flush=True)
+        a = (details.get("applications") or {}).get(app)
+        if a is not None:
+            deps = {name: d.get("status") for name, d in (a.get("deployments") or {}).items()}
+            state = (a["status"], tuple(sorted(deps.items())))
+            if state != last:
+                print(f"  app {app}: {a['status']} {deps}", flush=True)
+                last = state
+            if a["status"] == "RUNNING":
+                return
+            if a["status"] in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise SystemExit(f"app {app} is {a['status']}: {a.get('message', '')}")
+        time.sleep(3)
+    raise SystemExit(f"app {app} not RUNNING after {timeout_s:.0f} s (last: {last})")
+
+
+def placement(address: str) -> None:
+    """Which actors ran on which node (alive and dead: the training workers are gone by now)."""
+    from ray.util.state import list_actors, list_nodes
+
+    roles = {n.node_id: _role(n) for n in list_nodes(address=address, detail=True)}
+    per_role: dict[str, Counter[str]] = {}
+    for a in list_actors(address=address, detail=True, limit=10_000, raise_on_missing_output=False):
+        if a.node_id is None:
+            continue
+        name = a.class_name or "?"
+        if name.startswith("ServeReplica:"):
+            name = "Serve " + name.split(":")[-1]
+        per_role.setdefault(roles.get(a.node_id, "?"), Counter())[f"{name} ({a.state.lower()})"] += 1
+    for role in sorted(per_role):
+        items = ", ".join(f"{k} x{v}" for k, v in sorted(per_role[role].items()))
+        print(f"  {role:>6} node: {items}")
+    ran = {role for role, c in per_role.items() if any("RayTrainWorker" in k for k in c)}
+    served = {role for role, c in per_role.items() if any(k.startswith("Serve ") for k in c)}
+    print(f"  -> training workers ran on: {sorted(ran)}; Serve replicas run on: {sorted(served)}")
+    if not ({"head", "worker"} <= ran or {"head", "worker"} <= served):
+        raise SystemExit("work did not land on both nodes")
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any, float]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    ms = 1000 * (time.perf_counter() - t)
+    try:
+        return status, json.loads(raw), ms
+    except ValueError:
+        return status, raw.decode(errors="replace"), ms
+
+
+def send_requests(port: int, bundle: Path, n: int) -> None:
+    import numpy as np
+
+    from cotrr_ray.data import generate_query
+
+    base = f"http://127.0.0.1:{port}"
+    expected = json.loads((bundle / "manifest.json").read_text())["bundle_id"]
+    status, health, ms = _http("GET", f"{base}/healthz")
+    print(f"GET /healthz -> {status} ({ms:.0f} ms)")
+    status, model, _ = _http("GET", f"{base}/v1/model")
+    version = model.get("model_version") if isinstance(model, dict) else None
+    print(f"GET /v1/model -> {status}: model_version={version}")
+    if version != expected:
+        raise SystemExit(f"the server on {base} serves {version!r}, not this run's bundle {expected!r}")
+    failures = 0
+    for k in range(n):
+        encoding = "base64" if k % 2 else "list"
+        rec = generate_query(np.random.default_rng(20_000 + k), f"local-q{k}", n=30, top_m=20, encoding=encoding)
+        labels = {c["id"]: c.pop("label") for c in rec["candidates"]}  # hidden truth, not sent
+        body = {
+            "query": {"id": rec["id"], "features": rec["features"]},
+            "unit_id": f"user-{k}",
+            "candidates": rec["candidates"],
+            "top_n": 5,
+        }
+        status, r, ms = _http("POST", f"{base}/v1/rerank", body)
+        print(
+            f"POST /v1/rerank query={rec['id']} ({len(body['candidates'])} candidates, {encoding}) -> {status} in {ms:.0f} ms"
+        )
+        if status != 200:
+            failures += 1
+            print(f"  {r}")
+            continue
+        print(f"  arm={r['arm']} model={r['model_version']} fallback={r['fallback']} calibrated={r['calibrated']}")
+        for item in r["results"]:
+            score = "-" if item["score"] is None else f"{item['score']:.3f}"
+            prob = "-" if item["probability"] is None else f"{item['probability']:.2f}"
+            print(f"  #{item['rank']} {item['id']:<14} upstream#{item['index']:<3} score={score:>7} "
+                  f"P(rel)={prob:>5} label={labels[item['id']]:.0f}")  # fmt: skip
+    if failures:
+        raise SystemExit(f"{failures} of {n} rerank requests failed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("ports")
+    s.add_argument("n", type=int)
+    s = sub.add_parser("port-free")
+    s.add_argument("port", type=int)
+    s = sub.add_parser("serve-config")
+    s.add_argument("--src", type=Path, required=True)
+    s.add_argument("--dst", type=Path, required=True)
+    s.add_argument("--bundle", type=Path, required=True)
+    s.add_argument("--port", type=int, required=True)
+    s = sub.add_parser("wait-nodes")
+    s.add_argument("--address", required=True)
+    s.add_argument("--count", type=int, default=2)
+    s.add_argument("--timeout", type=float, default=120)
+    s = sub.add_parser("wait-serve")
+    s.add_argument("--dashboard", required=True)
+    s.add_argument("--app", default="rerank")
+    s.add_argument("--timeout", type=float, default=300)
+    s = sub.add_parser("placement")
+    s.add_argument("--address", required=True)
+    s = sub.add_parser("requests")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--bundle", type=Path, required=True)
+    s.add_argument("--n", type=int, default=3)
+    a = p.parse_args(argv)
+
+    if a.cmd == "ports":
+        print(" ".join(map(str, free_ports(a.n))))
+    elif a.cmd == "port-free":
+        sys.exit(0 if port_is_free(a.port) else 1)
+    elif a.cmd == "serve-config":
+        cfg = local_serve_config(a.src, a.bundle, a.port)
+        a.dst.write_text(f"# generated by cluster/localctl.py from {a.src}\n" + yaml.safe_dump(cfg, sort_keys=False))
+    elif a.cmd == "wait-nodes":
+        wait_nodes(a.address, a.count, a.timeout)
+    elif a.cmd == "wait-serve":
+        wait_serve(a.dashboard, a.app, a.timeout)
+    elif a.cmd == "placement":
+        placement(a.address)
+    elif a.cmd == "requests":
+        send_requests(a.port, a.bundle, a.n)
+
+
+if __name__ == "__main__":
+    main()
