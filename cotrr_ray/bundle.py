@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +176,8 @@ class Bundle:
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
             manifest = {
                 "format_version": FORMAT_VERSION,
-                "bundle_id": f"{spec.version}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}",
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "bundle_id": f"{spec.version}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}",
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "versions": _versions(),
                 "feature_spec_fingerprint": spec.fingerprint(),
                 "relevance_threshold": relevance_threshold,

@@ -16,7 +16,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     if s.num_workers > 0:
         # The object store ships the arrays to workers on any node; no shared filesystem needed.
         train, val = ray.put(train), ray.put(val)
-    run_name = s.run_name or f"cotrr-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_name = s.run_name or f"cotrr-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
