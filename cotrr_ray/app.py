@@ -23,7 +23,10 @@ from cotrr_ray.deployments import Calibrator, Router, Scorer
 
 
 def build_app(args: AppArgs) -> Application:
-    """Router -> Scorer [+ ScorerControl] -> Calibrator, after checking the bundles exist and agree."""
+    """Router -> Scorer [+ ScorerControl] -> Calibrator, after checking the bundles exist and agree.
+
+    With `args.fused_calibration` the Scorer(s) calibrate and there is no Calibrator deployment.
+    """
     args = AppArgs.model_validate(args)  # a no-op for AppArgs; validates a dict from other callers
     base_dir = os.getcwd()
     bundle_uri = resolve_uri(args.bundle_uri, base_dir)
@@ -50,11 +53,12 @@ def build_app(args: AppArgs) -> Application:
         }
     )
 
-    scorer = Scorer.options(user_config=args.scorer.model_dump()).bind(bundle_uri, base_dir)
+    fused = args.fused_calibration
+    scorer = Scorer.options(user_config=args.scorer.model_dump()).bind(bundle_uri, base_dir, fused)
     control = None
     if control_uri is not None:
         control = Scorer.options(name="ScorerControl", user_config=args.control_scorer.model_dump()).bind(
-            control_uri, base_dir
+            control_uri, base_dir, fused
         )
-    calibrator = Calibrator.bind([u for u in (bundle_uri, control_uri) if u is not None])
+    calibrator = None if fused else Calibrator.bind([u for u in (bundle_uri, control_uri) if u is not None])
     return Router.options(user_config=args.routing.model_dump()).bind(scorer, calibrator, control, args)

@@ -189,6 +189,24 @@ class RoutingConfig(_Strict):
     max_shadow_in_flight: int = Field(
         16, ge=1, description="Concurrent shadow scorings per router replica; more are dropped and counted."
     )
+    coalesce_max_lists: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description=(
+            "Router -> Scorer/Calibrator hops carry the Top-M windows of concurrent requests together: at "
+            "most this many per call (one hop's fixed cost per batch instead of per request)."
+        ),
+    )
+    coalesce_max_in_flight: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Calls per downstream deployment a router replica keeps outstanding; further requests wait "
+            "(no timer) and leave together when one returns. >= the number of Scorer replicas."
+        ),
+    )
 
 
 class ScorerConfig(_Strict):
@@ -206,7 +224,13 @@ class ScorerConfig(_Strict):
         16, ge=1, le=256, description="@serve.batch size; keep max_ongoing_requests >= this."
     )
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "How long a batch waits to fill before it runs anyway. 0: take what is queued (the router "
+            "already coalesces concurrent requests, and calls that arrive while a batch runs form the next)."
+        ),
     )
     fault: Literal["none", "raise", "slow"] = Field(
         "none",
@@ -252,6 +276,14 @@ class AppArgs(_Strict):
         ),
     )
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Initial Scorer user_config.")
+    fused_calibration: bool = Field(
+        False,
+        description=(
+            "Fused mode: the Scorer applies the bundle's isotonic calibrator itself and there is no "
+            "Calibrator deployment (one hop fewer per request). Default false: the three-deployment "
+            "graph Router -> Scorer -> Calibrator. With serve_config.yaml also delete the Calibrator entry."
+        ),
+    )
     control_scorer: ScorerConfig = Field(
         default_factory=ScorerConfig, description="Initial ScorerControl user_config."
     )

@@ -14,9 +14,14 @@ noisy. Cross-fitting uses every training query instead:
 4. `IsotonicCalibrator` is fitted on all OOF scores.
 
 The model that is served is still the one trained on all training queries; the calibrator maps its
-raw scores, assuming they are distributed like the fold models' scores (same recipe, (K-1)/K of the
-data). That assumption is why the fold models must follow the final model's recipe exactly: same
-config, same epochs / checkpoint rule, same validation split.
+raw scores, so the fold models' scores must be on the final model's scale. They need not be: a
+listwise/pairwise loss is blind to a common shift of a list's logits (the offset drifts freely), and
+a fold model takes fewer optimizer steps per epoch on (K-1)/K of the data (the logit scale grows
+with steps). So when the final model is given, each fold model's out-of-fold scores are first mapped
+onto the final model's scale by matching the mean and standard deviation of the two models' logits
+on the fold model's own training rows, which both models were trained on (`moment_alignment`). The
+fold models follow the final model's recipe exactly: same config, same epochs / checkpoint rule,
+same validation split.
 
 Nothing here imports Ray: `train_fn` decides where the loop runs.
 """
@@ -25,9 +30,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import mmh3
@@ -175,13 +181,43 @@ def train_in_process(
 # --------------------------------------------------------------------------- cross-fitting
 
 
+def moment_alignment(
+    fold_model: Reranker,
+    fold_data: PreparedData,
+    final_model: Reranker,
+    final_data: PreparedData,
+    shared: list[CandidateList],
+) -> tuple[float, float]:
+    """(a, b) such that ``a * z_fold + b`` has the mean and standard deviation of the final model's
+    logits on the `shared` lists (the fold model's training lists, which the final model also saw)."""
+    zf = np.concatenate(window_logits(fold_model, shared, fold_data)).astype(np.float64)
+    zF = np.concatenate(window_logits(final_model, shared, final_data)).astype(np.float64)
+    sd = zf.std()
+    a = float(zF.std() / sd) if sd > 1e-12 else 1.0
+    return a, float(zF.mean() - a * zf.mean())
+
+
+def fit_oof_calibrator(
+    oof_logits: list[np.ndarray], lists: list[CandidateList], cfg: TrainConfig
+) -> IsotonicCalibrator:
+    return IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
+        np.concatenate(oof_logits), labels01(lists, cfg.data.relevance_threshold)
+    )
+
+
 @dataclass
 class CrossFitResult:
-    calibrator: IsotonicCalibrator
     lists: list[CandidateList]  # the pooled queries, in pool order
     fold: np.ndarray  # (len(lists),) fold of each list
-    oof_logits: list[np.ndarray]  # per list: window logits from the model that did not see it
+    oof_logits: list[np.ndarray]  # per list: raw window logits from the fold model that did not see it
     fold_epochs: list[int]  # epoch of each fold model's kept checkpoint
+    alignment: list[tuple[float, float]] | None  # per fold (a, b) onto the final model's scale
+    calibrator: IsotonicCalibrator  # fitted on `calibrated_logits`
+
+    @property
+    def calibrated_logits(self) -> list[np.ndarray]:
+        """The scores the calibrator is fitted on: OOF logits, aligned to the final model if given."""
+        return aligned_logits(self.oof_logits, self.fold, self.alignment)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -190,15 +226,29 @@ class CrossFitResult:
             "queries": len(self.lists),
             "rows": int(self.calibrator.n_samples_),
             "fold_epochs": list(self.fold_epochs),
+            "alignment": None if self.alignment is None else [[round(a, 4), round(b, 4)] for a, b in self.alignment],
         }
 
 
-def _fold_config(cfg: TrainConfig, i: int) -> TrainConfig:
+def aligned_logits(
+    oof_logits: list[np.ndarray], fold: np.ndarray, alignment: list[tuple[float, float]] | None
+) -> list[np.ndarray]:
+    if alignment is None:
+        return list(oof_logits)
+    return [alignment[f][0] * np.asarray(z, np.float64) + alignment[f][1] for z, f in zip(oof_logits, fold)]
+
+
+def fold_run_base(cfg: TrainConfig) -> str:
+    """Stem of the fold runs' names. Ray Train resumes a run from storage by name, so: a fixed
+    `scaling.run_name` gives fixed fold names (a rerun of a crashed job resumes its folds too); the
+    default gives fresh unique names (`job.run`'s timestamped default could collide between fold
+    runs that start within the same second)."""
+    return cfg.scaling.run_name or f"crossfit-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _fold_config(cfg: TrainConfig, i: int, base: str | None = None) -> TrainConfig:
     s = cfg.scaling
-    # A fixed run name makes Ray Train resume from a run of that name; timestamped default names can
-    # collide between fold runs that start within the same second. Each fold gets its own name.
-    base = s.run_name or f"crossfit-{mmh3.hash(repr(cfg.model_dump(mode='json')), 0, signed=False):08x}"
-    update = {"run_name": f"{base}-fold{i}", "fail_after_epoch": None}
+    update = {"run_name": f"{base or fold_run_base(cfg)}-fold{i}", "fail_after_epoch": None}
     return cfg.model_copy(update={"scaling": s.model_copy(update=update)})
 
 
@@ -206,57 +256,80 @@ def cross_fit(
     cfg: TrainConfig,
     spec: FeatureSpec,
     pool: list[CandidateList],
-    validation: list[CandidateList],
+    validation: list[CandidateList] | None,
     train_fn: TrainFn,
     *,
     k: int | None = None,
     salt: str = "cotrr-crossfit",
+    final_model: Reranker | None = None,
+    final_data: PreparedData | None = None,
 ) -> CrossFitResult:
     """Out-of-fold raw scores for every list in `pool` and the isotonic calibrator fitted on them.
 
     Fold model i is trained by ``train_fn`` on the pool minus fold i (normaliser refitted on that
     part), with `validation` as its validation split; it then scores fold i only. `validation`
-    must not overlap `pool` (it is the final model's validation split in `job.run`).
+    must not overlap `pool` (it is the final model's validation split in `job.run`). With
+    ``validation=None`` each fold model's own training queries stand in for the loop's validation
+    split: only for a `train_fn` that keeps the last epoch (fixed epochs), never one that selects
+    on validation. With `final_model` (and the `final_data` it was trained with), each fold's OOF
+    logits are mapped onto the final model's scale (`moment_alignment`) before the isotonic fit.
     """
+    if (final_model is None) != (final_data is None):
+        raise ValueError("give both final_model and final_data, or neither")
     k = cfg.calibration.folds if k is None else k
     pool_ids = {cl.query_id for cl in pool}
-    if pool_ids & {cl.query_id for cl in validation}:
-        raise ValueError("validation queries must not be in the cross-fitting pool")
-    if not validation:
-        raise ValueError("cross_fit needs a non-empty validation split for the fold models")
+    if validation is not None:
+        if pool_ids & {cl.query_id for cl in validation}:
+            raise ValueError("validation queries must not be in the cross-fitting pool")
+        if not validation:
+            raise ValueError("cross_fit needs a non-empty validation split for the fold models (or None)")
     fold = assign_folds([cl.query_id for cl in pool], k, salt)
+    base = fold_run_base(cfg)
+    final_ids = set() if final_data is None else {cl.query_id for cl in final_data.lists["train"]}
     oof: list[np.ndarray | None] = [None] * len(pool)
-    epochs = []
+    epochs: list[int] = []
+    alignment: list[tuple[float, float]] = []
     for i in range(k):
         held = [j for j in range(len(pool)) if fold[j] == i]
         rest = [pool[j] for j in range(len(pool)) if fold[j] != i]
-        fold_data = prepare_splits(cfg, spec, {"train": rest, "validation": validation})
-        state = train_fn(_fold_config(cfg, i), fold_data)
+        fold_data = prepare_splits(cfg, spec, {"train": rest, "validation": rest if validation is None else validation})
+        state = train_fn(_fold_config(cfg, i, base), fold_data)
         epochs.append(int(state.get("epoch", -1)))
         model = model_from_state(state, fold_data.model_config)
         for j, z in zip(held, window_logits(model, [pool[j] for j in held], fold_data)):
             oof[j] = z
-        logger.info("cross_fit fold %d/%d: %d train, %d held-out queries, epoch %d", i + 1, k, len(rest), len(held), epochs[-1])
+        if final_model is not None:
+            # Rows both models were trained on (calibration queries in the pool are not in the final
+            # model's training split).
+            shared = [cl for cl in rest if cl.query_id in final_ids] or rest
+            alignment.append(moment_alignment(model, fold_data, final_model, final_data, shared))  # type: ignore[arg-type]
+        logger.info(
+            "cross_fit fold %d/%d: %d train, %d held-out queries, epoch %d", i + 1, k, len(rest), len(held), epochs[-1]
+        )
     oof_logits = [z for z in oof if z is not None]
     assert len(oof_logits) == len(pool)
-    thr = cfg.data.relevance_threshold
-    calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
-        np.concatenate(oof_logits), labels01(pool, thr)
-    )
-    return CrossFitResult(calibrator, list(pool), fold, oof_logits, epochs)
+    align = alignment if final_model is not None else None
+    calibrator = fit_oof_calibrator(aligned_logits(oof_logits, fold, align), pool, cfg)
+    return CrossFitResult(list(pool), fold, oof_logits, epochs, align, calibrator)
 
 
-def cross_fit_calibrator(cfg: TrainConfig, data: PreparedData, train_fn: TrainFn) -> tuple[IsotonicCalibrator, dict[str, Any]]:
+def cross_fit_calibrator(
+    cfg: TrainConfig, data: PreparedData, train_fn: TrainFn, final_model: Reranker | None = None
+) -> tuple[IsotonicCalibrator, dict[str, Any]]:
     """`job.run`'s entry point: cross-fit over the training (+ calibration) queries of `data`.
 
     Fold models use the same validation split as the final model, so their checkpoint choice
-    (best validation epoch, or the last epoch) follows the same rule.
+    (best validation epoch, or the last epoch) follows the same rule. `final_model` (the model
+    trained on `data`) puts the OOF scores on its scale before the isotonic fit (recommended).
     """
     pool = list(data.lists["train"]) + list(data.lists.get("calibration", []))
-    res = cross_fit(cfg, data.spec, pool, list(data.lists["validation"]), train_fn)
+    res = cross_fit(
+        cfg,
+        data.spec,
+        pool,
+        list(data.lists["validation"]),
+        train_fn,
+        final_model=final_model,
+        final_data=None if final_model is None else data,
+    )
     return res.calibrator, res.info()
-
-
-def fold_budget(k: int, n_queries: int) -> int:
-    """Queries each fold model trains on (for logs and sanity checks)."""
-    return n_queries - math.ceil(n_queries / k)

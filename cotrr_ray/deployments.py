@@ -1,7 +1,11 @@
 """Ray Serve deployments: thin shells around `cotrr_ray.router` and `cotrr_ray.scorer`.
 
-    Router (FastAPI ingress) --score--> Scorer [, ScorerControl]   (@serve.batch, torch)
-                             --transform--> Calibrator              (@serve.batch, isotonic)
+    Router (FastAPI ingress) --score_many--> Scorer [, ScorerControl]   (@serve.batch, torch)
+                             --transform_many--> Calibrator              (isotonic)
+
+Each hop carries the Top-M windows of all concurrent requests of a router replica (`Coalescer`):
+one hop's fixed cost per batch, not per request. Fused mode (`AppArgs.fused_calibration`): the
+Scorer calibrates and there is no Calibrator.
 
 Nothing is bound here; `cotrr_ray.app.build_app` wires the graph. Decorator options are the
 defaults for apps built from Python; serve_config.yaml overrides them per deployment.
@@ -11,7 +15,6 @@ defaults for apps built from Python; serve_config.yaml overrides them per deploy
 # the ingress methods (Serve rebinds them, and string annotations then fail to resolve).
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -28,7 +31,7 @@ from cotrr_ray.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.errors import RequestError
 from cotrr_ray.features import CandidateList
-from cotrr_ray.router import Downstream, ExposureLog, RerankService
+from cotrr_ray.router import Coalescer, Downstream, ExposureLog, RerankService
 from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
 
 logger = logging.getLogger("ray.serve")
@@ -152,7 +155,7 @@ class Router:
     def __init__(
         self,
         scorer: DeploymentHandle,
-        calibrator: DeploymentHandle,
+        calibrator: DeploymentHandle | None,
         control: DeploymentHandle | None,
         args: AppArgs,
     ) -> None:
@@ -161,11 +164,19 @@ class Router:
         max_top_m = meta.top_m
         if control is not None and args.control_bundle_uri is not None:
             max_top_m = min(max_top_m, read_meta(args.control_bundle_uri).top_m)
+        # The request payload (numpy windows) goes with the C pickler: no cloudpickle Python pass
+        # over every array (only used by the gRPC transport of RAY_SERVE_THROUGHPUT_OPTIMIZED).
+        fast = {"request_serialization": "pickle"}
+        self.coalescers = {"scorer": Coalescer(scorer.options(method_name="score_many", **fast).remote)}
+        if calibrator is not None:
+            self.coalescers["calibrator"] = Coalescer(calibrator.options(method_name="transform_many", **fast).remote)
+        if control is not None:
+            self.coalescers["control_scorer"] = Coalescer(control.options(method_name="score_many", **fast).remote)
         downstream = Downstream(
-            score=scorer.score.remote,
-            calibrate=calibrator.transform.remote,
+            score=self.coalescers["scorer"],
+            calibrate=self.coalescers.get("calibrator"),
             info=lambda _: scorer.info.remote(),
-            score_control=control.score.remote if control is not None else None,
+            score_control=self.coalescers.get("control_scorer"),
             info_control=(lambda _: control.info.remote()) if control is not None else None,
         )
         self.service = RerankService(
@@ -176,9 +187,14 @@ class Router:
             metrics=ServeMetrics(),
             exposure=ExposureLog(args.exposure_log_path),
         )
+        for c in self.coalescers.values():
+            c.configure(max_items=args.routing.coalesce_max_lists, max_in_flight=args.routing.coalesce_max_in_flight)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:  # on the event loop: no races
-        self.service.configure(RoutingConfig.model_validate(user_config))
+        config = RoutingConfig.model_validate(user_config)
+        self.service.configure(config)
+        for c in self.coalescers.values():
+            c.configure(max_items=config.coalesce_max_lists, max_in_flight=config.coalesce_max_in_flight)
 
     @api.post(
         "/v1/rerank",
@@ -204,7 +220,9 @@ class Router:
 
     @api.get("/v1/stats", summary="Counters of this router replica")
     async def stats(self) -> Response:
-        return Response(orjson.dumps(self.service.stats_snapshot()), media_type="application/json")
+        snapshot = self.service.stats_snapshot()
+        snapshot["coalescing"] = {name: c.stats() for name, c in self.coalescers.items()}
+        return Response(orjson.dumps(snapshot), media_type="application/json")
 
     @api.get("/healthz", summary="200 when scorer(s) and calibrator answer a real inference")
     async def healthz(self) -> JSONResponse:
@@ -214,24 +232,32 @@ class Router:
 
 @serve.deployment(name="Scorer", max_ongoing_requests=32, max_queued_requests=64, ray_actor_options={"num_cpus": 1})
 class Scorer:
-    """Loads a bundle (fails closed), scores batches of windows off the event loop, hot-swaps."""
+    """Loads a bundle (fails closed), scores batches of windows, hot-swaps; calibrates in fused mode.
 
-    def __init__(self, bundle_uri: str, base_dir: str) -> None:
+    The model runs on the replica's event loop, not in a thread pool: no hand-off per batch, and
+    calls that arrive while a batch runs queue up and form the next batch (with
+    max_concurrent_batches=1, a thread pool would let @serve.batch close tiny batches meanwhile).
+    """
+
+    def __init__(self, bundle_uri: str, base_dir: str, calibrate: bool = False) -> None:
         import torch
 
         _route_package_logs_to_serve()
         torch.set_num_threads(1)  # one intra-op thread per replica; scale with replicas
         self.base_dir = base_dir
+        self.calibrate = calibrate
         self.args_uri = resolve_uri(bundle_uri, base_dir)
         self.core = ScorerCore.load(self.args_uri)  # BundleError -> the replica does not start
         self.config = ScorerConfig()
         self._configured = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        # Windows scored; with Serve's ray_serve_batches_processed_total{deployment="Scorer"} this gives
+        # the mean model batch (Serve's actual_batch_size histogram sum is approximated from bucket midpoints).
+        self._lists_metric = Counter("cotrr_scorer_lists", description="Top-M windows scored by the model.")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ScorerConfig.model_validate(user_config)
-        self.score.set_max_batch_size(config.max_batch_size)
-        self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._score_batch.set_max_batch_size(config.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         target = resolve_uri(config.bundle_uri, self.base_dir) if config.bundle_uri else self.args_uri
         if target != str(self.core.bundle.path):
             try:
@@ -245,24 +271,46 @@ class Scorer:
         self.config = config
         self._configured = True
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def score(self, lists: list[CandidateList]) -> list[ScoreResult]:
+    async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult]:
+        """Windows of several requests (one coalesced router call) -> one result per window."""
+        step = self.config.max_batch_size
+        if len(lists) <= step:
+            return await self._score_batch(lists)
+        parts = await asyncio.gather(*(self._score_batch(lists[i : i + step]) for i in range(0, len(lists), step)))
+        return [r for part in parts for r in part]
+
+    async def score(self, cl: CandidateList) -> ScoreResult:
+        """One window (the pre-coalescing API, kept for other callers)."""
+        return (await self._score_batch([cl]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=lambda calls: sum(len(c) for c in calls))
+    async def _score_batch(self, calls: list[list[CandidateList]]) -> list[list[ScoreResult]]:
         if self.config.fault == "raise":
             raise RuntimeError("injected scorer fault (ScorerConfig.fault='raise', testing only)")
         if self.config.fault == "slow":
             await asyncio.sleep(self.config.fault_delay_s)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.core.score, lists)
+        flat = [cl for call in calls for cl in call]
+        results = self.core.score(flat, calibrate=self.calibrate)  # blocking on purpose (see class doc)
+        self._lists_metric.inc(len(flat))
+        out, i = [], 0
+        for call in calls:
+            out.append(results[i : i + len(call)])
+            i += len(call)
+        return out
 
     async def info(self) -> dict[str, Any]:
-        return {**self.core.info(), "config": self.config.model_dump()}
+        return {**self.core.info(), "fused_calibration": self.calibrate, "config": self.config.model_dump()}
 
 
 @serve.deployment(
     name="Calibrator", max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.25}
 )
 class Calibrator:
-    """Batched isotonic transform raw logit -> probability, by the bundle that made the logit."""
+    """Isotonic transform raw logit -> probability, by the bundle that made the logit.
+
+    No @serve.batch: np.interp on a window costs microseconds, less than the batching queue's own
+    bookkeeping; the router already sends the windows of concurrent requests in one call.
+    """
 
     def __init__(self, bundle_uris: list[str]) -> None:
         _route_package_logs_to_serve()
@@ -271,22 +319,22 @@ class Calibrator:
             self.core.add(uri)  # fails closed like the scorer
 
     async def transform(self, item: CalibrationInput) -> Any:
-        ok, value = await self._transform_batch(item)
-        if not ok:
-            raise RuntimeError(value)
+        value = (await self.transform_many([item]))[0]
+        if isinstance(value, Exception):
+            raise value
         return value
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-    async def _transform_batch(self, items: list[CalibrationInput]) -> list[tuple[bool, Any]]:
+    async def transform_many(self, items: list[CalibrationInput]) -> list[Any]:
+        """One entry per item: its probabilities, or the exception that failed only that item."""
         missing = self.core.missing(items)
         errors = await asyncio.to_thread(self.core.load_missing, missing) if missing else {}
-        out: list[tuple[bool, Any]] = []
+        out: list[Any] = []
         for item in items:  # one item's failure (unknown bundle) never fails the others
             if item.bundle_id in errors:
-                out.append((False, errors[item.bundle_id]))
+                out.append(RuntimeError(errors[item.bundle_id]))
                 continue
             try:
-                out.append((True, self.core.transform(item)))
+                out.append(self.core.transform(item))
             except Exception as e:
-                out.append((False, f"{type(e).__name__}: {e}"))
+                out.append(RuntimeError(f"{type(e).__name__}: {e}"))
         return out

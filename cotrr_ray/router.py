@@ -45,26 +45,148 @@ class Downstream:
     """
 
     score: Call  # CandidateList -> ScoreResult
-    calibrate: Call  # CalibrationInput -> (window,) probabilities
+    calibrate: Call | None  # CalibrationInput -> (window,) probabilities; None: the scorer calibrates (fused)
     info: Call  # None -> dict
     score_control: Call | None = None
     info_control: Call | None = None
 
 
 async def call_with_timeout(fn: Call, arg: Any, timeout_s: float) -> Any:
-    """Await `fn(arg)` for at most `timeout_s`; cancel the downstream request on timeout."""
+    """Await `fn(arg)` for at most `timeout_s`; cancel the downstream request on timeout.
+
+    `asyncio.timeout` (not `wait_for`): no extra task and no extra loop iteration per call.
+    """
     response = fn(arg)
     try:
-        return await asyncio.wait_for(_awaited(response), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):
+            return await response
+    except TimeoutError:  # asyncio.TimeoutError is TimeoutError on Python >= 3.11
         cancel = getattr(response, "cancel", None)
         if callable(cancel):
             cancel()
         raise
 
 
-async def _awaited(response: Any) -> Any:
-    return await response
+class Coalescer:
+    """Merges concurrent one-item downstream calls into one call that carries a list.
+
+    Every hop between deployments has a fixed cost (serialisation, the transport, Serve's request
+    bookkeeping on both sides) that dwarfs the per-item work of a batched scorer or an isotonic
+    table; coalescing pays it once per batch instead of once per request.
+
+    `send_many(items)` returns an awaitable (a Serve `DeploymentResponse`) of a list with one entry
+    per item; an entry that is an exception fails only its own item, an exception raised by the
+    call fails them all. Calling the coalescer with one item returns an `asyncio.Future` (awaitable,
+    with `cancel()`), so it drops in wherever a handle method was called per item.
+
+    Policy, no timer: items submitted in the same event-loop iteration travel together, and while
+    `max_in_flight` calls are outstanding new items wait and leave together (at most `max_items`
+    per call) as soon as one returns. A lone request is sent at once and pays no batching wait;
+    under load batches grow to what arrived during one downstream round trip. A cancelled item
+    (its caller timed out) is never sent; a call whose items were all cancelled is cancelled.
+    """
+
+    def __init__(self, send_many: Call, *, max_items: int = 16, max_in_flight: int = 2):
+        if max_items < 1 or max_in_flight < 1:
+            raise ValueError("max_items and max_in_flight must be >= 1")
+        self._send_many = send_many
+        self.max_items = max_items
+        self.max_in_flight = max_in_flight
+        self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task] = set()
+        self.calls = 0  # downstream calls made
+        self.items = 0  # items they carried
+
+    def configure(self, *, max_items: int, max_in_flight: int) -> None:
+        if max_items < 1 or max_in_flight < 1:
+            raise ValueError("max_items and max_in_flight must be >= 1")
+        self.max_items, self.max_in_flight = max_items, max_in_flight
+
+    def __call__(self, item: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append((item, fut))
+        self._schedule(loop)
+        return fut
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "items": self.items,
+            "mean_items_per_call": round(self.items / self.calls, 3) if self.calls else None,
+            "in_flight": self._in_flight,
+            "pending": len(self._pending),
+            "max_items": self.max_items,
+            "max_in_flight": self.max_in_flight,
+        }
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._pending and self._in_flight < self.max_in_flight:
+            batch = []
+            while self._pending and len(batch) < self.max_items:
+                item, fut = self._pending.popleft()
+                if not fut.done():  # cancelled while waiting: never sent
+                    batch.append((item, fut))
+            if batch:
+                self._in_flight += 1
+                task = loop.create_task(self._send(batch))
+                self._tasks.add(task)  # strong reference until done
+                task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        futures = [f for _, f in batch]
+        self.calls += 1
+        self.items += len(batch)
+        returned = False
+        try:
+            response = self._send_many([item for item, _ in batch])
+            cancel = getattr(response, "cancel", None)
+            if callable(cancel):
+
+                def cancel_if_abandoned(_: asyncio.Future) -> None:
+                    if not returned and all(f.done() for f in futures):
+                        cancel()
+
+                for f in futures:
+                    f.add_done_callback(cancel_if_abandoned)
+            results = await response
+            returned = True
+            if len(results) != len(batch):
+                raise InvalidOutput(f"{len(results)} results for a batch of {len(batch)}")
+        except asyncio.CancelledError:
+            returned = True
+            for f in futures:
+                f.cancel()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself is being cancelled (shutdown)
+            # otherwise every caller gave up and we cancelled the call: nothing to deliver
+        except Exception as e:
+            returned = True
+            for f in futures:
+                if not f.done():
+                    f.set_exception(e)
+        else:
+            for f, r in zip(futures, results):
+                if f.done():
+                    continue
+                if isinstance(r, BaseException):
+                    f.set_exception(r)
+                else:
+                    f.set_result(r)
+        finally:
+            self._in_flight -= 1
+            if self._pending:
+                self._schedule(asyncio.get_running_loop())
 
 
 def exception_name(e: BaseException) -> str:
@@ -278,7 +400,7 @@ class RerankService:
         n = len(req.ids)
         try:
             result = _check_logits(await call_with_timeout(score, req.inputs, timeout_s), req.window)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._fallback(n, f"{who}_timeout")
         except Exception as e:  # any downstream failure: serve the upstream order, flagged
             return self._fallback(n, f"{who}_error:{exception_name(e)}")
@@ -288,14 +410,19 @@ class RerankService:
         remaining = timeout_s - (time.perf_counter() - start)
         reason = None
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
-            probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
+            if result.probabilities is not None or self.down.calibrate is None:  # fused: calibrated by the scorer
+                if result.probabilities is None:
+                    raise InvalidOutput("the scorer returned no probabilities and there is no calibrator")
+                probs = np.asarray(result.probabilities)
+            else:
+                if remaining <= 0:
+                    raise TimeoutError
+                cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+                probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
             if probs.shape != (req.window,) or not (np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()):
                 raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
             out.probabilities = probs
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = "calibrator_timeout"
         except Exception as e:  # ordered by the scorer anyway; probabilities are null
             reason = f"calibrator_error:{exception_name(e)}"
@@ -377,7 +504,7 @@ class RerankService:
                     "latency_ms": round(latency_ms, 3),
                 }
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.shadow["timeout"] += 1
             self.metrics.shadow("timeout", None, None)
         except Exception as e:  # swallowed and counted: the shadow never affects responses
@@ -410,8 +537,13 @@ class RerankService:
                 checks[name] = {"ok": False, "error": f"{exception_name(e)}: {e}"[:500]}
                 continue
             try:
-                cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
-                probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
+                if result.probabilities is not None or self.down.calibrate is None:  # fused
+                    if result.probabilities is None:
+                        raise InvalidOutput("the scorer returned no probabilities and there is no calibrator")
+                    probs = np.asarray(result.probabilities)
+                else:
+                    cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+                    probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
                 if probs.shape != (cl.window,) or not ((0 <= probs).all() and (probs <= 1).all()):
                     raise InvalidOutput(f"probabilities of shape {probs.shape} outside [0, 1]")
                 checks.setdefault("calibrator", {"ok": True})

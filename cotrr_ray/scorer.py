@@ -54,6 +54,7 @@ class ScoreResult:
     logits: np.ndarray  # (window,) float32
     model_version: str
     bundle_path: str
+    probabilities: np.ndarray | None = None  # (window,) float64, set only in fused mode (calibrated by the scorer)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class ScorerCore:
         self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
         self.swaps: collections.Counter = collections.Counter()
         self.last_swap_error: str | None = None
+        self.batches = 0  # model calls
+        self.lists = 0  # Top-M windows they scored
 
     @staticmethod
     def device_and_amp() -> tuple[str, str]:
@@ -133,11 +136,23 @@ class ScorerCore:
         self.last_swap_error = f"{path}: {type(error).__name__}: {error}"[:1000]
         logger.error("bundle hot swap to %s failed; still serving %s: %s", path, self.bundle.bundle_id, error)
 
-    def score(self, lists: list[CandidateList]) -> list[ScoreResult]:
-        """Raw logits per list (blocking; run it off the event loop)."""
+    def score(self, lists: list[CandidateList], *, calibrate: bool = False) -> list[ScoreResult]:
+        """Raw logits per list, one model call for the whole batch (blocking).
+
+        `calibrate=True` (fused mode) also sets each result's probabilities from the same bundle's
+        isotonic calibrator, exactly what `CalibratorCore.transform` computes for that bundle id.
+        """
         bundle = self.bundle  # one read: a concurrent swap never mixes bundles within a batch
         logits = bundle.score(lists, amp=self.amp)
-        return [ScoreResult(np.array(x, dtype=np.float32), bundle.bundle_id, str(bundle.path)) for x in logits]
+        self.batches += 1
+        self.lists += len(lists)
+        path = str(bundle.path)
+        out = []
+        for x in logits:
+            x = np.array(x, dtype=np.float32)
+            probs = bundle.calibrator.predict(x.astype(np.float64)) if calibrate else None
+            out.append(ScoreResult(x, bundle.bundle_id, path, probs))
+        return out
 
     def info(self) -> dict[str, Any]:
         b = self.bundle
@@ -153,6 +168,9 @@ class ScorerCore:
             "replica": self.replica,
             "swaps": dict(self.swaps),
             "last_swap_error": self.last_swap_error,
+            "batches": self.batches,
+            "lists": self.lists,
+            "mean_batch_lists": round(self.lists / self.batches, 3) if self.batches else None,
         }
 
 

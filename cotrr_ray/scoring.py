@@ -41,15 +41,20 @@ def predict_logits(
     """(N, M) float32 logits; padded positions are NaN so they can never be ranked by accident."""
     device = torch.device(device)
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every submodule: only when the mode really changes
+        model.eval()
     out = np.empty(lists.mask.shape, np.float32)
+    n = len(lists)
     try:
-        for start in range(0, len(lists), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(lists)))
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            # One chunk (the scorer's case): the batch as it is, no copy (the model never writes to its inputs).
+            part = lists if (start == 0 and stop == n) else lists.take(np.arange(start, stop))
             with autocast(device, amp):
-                logits = model(**to_tensors(lists.take(idx), device))
-            out[idx] = logits.float().cpu().numpy()
+                logits = model(**to_tensors(part, device))
+            out[start:stop] = logits.float().cpu().numpy()
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
     out[~lists.mask] = np.nan
     return out

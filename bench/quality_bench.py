@@ -1,0 +1,653 @@
+"""Quality bench on LETOR data: cotrr-ray vs the upstream order, ridge and LightGBM LambdaMART.
+
+    python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE]
+                                  [--config configs/mslr.yaml] [--set key.path=value ...]
+
+Protocol (identical query splits for every method, all scored by `cotrr_ray.metrics` through the
+same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
+
+* splits: grouped 5-fold CV by query over the file (each query is tested exactly once; results
+  pooled over the folds), and one fixed 70/30 split by a hash of the query id;
+* inside each split only the training queries are used for any choice: every tuned method picks its
+  hyper-parameters by inner grouped K-fold CV (K = `calibration.folds` of the config) over the
+  training queries, then refits on all of them and scores the test queries once;
+* upstream: feature `letor_upstream_feature` (MSLR: 110, BM25) descending;
+* ridge: sklearn Ridge on the bundle's normalised features (signed log1p + standardise, fitted on
+  the training queries), alpha by inner CV;
+* LambdaMART (LightGBM, objective lambdarank): a fixed, stated parameter set, and a CV-tuned one
+  (grid x number of trees by inner CV; a larger search than cotrr-ray gets);
+* cotrr-ray: the TrainConfig of `--config` (+ `--set` overrides) through the code that trains and
+  serves it: `prepare` (normaliser fitted on the training queries) -> `cotrr_ray.train.fit` (the
+  same loop Ray Train runs, here in-process) -> `Bundle.save` -> `Bundle.load` -> `Bundle.score`.
+  The number of epochs is chosen by inner CV (argmax of the 3-epoch moving average of the pooled
+  inner nDCG@10); the model keeps its last epoch. The calibrator is cross-fitted on out-of-fold
+  scores of the training queries (`cotrr_ray.crossfit`); because the config's learning rate is
+  constant, the inner-CV fold models at the chosen epoch are exactly the cross-fit fold models (an
+  E-epoch run is the prefix of a longer one), so their held-out scores are reused (the identity is
+  checked in tests/test_crossfit.py);
+* paired per-query differences cotrr-ray - baseline with percentile bootstrap intervals;
+* calibration of P(label >= threshold) on the test queries (never seen by model or calibrator):
+  ECE (15 bins, equal width / equal mass), Brier, log loss for the cross-fitted calibrator, the raw
+  sigmoid and a constant base-rate predictor (the training queries' rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cotrr_ray.bundle import Bundle  # noqa: E402
+from cotrr_ray.config import TrainConfig  # noqa: E402
+from cotrr_ray.crossfit import (  # noqa: E402
+    aligned_logits,
+    assign_folds,
+    fit_oof_calibrator,
+    labels01,
+    model_from_state,
+    moment_alignment,
+    prepare_splits,
+    train_in_process,
+    window_logits,
+)
+from cotrr_ray.data import letor_spec, read_letor, split_by_query  # noqa: E402
+from cotrr_ray.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
+from cotrr_ray.features import CandidateList, FeatureNormalizer  # noqa: E402
+from cotrr_ray.job import file_fingerprint  # noqa: E402
+from cotrr_ray.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OURS = "cotrr-ray"
+METHODS = ("upstream", "ridge", "lambdamart_fixed", "lambdamart_cv", OURS)
+LABELS = {
+    "upstream": "upstream order",
+    "ridge": "ridge (CV alpha)",
+    "lambdamart_fixed": "LambdaMART fixed",
+    "lambdamart_cv": "LambdaMART CV-tuned",
+    OURS: "cotrr-ray (CV epochs)",
+}
+CV_SALT = "quality-bench-cv"
+FIXED_SALT = "quality-bench-fixed"
+CROSSFIT_SALT = "cotrr-crossfit"  # = cotrr_ray.crossfit.cross_fit's default: inner folds == cross-fit folds
+
+
+@dataclass
+class Settings:
+    outer_folds: int = 5
+    fixed_split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "test": 0.3})
+    max_epochs: int = 24  # cotrr-ray epoch grid: 1..max_epochs
+    smooth: int = 3  # moving-average window over the inner-CV epoch curve
+    ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    lgb_fixed: dict[str, Any] = field(
+        default_factory=lambda: {
+            "n_estimators": 200,
+            "learning_rate": 0.05,
+            "num_leaves": 15,
+            "min_child_samples": 20,
+            "subsample": 0.8,
+            "subsample_freq": 1,
+            "colsample_bytree": 0.8,
+        }
+    )
+    lgb_grid: dict[str, list[Any]] = field(
+        default_factory=lambda: {"num_leaves": [7, 15, 31], "min_child_samples": [5, 20, 50]}
+    )
+    lgb_base: dict[str, Any] = field(
+        default_factory=lambda: {"learning_rate": 0.05, "subsample": 0.8, "subsample_freq": 1, "colsample_bytree": 0.8}
+    )
+    lgb_rounds: tuple[int, ...] = (25, 50, 75, 100, 150, 200, 250, 300)
+    n_boot: int = 2000
+    max_queries: int | None = None
+    model_overrides: tuple[str, ...] = ()
+
+
+def quick_settings() -> Settings:
+    return Settings(
+        outer_folds=3,
+        max_epochs=3,
+        smooth=1,
+        ridge_alphas=(1.0, 100.0),
+        lgb_fixed={"n_estimators": 10, "learning_rate": 0.1, "num_leaves": 7, "min_child_samples": 5},
+        lgb_grid={"num_leaves": [3, 7]},
+        lgb_base={"learning_rate": 0.1, "min_child_samples": 5},
+        lgb_rounds=(5, 10),
+        n_boot=200,
+        max_queries=12,
+        model_overrides=(
+            "model.d_model=16",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "calibration.folds=2",
+            "calibration.min_samples=10",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def per_query(lists: list[CandidateList], window_scores: list[np.ndarray], thr: float) -> dict[str, np.ndarray]:
+    """Per-query nDCG@1/5/10 and MRR of the served order (window by score, tail upstream), exactly
+    as `evaluate_lists` computes its "model" variant. Arrays hold the queries with a relevant
+    candidate, in list order (the skip rule depends on labels only, so methods stay aligned)."""
+    pairs = [
+        (_as_scores(final_order(np.asarray(s, np.float64), len(cl))), cl.labels)
+        for cl, s in zip(lists, window_scores, strict=True)
+    ]
+    rep = ranking_report(pairs, relevant_threshold=thr)
+    return {m: rep[m] for m in RANKING_METRICS}
+
+
+def mean_ndcg10(lists: list[CandidateList], scores: list[np.ndarray], thr: float) -> tuple[float, int]:
+    v = per_query(lists, scores, thr)["ndcg@10"]
+    return (float(v.sum()), int(v.size))
+
+
+def split_rows(scores: np.ndarray, lists: list[CandidateList]) -> list[np.ndarray]:
+    out, o = [], 0
+    for cl in lists:
+        out.append(scores[o : o + cl.window])
+        o += cl.window
+    return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _x_norm(lists: list[CandidateList], norm: FeatureNormalizer, group: str) -> np.ndarray:
+    return np.concatenate([norm.transform(cl)["candidate"][group] for cl in lists])
+
+
+def _x_raw(lists: list[CandidateList], group: str) -> np.ndarray:
+    return np.concatenate([cl.features[group] for cl in lists])
+
+
+def _y(lists: list[CandidateList]) -> np.ndarray:
+    return np.concatenate([cl.labels[: cl.window] for cl in lists])  # type: ignore[index]
+
+
+def inner_folds(lists: list[CandidateList], k: int) -> list[tuple[list[CandidateList], list[CandidateList]]]:
+    fold = assign_folds([cl.query_id for cl in lists], k, CROSSFIT_SALT)
+    return [
+        ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i]) for i in range(k)
+    ]
+
+
+def ridge_method(train, test, spec, group, k, s: Settings, thr) -> tuple[list[np.ndarray], dict[str, Any]]:
+    from sklearn.linear_model import Ridge
+
+    totals = np.zeros(len(s.ridge_alphas))
+    count = 0
+    for a, b in inner_folds(train, k):
+        norm = FeatureNormalizer(spec).fit(a)
+        xa, xb, ya = _x_norm(a, norm, group), _x_norm(b, norm, group), _y(a)
+        for j, alpha in enumerate(s.ridge_alphas):
+            tot, n = mean_ndcg10(b, split_rows(Ridge(alpha=alpha).fit(xa, ya).predict(xb), b), thr)
+            totals[j] += tot
+        count += n
+    best = int(np.argmax(totals))
+    alpha = s.ridge_alphas[best]
+    norm = FeatureNormalizer(spec).fit(train)
+    model = Ridge(alpha=alpha).fit(_x_norm(train, norm, group), _y(train))
+    return split_rows(model.predict(_x_norm(test, norm, group)), test), {
+        "alpha": alpha,
+        "inner_ndcg@10": float(totals[best] / max(count, 1)),
+    }
+
+
+def _lgb(params: dict[str, Any], seed: int = 0):
+    import lightgbm as lgb
+
+    return lgb.LGBMRanker(objective="lambdarank", verbose=-1, n_jobs=1, random_state=seed, **params)
+
+
+def _lgb_fit(params, lists, group):
+    return _lgb(params).fit(_x_raw(lists, group), _y(lists).astype(int), group=[cl.window for cl in lists])
+
+
+def lgb_fixed_method(train, test, group, s: Settings) -> tuple[list[np.ndarray], dict[str, Any]]:
+    model = _lgb_fit(s.lgb_fixed, train, group)
+    return split_rows(model.predict(_x_raw(test, group)), test), dict(s.lgb_fixed)
+
+
+def lgb_grid(s: Settings) -> list[dict[str, Any]]:
+    import itertools
+
+    keys = sorted(s.lgb_grid)
+    return [dict(s.lgb_base, **dict(zip(keys, vals))) for vals in itertools.product(*(s.lgb_grid[k] for k in keys))]
+
+
+def lgb_cv_method(train, test, group, k, s: Settings, thr) -> tuple[list[np.ndarray], dict[str, Any]]:
+    grid = lgb_grid(s)
+    totals = np.zeros((len(grid), len(s.lgb_rounds)))
+    count = 0
+    for a, b in inner_folds(train, k):
+        xb = _x_raw(b, group)
+        for g, params in enumerate(grid):
+            model = _lgb_fit(dict(params, n_estimators=max(s.lgb_rounds)), a, group)
+            for r, rounds in enumerate(s.lgb_rounds):
+                totals[g, r] += mean_ndcg10(b, split_rows(model.predict(xb, num_iteration=rounds), b), thr)[0]
+        count += mean_ndcg10(b, [np.zeros(cl.window) for cl in b], thr)[1]
+    g, r = np.unravel_index(int(np.argmax(totals)), totals.shape)
+    params = dict(grid[g], n_estimators=s.lgb_rounds[r])
+    model = _lgb_fit(params, train, group)
+    return split_rows(model.predict(_x_raw(test, group)), test), {
+        **params,
+        "inner_ndcg@10": float(totals[g, r] / max(count, 1)),
+    }
+
+
+# --------------------------------------------------------------------------- cotrr-ray
+
+
+def with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    # patience = max_epochs: fit never stops early; the bench keeps the last epoch (fixed epochs).
+    return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"max_epochs": epochs, "patience": epochs})})
+
+
+def constant_lr(cfg: TrainConfig) -> bool:
+    return cfg.optim.warmup_frac == 0 and cfg.optim.min_lr_ratio == 1.0
+
+
+def cotrr_method(
+    cfg, spec, train, test, s: Settings, thr, data_path, workdir
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Inner CV over epochs (fold models double as cross-fit models), final fit, bundle round trip."""
+    if not constant_lr(cfg):
+        raise ValueError(
+            "the bench reuses inner-CV fold models as cross-fit models, which is exact only with a constant "
+            "learning rate (optim.warmup_frac=0, optim.min_lr_ratio=1)"
+        )
+    k = cfg.calibration.folds
+    cfg_inner = with_epochs(cfg, s.max_epochs)
+    folds = inner_folds(train, k)
+    ndcg_sum = np.zeros(s.max_epochs)
+    count = 0
+    held_logits: list[dict[int, list[np.ndarray]]] = []
+    fold_states: list[dict[int, dict[str, Any]]] = []
+    fold_data = []
+    for a, b in folds:
+        data = prepare_splits(cfg_inner, spec, {"train": a, "validation": b})
+        per_epoch: dict[int, list[np.ndarray]] = {}
+        states: dict[int, dict[str, Any]] = {}
+
+        def on_epoch(epoch: int, state: dict[str, Any], data=data, b=b, per_epoch=per_epoch, states=states) -> None:
+            z = window_logits(model_from_state(state, data.model_config), b, data)
+            per_epoch[epoch], states[epoch] = z, state
+            ndcg_sum[epoch] += mean_ndcg10(b, z, thr)[0]
+
+        train_in_process(cfg_inner, data, select="last", on_epoch=on_epoch)
+        held_logits.append(per_epoch)
+        fold_states.append(states)
+        fold_data.append(data)
+        count += mean_ndcg10(b, [np.zeros(cl.window) for cl in b], thr)[1]
+    curve = ndcg_sum / max(count, 1)
+    smooth = np.convolve(np.pad(curve, s.smooth // 2, mode="edge"), np.ones(s.smooth) / s.smooth, mode="valid")
+    epochs = int(np.argmax(smooth)) + 1
+
+    # Final model on all training queries; its own training queries stand in as the loop's
+    # validation split (monitoring only: the last epoch is kept).
+    cfg_final = with_epochs(cfg, epochs)
+    data = prepare_splits(cfg_final, spec, {"train": train, "validation": train})
+    state = train_in_process(cfg_final, data, select="last")
+    model = model_from_state(state, data.model_config)
+
+    # Cross-fitted calibrator: out-of-fold scores of the fold models at the chosen epoch, mapped onto
+    # the final model's scale (cotrr_ray.crossfit.moment_alignment), as cross_fit(final_model=...) does.
+    oof_lists = [cl for _, b in folds for cl in b]
+    fold_of = np.concatenate([np.full(len(b), i) for i, (_, b) in enumerate(folds)])
+    oof_logits = [z for per_epoch in held_logits for z in per_epoch[epochs - 1]]
+    alignment = [
+        moment_alignment(model_from_state(st[epochs - 1], fd.model_config), fd, model, data, a)
+        for st, fd, (a, _) in zip(fold_states, fold_data, folds)
+    ]
+    del fold_states
+    calibrator = fit_oof_calibrator(aligned_logits(oof_logits, fold_of, alignment), oof_lists, cfg)
+    unaligned = fit_oof_calibrator(oof_logits, oof_lists, cfg)
+    bundle_dir = Bundle.save(
+        Path(workdir) / "bundle",
+        model=model,
+        spec=spec,
+        normalizer=data.normalizer,
+        calibrator=calibrator,
+        relevance_threshold=thr,
+        metrics={"bench": "quality_bench", "epochs": epochs},
+        train_config=cfg_final.model_dump(mode="json"),
+        data_fingerprint=file_fingerprint(data_path),
+    )
+    bundle = Bundle.load(bundle_dir)
+    scores = bundle.score(test)
+    return scores, {
+        "epochs": epochs,
+        "inner_ndcg@10": float(curve[epochs - 1]),
+        "inner_curve": [round(float(v), 4) for v in curve],
+        "calibrator_rows": int(calibrator.n_samples_),
+        "alignment": [[round(x, 4), round(y, 4)] for x, y in alignment],
+        "calibrator": bundle.calibrator,
+        "calibrator_unaligned": unaligned,
+        "train_base_rate": float(labels01(train, thr).mean()),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def make_splits(
+    lists: list[CandidateList], s: Settings
+) -> dict[str, list[tuple[list[CandidateList], list[CandidateList]]]]:
+    fold = assign_folds([cl.query_id for cl in lists], s.outer_folds, CV_SALT)
+    cv = [
+        ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i])
+        for i in range(s.outer_folds)
+    ]
+    fixed = split_by_query(lists, s.fixed_split, FIXED_SALT)
+    return {f"cv{s.outer_folds}": cv, "fixed": [(fixed["train"], fixed["test"])]}
+
+
+def _summary(values: dict[str, dict[str, np.ndarray]], n_boot: int) -> tuple[dict, dict]:
+    methods = {}
+    for name, v in values.items():
+        methods[name] = {m: float(v[m].mean()) for m in RANKING_METRICS}
+        methods[name]["ndcg@10_ci"] = list(bootstrap_ci(v["ndcg@10"], n_boot=n_boot))
+    paired = {}
+    for name in values:
+        if name == OURS:
+            continue
+        entry = {}
+        for m in RANKING_METRICS:
+            d = values[OURS][m] - values[name][m]
+            entry[m] = {
+                "mean": float(d.mean()),
+                "ci": list(paired_bootstrap_ci(values[OURS][m], values[name][m], n_boot=n_boot)),
+                "wins": int((d > 1e-12).sum()),
+                "losses": int((d < -1e-12).sum()),
+            }
+        paired[f"{OURS} - {name}"] = entry
+    return methods, paired
+
+
+def run_part(task: dict[str, Any]) -> dict[str, Any]:
+    """One (train, test) split: every method, scored per query. Top-level so a process pool can run it."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    s: Settings = task["settings"]
+    cfg = TrainConfig.model_validate(task["cfg"])
+    train, test = task["train"], task["test"]
+    thr = cfg.data.relevance_threshold
+    spec = letor_spec(cfg.data.letor_num_features)
+    (group,) = spec.candidate
+    k = cfg.calibration.folds
+    scores: dict[str, list[np.ndarray]] = {"upstream": [-np.arange(cl.window, dtype=np.float64) for cl in test]}
+    info: dict[str, Any] = {"train_queries": len(train), "test_queries": len(test)}
+    scores["ridge"], info["ridge"] = ridge_method(train, test, spec, group, k, s, thr)
+    scores["lambdamart_fixed"], _ = lgb_fixed_method(train, test, group, s)
+    scores["lambdamart_cv"], info["lambdamart_cv"] = lgb_cv_method(train, test, group, k, s, thr)
+    with tempfile.TemporaryDirectory(prefix="quality-bench-") as work:
+        scores[OURS], ours = cotrr_method(cfg, spec, train, test, s, thr, task["data_path"], work)
+    calibrator = ours.pop("calibrator")
+    unaligned = ours.pop("calibrator_unaligned")
+    info[OURS] = ours
+    values = {m: per_query(test, scores[m], thr) for m in METHODS}
+    # The per-query path is evaluate_lists' own: check it on this part (model and upstream variants).
+    rep = (
+        evaluate_lists(test, scores[OURS], calibrator, relevance_threshold=thr, n_boot=100)
+        if values[OURS]["mrr"].size
+        else None
+    )
+    for metric in RANKING_METRICS if rep else ():
+        for ours_name, rep_name in ((OURS, "model"), ("upstream", "upstream")):
+            v = values[ours_name][metric]
+            assert v.size == rep["queries"] and abs(float(v.mean()) - rep[metric][rep_name]) < 1e-9, (metric, ours_name)
+    z = np.concatenate([np.asarray(x, np.float64) for x in scores[OURS]])
+    cal = {
+        "calibrated": calibrator.predict(z),
+        "unaligned": unaligned.predict(z),
+        "raw": sigmoid(z),
+        "base_rate": np.full(z.size, ours["train_base_rate"]),
+        "y": labels01(test, thr),
+    }
+    info["ndcg@10"] = {m: float(v["ndcg@10"].mean()) if v["ndcg@10"].size else None for m, v in values.items()}
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return {"values": values, "cal": cal, "info": info}
+
+
+def run_bench(
+    data_path: str | Path,
+    *,
+    config: str | Path = REPO / "configs" / "mslr.yaml",
+    settings: Settings | None = None,
+    overrides: list[str] | None = None,
+    png: str | Path | None = None,
+    jobs: int = 1,
+    say=print,
+) -> dict[str, Any]:
+    s = settings or Settings()
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_yaml(config, [*s.model_overrides, *(overrides or []), f"data.path={data_path}"])
+    if cfg.data.format != "letor":
+        raise ValueError("the quality bench reads LETOR files (data.format: letor)")
+    d = cfg.data
+    thr = d.relevance_threshold
+    lists = read_letor(
+        data_path, num_features=d.letor_num_features, upstream_feature=d.letor_upstream_feature, window=cfg.model.top_m
+    )
+    if s.max_queries is not None:
+        lists = lists[: s.max_queries]
+    say(
+        f"{data_path}: {len(lists)} queries, {sum(map(len, lists))} rows, lists {min(map(len, lists))}-"
+        f"{max(map(len, lists))}, window top_m={cfg.model.top_m}; {jobs} process(es)"
+    )
+    splits = make_splits(lists, s)
+    tasks = [
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "settings": s,
+            "data_path": str(data_path),
+            "train": tr,
+            "test": te,
+            "key": (name, i),
+        }
+        for name, parts in splits.items()
+        for i, (tr, te) in enumerate(parts)
+    ]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def log(key: tuple[str, int], r: dict[str, Any]) -> None:
+        info = r["info"]
+        say(
+            f"  {key[0]} part {key[1] + 1}/{len(splits[key[0]])}: {info['train_queries']} train / {info['test_queries']} test "
+            f"queries, epochs {info[OURS]['epochs']}, ridge alpha {info['ridge']['alpha']:g}, LambdaMART "
+            f"{info['lambdamart_cv']['num_leaves']} leaves x {info['lambdamart_cv']['n_estimators']} trees; nDCG@10 "
+            + ", ".join(f"{m} {v:.3f}" for m, v in info["ndcg@10"].items() if v is not None)
+            + f" ({info['seconds']:.0f} s)"
+        )
+
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_part, t): t["key"] for t in tasks}
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                log(futures[f], done[futures[f]])
+    else:
+        for t in tasks:
+            done[t["key"]] = run_part(t)
+            log(t["key"], done[t["key"]])
+
+    results: dict[str, Any] = {"splits": {}}
+    calib_curves = calib_metrics = None
+    for split_name, parts in splits.items():
+        rs = [done[(split_name, i)] for i in range(len(parts))]
+        pooled = {m: {k2: np.concatenate([r["values"][m][k2] for r in rs]) for k2 in RANKING_METRICS} for m in METHODS}
+        methods, paired = _summary(pooled, s.n_boot)
+        cal = {key: np.concatenate([r["cal"][key] for r in rs]) for key in rs[0]["cal"]}
+        y = cal["y"]
+        calibration = {
+            name: calibration_report(cal[key], y)
+            for name, key in (
+                ("cross_fit_isotonic", "calibrated"),
+                ("cross_fit_unaligned", "unaligned"),
+                ("raw_sigmoid", "raw"),
+                ("base_rate", "base_rate"),
+            )
+        }
+        results["splits"][split_name] = {
+            "queries": int(pooled[OURS]["ndcg@10"].size),
+            "skipped": sum(len(t) for _, t in parts) - int(pooled[OURS]["ndcg@10"].size),
+            "methods": methods,
+            "paired": paired,
+            "calibration": calibration,
+            "per_part": [r["info"] for r in rs],
+            "seconds": round(sum(r["info"]["seconds"] for r in rs), 1),
+        }
+        if split_name.startswith("cv"):
+            calib_curves = {
+                "raw sigmoid": (cal["raw"], y),
+                "cross-fit isotonic": (cal["calibrated"], y),
+                "base rate": (cal["base_rate"], y),
+            }
+            calib_metrics = {
+                "raw sigmoid": calibration["raw_sigmoid"],
+                "cross-fit isotonic": calibration["cross_fit_isotonic"],
+                "base rate": calibration["base_rate"],
+            }
+    if png is not None and calib_curves is not None:
+        from cotrr_ray.plots import reliability_diagram
+
+        reliability_diagram(
+            calib_curves,
+            png,
+            title=f"cotrr-ray, {s.outer_folds}-fold CV test queries, P(label >= {thr:g})",
+            metrics=calib_metrics,
+        )
+    results.update(
+        {
+            "data": str(data_path),
+            "data_fingerprint": file_fingerprint(data_path),
+            "queries": len(lists),
+            "rows": int(sum(map(len, lists))),
+            "relevance_threshold": thr,
+            "config": str(config),
+            "overrides": [*s.model_overrides, *(overrides or [])],
+            "train_config": cfg.model_dump(mode="json"),
+            "settings": {k2: v for k2, v in asdict(s).items()},
+            "lambdamart_fixed_params": {"objective": "lambdarank", **s.lgb_fixed},
+            "lambdamart_grid": lgb_grid(s),
+            "reliability_png": None if png is None else str(png),
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "processes": jobs,
+                "torch_threads": torch.get_num_threads(),
+                "load_avg_end": list(os.getloadavg()),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+    )
+    return results
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [
+        f"quality bench: {res['data']} ({res['queries']} queries, {res['rows']} rows), "
+        f"relevance = label >= {res['relevance_threshold']:g}, wall {res['wall_s']:.0f} s"
+    ]
+    for split, r in res["splits"].items():
+        title = (
+            f"{split}: grouped {split[2:]}-fold CV by query, pooled over folds"
+            if split.startswith("cv")
+            else "fixed split: 70/30 by query-id hash"
+        )
+        lines += ["", f"{title}; {r['queries']} queries with a relevant candidate ({r['skipped']} skipped)"]
+        lines.append(
+            f"{'method':<24}{'nDCG@1':>8}{'nDCG@5':>8}{'nDCG@10':>8}{'MRR':>8}   {'nDCG@10 95% CI':<17}"
+            f" {OURS} - method, nDCG@10 [95% CI] (wins/losses)"
+        )
+        for m in METHODS:
+            e = r["methods"][m]
+            lo, hi = e["ndcg@10_ci"]
+            row = f"{LABELS[m]:<24}" + "".join(f"{e[k]:>8.4f}" for k in RANKING_METRICS) + f"   [{lo:.3f}, {hi:.3f}]"
+            p = r["paired"].get(f"{OURS} - {m}")
+            if p:
+                q = p["ndcg@10"]
+                row += f"    {q['mean']:+.4f} [{q['ci'][0]:+.4f}, {q['ci'][1]:+.4f}] ({q['wins']}/{q['losses']})"
+            lines.append(row)
+        c = r["calibration"]
+        lines.append(
+            f"calibration of {OURS} P(label >= {res['relevance_threshold']:g}) on test queries "
+            f"(n = {c['raw_sigmoid']['n']} rows, base rate {c['raw_sigmoid']['base_rate']:.3f}):"
+        )
+        lines.append(f"{'':<24}{'ECE-width':>10}{'ECE-mass':>10}{'Brier':>8}{'logloss':>9}")
+        for name in ("cross_fit_isotonic", "cross_fit_unaligned", "raw_sigmoid", "base_rate"):
+            x = c[name]
+            lines.append(
+                f"{name:<24}{x['ece_equal_width']:>10.4f}{x['ece_equal_mass']:>10.4f}{x['brier']:>8.4f}{x['log_loss']:>9.4f}"
+            )
+        epochs = [p[OURS]["epochs"] for p in r["per_part"]]
+        lines.append(f"epochs chosen by inner CV: {epochs}; compute {r['seconds']:.0f} s")
+    lines.append("")
+    lines.append(f"LambdaMART fixed: {json.dumps(res['lambdamart_fixed_params'])}")
+    lines.append(
+        f"LambdaMART CV grid: {len(res['lambdamart_grid'])} settings x trees {res['settings']['lgb_rounds']}; "
+        f"cotrr-ray: epochs 1..{res['settings']['max_epochs']}; ridge alphas {res['settings']['ridge_alphas']}"
+    )
+    m = res["machine"]
+    lines.append(
+        f"machine: {m['platform']}, {m['cpus']} CPUs, {m['processes']} process(es) x {m['torch_threads']} torch thread, "
+        f"load avg at end {[round(x, 1) for x in m['load_avg_end']]}"
+    )
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mslr-web10k-sample" / "train.txt"))
+    p.add_argument("--config", default=str(REPO / "configs" / "mslr.yaml"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 12 queries, tiny model, 3 folds, 3 epochs")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    p.add_argument("--png", default=None, help="reliability diagram (default: next to --json, .png)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="TrainConfig override key.path=value")
+    p.add_argument("--jobs", type=int, default=None, help="processes, one split each (default: 2, --quick: 1)")
+    args = p.parse_args(argv)
+    settings = quick_settings() if args.quick else Settings()
+    png = args.png or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
+    jobs = args.jobs or (1 if args.quick else 2)
+    res = _jsonable(
+        run_bench(args.data, config=args.config, settings=settings, overrides=args.overrides, png=png, jobs=jobs)
+    )
+    print(format_table(res), flush=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

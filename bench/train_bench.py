@@ -1,0 +1,452 @@
+#!/usr/bin/env python
+"""Training benchmark: the Ray Train job against the plain PyTorch loop, same data, model and run.
+
+    python bench/train_bench.py [--quick] [--json OUT] [--png OUT] [--epochs N] [--gpu-only]
+
+CPU (always):
+- plain PyTorch: `cotrr_ray.train.fit` with `TorchContext` in this process (one torch thread, the
+  setting of a Ray worker), the training config of configs/demo.yaml (bf16 autocast);
+- the Ray Train job at 1 and 2 workers: the TorchTrainer of `cotrr_ray.job.run_ray_train` (same
+  ScalingConfig / RunConfig / checkpoint per epoch / gloo), on a fresh local Ray
+  (`ray.init(address="local")`, never someone else's cluster);
+- bf16 autocast on vs off (plain loop).
+
+Each run trains a fixed number of epochs (early stopping off) and time-stamps every per-epoch
+report: wall time per epoch = between consecutive reports (training, validation, checkpoint);
+the first epoch is left out of the steady-state figures (warm-up). Start-up is reported apart:
+`ray.init` (cluster start) and TorchTrainer.fit() -> first line of the worker loop (worker group,
+process group). Ray overhead per epoch at 1 worker = steady wall per epoch (Ray) / (plain) - 1.
+
+GPU (when `torch.cuda.is_available()`, through plain PyTorch only, no Ray import, so it also runs on
+a GPU machine without Ray): fp32 vs bf16 vs fp16 + GradScaler (loss curves overlaid in the plot:
+AMP must not change where training converges), and torch.compile off vs on. Skipped with a note
+when there is no CUDA device (the 2-core development machine has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from cotrr_ray.config import TrainConfig  # noqa: E402
+from cotrr_ray.train import PreparedData, TorchContext, fit, prepare_data  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray_version}  # fmt: skip
+
+
+# ============================================================================ timed loop contexts
+
+
+class TimedTorchContext(TorchContext):
+    """`TorchContext` that time-stamps each per-epoch report (and keeps no checkpoints around)."""
+
+    def __init__(self, checkpoint_dir: str | Path, use_gpu: bool = False):
+        super().__init__(checkpoint_dir, use_gpu=use_gpu)
+        self.t_start = time.time()
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        t0 = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            super().report(metrics, state)  # writes the epoch checkpoint, like the Ray job does
+        self.reports.append({**metrics, "t_before_report": t0, "t_after_report": time.time()})
+
+
+def _ray_worker_loop(config: dict[str, Any]) -> None:
+    """`cotrr_ray.job._worker_loop` + time stamps: rank 0 appends one JSON line per epoch report."""
+    import ray
+
+    from cotrr_ray.job import RayContext
+    from cotrr_ray.model import RerankerConfig
+
+    t_loop_start = time.time()
+    log = Path(config["timing_log"])
+
+    class TimedRayContext(RayContext):
+        def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+            t0 = time.time()
+            super().report(metrics, state)
+            if self.rank == 0:
+                with open(log, "a") as f:
+                    f.write(json.dumps({**metrics, "t_before_report": t0, "t_after_report": time.time(),
+                                        "t_loop_start": t_loop_start}) + "\n")  # fmt: skip
+
+    def resolve(x: Any) -> Any:
+        return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    model_config = RerankerConfig.from_dict(config["model_config"])
+    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), TimedRayContext())
+
+
+# ============================================================================ runs
+
+
+def summarise(reports: list[dict[str, Any]], t_start: float, n_train: int, world: int) -> dict[str, Any]:
+    """Per-epoch rows and steady-state figures (epochs >= 1; epoch 0 includes warm-up)."""
+    epochs = []
+    prev = t_start
+    for r in reports:
+        epochs.append({
+            "epoch": int(r["epoch"]),
+            "wall_s": round(r["t_after_report"] - prev, 4),
+            "train_loop_s": round(r["epoch_s"], 4),
+            "report_s": round(r["t_after_report"] - r["t_before_report"], 4),
+            "train_loss": round(r["train_loss"], 6),
+            "val_ndcg@10": round(r["val_ndcg@10"], 6),
+        })  # fmt: skip
+        prev = r["t_after_report"]
+    steady = epochs[1:] or epochs
+    wall = statistics.median(e["wall_s"] for e in steady)
+    loop = statistics.median(e["train_loop_s"] for e in steady)
+    return {
+        "epochs": epochs,
+        "epoch_wall_s": round(wall, 4),
+        "epoch_train_loop_s": round(loop, 4),
+        "report_s": round(statistics.median(e["report_s"] for e in steady), 4),
+        "samples_per_s": round(n_train / wall, 2),  # lists (queries) per second, all workers together
+        "train_loop_samples_per_s": round(n_train / loop, 2),
+        "first_epoch_wall_s": epochs[0]["wall_s"],
+        "final_train_loss": epochs[-1]["train_loss"],
+        "final_val_ndcg@10": epochs[-1]["val_ndcg@10"],
+        "world_size": world,
+    }
+
+
+def bench_cfg(base: TrainConfig, *, epochs: int, amp: str | None = None, compile_: bool | None = None,
+              use_gpu: bool = False, num_workers: int | None = None) -> TrainConfig:  # fmt: skip
+    optim = base.optim.model_copy(update={"max_epochs": epochs, "patience": epochs + 1,
+                                          **({"amp": amp} if amp else {}),
+                                          **({"compile": compile_} if compile_ is not None else {})})  # fmt: skip
+    scaling = base.scaling.model_copy(update={"use_gpu": use_gpu, "max_failures": 0,
+                                              **({"num_workers": num_workers} if num_workers is not None else {})})  # fmt: skip
+    return base.model_copy(update={"optim": optim, "scaling": scaling})
+
+
+def run_plain(cfg: TrainConfig, data: PreparedData, *, use_gpu: bool = False) -> dict[str, Any]:
+    """`cotrr_ray.train.fit` in this process (TorchContext), no Ray."""
+    with tempfile.TemporaryDirectory(prefix="train-bench-plain-") as d:
+        ctx = TimedTorchContext(d, use_gpu=use_gpu)
+        threads = torch.get_num_threads()
+        t0 = time.time()
+        try:
+            fit(cfg, data.model_config, data.padded["train"], data.padded["validation"], ctx)
+        finally:
+            torch.set_num_threads(threads)
+        out = summarise(ctx.reports, t0, len(data.padded["train"]), 1)
+        out["fit_s"] = round(time.time() - t0, 3)
+        out["startup_s"] = 0.0
+        out["amp"] = cfg.optim.amp
+        out["compile"] = cfg.optim.compile
+        out["device"] = str(ctx.device)
+        return out
+
+
+def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: int) -> dict[str, Any]:
+    """The TorchTrainer of `cotrr_ray.job.run_ray_train` (same scaling/run/checkpoint config), timed."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cotrr_ray.train import VAL_METRIC
+
+    mod = sys.modules[_ray_worker_loop.__module__]
+    if mod.__name__ != "__main__":  # imported (tests): ship the loop by value, workers cannot import bench/
+        ray.cloudpickle.register_pickle_by_value(mod)
+    s = cfg.scaling.model_copy(update={"num_workers": num_workers})
+    log = workdir / f"ray-{num_workers}w-{time.time_ns()}.jsonl"
+    train, val = ray.put(data.padded["train"]), ray.put(data.padded["validation"])
+    trainer = TorchTrainer(
+        _ray_worker_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_config": data.model_config.to_dict(),
+                           "train": train, "validation": val, "timing_log": str(log)},  # fmt: skip
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
+        run_config=RunConfig(
+            name=f"train-bench-{num_workers}w-{time.time_ns()}",
+            storage_path=str(workdir / "ray_results"),
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="max"),  # fmt: skip
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    fit_s = time.time() - t0
+    if result.error:
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    t_loop_start = reports[0]["t_loop_start"]
+    out = summarise(reports, t_loop_start, len(data.padded["train"]), num_workers)
+    out["startup_s"] = round(t_loop_start - t0, 3)  # fit() -> worker loop running (actors, process group)
+    out["shutdown_s"] = round(t0 + fit_s - reports[-1]["t_after_report"], 3)  # last report -> fit() returns
+    out["fit_s"] = round(fit_s, 3)
+    out["amp"] = cfg.optim.amp
+    out["device"] = "cpu"
+    return out
+
+
+def gpu_section(base: TrainConfig, data: PreparedData, epochs: int) -> dict[str, Any]:
+    """fp32 / bf16 / fp16+GradScaler loss curves and torch.compile on/off, plain PyTorch on CUDA."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device visible to torch (torch.cuda.is_available() is False); run "
+                           "`python bench/train_bench.py --gpu-only` on a GPU machine (Ray not needed)"}  # fmt: skip
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "runs": {}}
+    for name, amp, comp in (("fp32", "none", False), ("bf16", "bf16", False), ("fp16+GradScaler", "fp16", False),
+                            ("bf16+compile", "bf16", True)):  # fmt: skip
+        cfg = bench_cfg(base, epochs=epochs, amp=amp, compile_=comp, use_gpu=True)
+        say(f"GPU {name}: {epochs} epochs")
+        out["runs"][name] = run_plain(cfg, data, use_gpu=True)
+        r = out["runs"][name]
+        say(f"  {r['samples_per_s']:.0f} lists/s, final loss {r['final_train_loss']:.4f}, "
+            f"val nDCG@10 {r['final_val_ndcg@10']:.4f}")  # fmt: skip
+    runs = out["runs"]
+    ref = runs["fp32"]["final_val_ndcg@10"]
+    out["amp_val_ndcg_delta_vs_fp32"] = {k: round(v["final_val_ndcg@10"] - ref, 4) for k, v in runs.items()}
+    out["compile_speedup"] = round(runs["bf16+compile"]["samples_per_s"] / runs["bf16"]["samples_per_s"], 3)
+    return out
+
+
+# ============================================================================ report
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\nmachine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
+          f"load before {result['load']['before']} after {result['load']['after']}")  # fmt: skip
+    print(f"data: {result['data']['train_lists']} training lists (queries), model {result['data']['model']}, "
+          f"{result['settings']['epochs']} epochs per run, batch {result['settings']['batch_size']}")  # fmt: skip
+    head = f"{'run':<22}{'epoch s':>9}{'loop s':>9}{'report s':>10}{'lists/s':>9}{'start s':>9}{'fit s':>8}" \
+           f"{'loss':>8}{'nDCG@10':>9}"  # fmt: skip
+    print(head)
+    for name, r in result["cpu"].items():
+        print(f"{name:<22}{r['epoch_wall_s']:>9.3f}{r['epoch_train_loop_s']:>9.3f}{r['report_s']:>10.3f}"
+              f"{r['samples_per_s']:>9.1f}{r['startup_s']:>9.2f}{r['fit_s']:>8.1f}{r['final_train_loss']:>8.4f}"
+              f"{r['final_val_ndcg@10']:>9.4f}")  # fmt: skip
+    if "ray_init_s" in result:
+        print(f"cluster start (ray.init): {result['ray_init_s']:.2f} s")
+    for k, v in result.get("ratios", {}).items():
+        print(f"{k}: {v}")
+    g = result.get("gpu", {})
+    if "skipped" in g:
+        print(f"GPU section skipped: {g['skipped']}")
+    else:
+        for name, r in g.get("runs", {}).items():
+            print(f"GPU {name:<18}{r['epoch_wall_s']:>9.3f}{r['samples_per_s']:>9.1f} loss {r['final_train_loss']:.4f} "
+                  f"nDCG {r['final_val_ndcg@10']:.4f}")  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu_runs = result.get("gpu", {}).get("runs", {})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    cpu = result["cpu"]
+    names = list(cpu)
+    axes[0].bar(names, [cpu[n]["epoch_train_loop_s"] for n in names], label="training loop")
+    axes[0].bar(names, [cpu[n]["epoch_wall_s"] - cpu[n]["epoch_train_loop_s"] for n in names],
+                bottom=[cpu[n]["epoch_train_loop_s"] for n in names], label="validation + report/checkpoint")  # fmt: skip
+    axes[0].set_ylabel("seconds per epoch (steady state)")
+    axes[0].set_title("epoch time (CPU)")
+    axes[0].tick_params(axis="x", rotation=20, labelsize=8)
+    axes[0].legend(fontsize=7)
+    axes[1].bar(names, [cpu[n]["samples_per_s"] for n in names], color="tab:green")
+    axes[1].set_ylabel("training lists / s (all workers)")
+    axes[1].set_title("throughput (CPU)")
+    axes[1].tick_params(axis="x", rotation=20, labelsize=8)
+    for n in names:
+        axes[2].plot([e["epoch"] for e in cpu[n]["epochs"]], [e["train_loss"] for e in cpu[n]["epochs"]], "-o",
+                     ms=3, label=f"CPU {n}")  # fmt: skip
+    for n, r in gpu_runs.items():
+        axes[2].plot([e["epoch"] for e in r["epochs"]], [e["train_loss"] for e in r["epochs"]], "--s", ms=3,
+                     label=f"GPU {n}")  # fmt: skip
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("training loss")
+    title = "loss curves" + ("" if gpu_runs else " (GPU section skipped: no CUDA)")
+    axes[2].set_title(title)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"cotrr-ray training: plain PyTorch vs Ray Train — {result['machine']['logical_cpus']} CPUs "
+                 f"{result['machine']['cpu_model'][:40]}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================ main
+
+
+def load_data(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData]:
+    from cotrr_ray.job import resolve_data_path
+
+    overrides = list(args.override or [])
+    if args.queries:
+        overrides.append(f"data.generate.queries={args.queries}")
+    cfg = TrainConfig.from_yaml(args.config, overrides)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": str(REPO / cfg.data.cache_dir)})})
+    path = resolve_data_path(cfg, say)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, path)
+    say(f"data ready in {time.perf_counter() - t0:.1f} s: { {k: len(v) for k, v in data.padded.items()} }")
+    return cfg, data
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load": {"before": loadavg()},
+    }
+    base, data = load_data(args)
+    mc = data.model_config
+    result["data"] = {"train_lists": len(data.padded["train"]), "validation_lists": len(data.padded["validation"]),
+                      "model": f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads, M={mc.max_list_len}",
+                      "config": args.config}  # fmt: skip
+    result["settings"] = {"epochs": args.epochs, "batch_size": base.optim.batch_size, "amp": base.optim.amp,
+                          "torch_threads": base.scaling.torch_threads, "quick": args.quick}  # fmt: skip
+    cpu: dict[str, Any] = {}
+    if not args.gpu_only:
+        cfg = bench_cfg(base, epochs=args.epochs)
+        say(f"plain PyTorch ({cfg.optim.amp}): {args.epochs} epochs")
+        cpu[f"plain {cfg.optim.amp}"] = run_plain(cfg, data)
+        say(f"  {cpu[f'plain {cfg.optim.amp}']['epoch_wall_s']:.3f} s/epoch")
+        other = "none" if cfg.optim.amp != "none" else "bf16"
+        say(f"plain PyTorch ({other}): {args.epochs} epochs")
+        cpu[f"plain {other}"] = run_plain(bench_cfg(base, epochs=args.epochs, amp=other), data)
+        say(f"  {cpu[f'plain {other}']['epoch_wall_s']:.3f} s/epoch")
+        if not args.no_ray:
+            import ray
+
+            workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
+            t0 = time.perf_counter()
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            result["ray_init_s"] = round(time.perf_counter() - t0, 3)
+            try:
+                for w in args.workers:
+                    say(f"Ray Train, {w} worker(s) ({cfg.optim.amp}): {args.epochs} epochs")
+                    cpu[f"ray {w}w {cfg.optim.amp}"] = run_ray(cfg, data, workdir, w)
+                    r = cpu[f"ray {w}w {cfg.optim.amp}"]
+                    say(f"  {r['epoch_wall_s']:.3f} s/epoch, start-up {r['startup_s']:.1f} s, fit {r['fit_s']:.1f} s")
+            finally:
+                ray.shutdown()
+                shutil.rmtree(workdir, ignore_errors=True)
+        result["cpu"] = cpu
+        plain = cpu[f"plain {cfg.optim.amp}"]
+        ratios = {}
+        for name, r in cpu.items():
+            if name.startswith("ray 1w"):
+                ratios["ray_overhead_per_epoch_1_worker"] = round(r["epoch_wall_s"] / plain["epoch_wall_s"] - 1, 4)
+                ratios["ray_overhead_train_loop_1_worker"] = round(
+                    r["epoch_train_loop_s"] / plain["epoch_train_loop_s"] - 1, 4)
+                ratios["ray_startup_s_1_worker"] = r["startup_s"]
+            if name.startswith("ray 2w"):
+                ratios["ray_2_workers_speedup_vs_plain"] = round(r["samples_per_s"] / plain["samples_per_s"], 3)
+                ray1 = next((v for k, v in cpu.items() if k.startswith("ray 1w")), None)
+                if ray1:
+                    ratios["ray_2_workers_vs_1_worker"] = round(r["samples_per_s"] / ray1["samples_per_s"], 3)
+        if f"plain {other}" in cpu:
+            bf, fp = (plain, cpu[f"plain {other}"]) if cfg.optim.amp == "bf16" else (cpu[f"plain {other}"], plain)
+            ratios["cpu_bf16_speedup_vs_fp32"] = round(bf["samples_per_s"] / fp["samples_per_s"], 3)
+            ratios["cpu_bf16_val_ndcg_delta"] = round(bf["final_val_ndcg@10"] - fp["final_val_ndcg@10"], 4)
+        result["ratios"] = ratios
+        result["targets"] = {
+            "ray_overhead_per_epoch_1_worker<=10%": (ratios["ray_overhead_per_epoch_1_worker"] <= 0.10
+                                                     if "ray_overhead_per_epoch_1_worker" in ratios else None),
+        }  # fmt: skip
+    else:
+        result["cpu"] = {}
+    result["gpu"] = gpu_section(base, data, args.gpu_epochs) if not args.no_gpu else {"skipped": "--no-gpu"}
+    result["load"]["after"] = loadavg()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small data (300 queries), 3 epochs, Ray at 1 worker only")
+    p.add_argument("--json", default=None, help="default bench/results/train.json (quick: train_quick.json)")
+    p.add_argument("--png", default=None, help="default: the JSON path with .png")
+    p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
+    p.add_argument("--queries", type=int, default=None, help="synthetic queries (default: the config's; quick 300)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6; quick 3)")
+    p.add_argument("--gpu-epochs", type=int, default=None, help="epochs per GPU run (default 8; quick 3)")
+    p.add_argument("--workers", default=None, help="Ray Train worker counts (default 1,2; quick 1)")
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--no-ray", action="store_true", help="plain PyTorch only")
+    p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU section (plain PyTorch, no Ray import)")
+    p.add_argument("override", nargs="*", help="TrainConfig overrides, e.g. optim.batch_size=64")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.queries = a.queries or (300 if q else None)
+    a.epochs = a.epochs or (3 if q else 6)
+    a.gpu_epochs = a.gpu_epochs or (3 if q else 8)
+    a.workers = [int(x) for x in (a.workers or ("1" if q else "1,2")).split(",")]
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    result = run_benchmark(args)
+    print_table(result)
+    out = Path(args.json) if args.json else REPO / ("bench/results/train_quick.json" if args.quick else "bench/results/train.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    plot(result, png)
+    say(f"wrote {out} and {png} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

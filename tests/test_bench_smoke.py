@@ -1,0 +1,335 @@
+"""Smoke runs of the benchmarks (bench/serve_bench.py, bench/train_bench.py, bench/peer_app.py) at tiny
+settings, so they keep working; plus the router-side coalescing the serving numbers depend on.
+
+No timed assertions: only shapes, counts and that every piece runs. Ray-free tests first; the two
+`integration` tests start Ray (the serving CLI end to end in a subprocess, one Ray Train worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peer_app  # noqa: E402
+import serve_bench  # noqa: E402
+import train_bench  # noqa: E402
+
+from cotrr_ray.api import RequestParser  # noqa: E402
+from cotrr_ray.bundle import read_meta  # noqa: E402
+from cotrr_ray.config import TrainConfig  # noqa: E402
+from cotrr_ray.router import Coalescer  # noqa: E402
+
+LEVEL_KEYS = {"rps", "p50_ms", "p95_ms", "p99_ms", "errors", "fallbacks", "requests", "duration_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bodies() -> dict[str, list[bytes]]:
+    return {enc: serve_bench.make_bodies(enc, n_bodies=3, n_candidates=12, top_m=8) for enc in serve_bench.ENCODINGS}
+
+
+# ============================================================================ serve_bench, Ray-free
+
+
+def test_bodies_parse_and_the_limit_loop_runs(bundle_a, tiny_bodies) -> None:
+    meta = read_meta(bundle_a)
+    parser = RequestParser(meta.spec, max_top_m=meta.top_m, max_candidates=1000)
+    for enc, bodies in tiny_bodies.items():
+        assert len(set(bodies)) == 3
+        parsed = parser.parse(bodies[0], default_top_m=meta.top_m)
+        assert len(parsed.ids) == 12 and parsed.window == 8
+        assert (b'"image_embedding":"' in bodies[0]) == (enc == "base64")
+        lim = serve_bench.run_limit(str(bundle_a), bodies, batch_size=2, duration_s=0.2, top_m=meta.top_m)
+        assert lim["requests"] > 0 and lim["rps"] > 0 and lim["batch_size"] == 2
+        assert set(lim["stages_ms_per_request"]) == {"parse_features", "model", "calibrate", "order_serialise"}
+
+
+def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/peer_app.py"), "--bundle", str(bundle), "--port", str(port),
+         "--exposure-log", str(tmp_path / "exposure.jsonl")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["httpx", "wrk"])
+def test_peer_and_load_generator(bundle_a, tiny_bodies, tmp_path, client) -> None:
+    if client == "wrk" and not serve_bench.shutil.which("wrk"):
+        pytest.skip("wrk not installed (apt-get install wrk); the httpx client is the fallback")
+    port = serve_bench.free_port()
+    peer = _start_peer(bundle_a, port, tmp_path)
+    try:
+        serve_bench.wait_healthy(f"http://127.0.0.1:{port}", 60, peer)
+        gen = serve_bench.LoadGen(tiny_bodies["base64"], kind=client)
+        bench = serve_bench.Bench(args=None)
+        row = bench.level(gen, f"http://127.0.0.1:{port}/v1/rerank", 2, warmup_s=0, duration_s=1, server="peer")
+        assert LEVEL_KEYS <= set(row) and row["requests"] > 0 and row["errors"] == 0 and row["fallbacks"] == 0
+        assert row["cpu"]["per_process"].get("peer", 0) > 0 and row["loadavg"]
+        # the peer is the same contract as the service: a bad body is the same 422
+        status, body = serve_bench.http_post(f"http://127.0.0.1:{port}/v1/rerank", b"{}")
+        assert status == 422 and json.loads(body)["error"]["code"] == "invalid_request"
+    finally:
+        peer.send_signal(signal.SIGTERM)
+        peer.wait(timeout=30)
+
+
+def test_peer_app_in_process(bundle_a, tiny_bodies) -> None:
+    from fastapi.testclient import TestClient
+
+    app = peer_app.create_app(str(bundle_a))
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        out = client.post("/v1/rerank", content=tiny_bodies["json"][1], headers={"content-type": "application/json"})
+        assert out.status_code == 200
+        r = out.json()
+        assert r["fallback"] is None and r["calibrated"] and len(r["results"]) == 12
+        assert client.get("/v1/stats").json()["served"] == 1
+
+
+def test_report_helpers_and_plot(tmp_path) -> None:
+    def row(enc, c, rps, p50):
+        return {"encoding": enc, "concurrency": c, "rps": rps, "p50_ms": p50, "p95_ms": p50, "p99_ms": p50,
+                "errors": 0, "fallbacks": 0, "scorer_batch_mean": 2.0, "server_cpu_ms_per_request": 1.0,
+                "cpu": {"box_cores": 1.0, "server_cores": 0.9, "client_cores": 0.01, "per_process": {}},
+                "loadavg": [0.1, 0.1, 0.1]}  # fmt: skip
+
+    levels = [row(e, c, 100.0 * c ** 0.5, 5.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
+    peer = [row(e, c, 120.0, 4.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
+    limit = {e: {"rps": 250.0, "ms_per_request": 4.0} for e in serve_bench.ENCODINGS}
+    result = {"levels": levels, "peer": {"levels": peer}, "limit": {"by_encoding": limit}, "machine": {
+        "logical_cpus": 2, "cpu_model": "test"}}  # fmt: skip
+    result["ratios"] = serve_bench.ratios(levels, peer, limit)
+    assert result["ratios"]["by_encoding"]["json"] == {
+        "rps_vs_peer": round(200 / 120, 3), "rps_vs_limit": 0.8, "p50_vs_peer": 1.25, "best_concurrency": 4,
+        "peer_best_concurrency": 1}  # fmt: skip
+    assert result["ratios"]["rps_vs_peer"] == result["ratios"]["by_encoding"]["json"]["rps_vs_peer"]
+    t = serve_bench.targets(result)
+    assert t["rps_vs_limit>=0.75[json]"] is True and t["base64_p50_c1<=12ms"] is True
+    assert "json" in serve_bench.fmt_table(levels, "t")
+    serve_bench.plot(result, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").stat().st_size > 1000
+
+    text = "\n".join([
+        'ray_cotrr_scorer_lists_total{application="rerank",deployment="Scorer",replica="a"} 40.0',
+        'ray_cotrr_scorer_lists_total{application="rerank",deployment="ScorerControl",replica="c"} 99.0',
+        'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 10.0',
+        'ray_serve_batches_processed_total{application="rerank",deployment="Calibrator",function_name="y"} 7.0',
+    ])  # fmt: skip
+    assert serve_bench.batch_counters(text) == (40.0, 10.0)
+
+    meter = serve_bench.CpuMeter()
+    a = meter.snapshot()
+    sum(i * i for i in range(200_000))
+    d = serve_bench.CpuMeter.delta(a, meter.snapshot(), client_cpu_s=0.0)
+    assert {"box_cores", "client_cores", "server_cores", "per_process"} <= set(d)
+
+
+def test_bench_serve_configs_validate() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    for variant in ("default", "fused", "scaleout2", "nocoalesce"):
+        cfg = serve_bench.serve_config_for_bench(ROOT / "serve_config.yaml", http_port=1234, bundle_uri="/b",
+                                                 variant=variant)  # fmt: skip
+        ServeDeploySchema.model_validate(cfg)
+        names = {d["name"] for d in cfg["applications"][0]["deployments"]}
+        assert cfg["http_options"]["host"] == "127.0.0.1" and cfg["http_options"]["port"] == 1234
+        assert ("Calibrator" in names) == (variant != "fused")
+        assert cfg["applications"][0]["args"].get("fused_calibration", False) == (variant == "fused")
+
+
+def test_cli_arguments() -> None:
+    quick = serve_bench.parse_args(["--quick"])
+    assert quick.concurrency == "1,16,64" and not quick.fused and not quick.scaleout and not quick.ablation
+    full = serve_bench.parse_args([])
+    assert full.concurrency == "1,4,16,32,64" and full.fused and full.scaleout and full.mode == "opt"
+    t = train_bench.parse_args(["--quick"])
+    assert t.epochs == 3 and t.workers == [1]
+
+
+# ============================================================================ train_bench, Ray-free
+
+
+def _tiny_train_cfg(test_data: Path) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "data": {"path": str(test_data)},
+        "model": {"top_m": 8, "d_model": 32, "n_heads": 2, "n_layers": 1, "ffn_mult": 2},
+        "optim": {"batch_size": 16, "max_epochs": 2, "amp": "bf16"},
+        "scaling": {"num_workers": 1},
+    })  # fmt: skip
+
+
+def test_train_bench_plain_loop(test_data, tmp_path) -> None:
+    from cotrr_ray.train import prepare_data
+
+    base = _tiny_train_cfg(test_data)
+    data = prepare_data(base, test_data)
+    result = {"machine": train_bench.machine_info(), "cpu": {}}
+    for amp in ("bf16", "none"):
+        cfg = train_bench.bench_cfg(base, epochs=2, amp=amp)
+        r = train_bench.run_plain(cfg, data)
+        assert [e["epoch"] for e in r["epochs"]] == [0, 1]
+        assert r["samples_per_s"] > 0 and r["epoch_wall_s"] >= r["epoch_train_loop_s"] > 0 and r["amp"] == amp
+        result["cpu"][f"plain {amp}"] = r
+    result["gpu"] = train_bench.gpu_section(base, data, 1) if not train_bench.torch.cuda.is_available() else {}
+    if not train_bench.torch.cuda.is_available():
+        assert "skipped" in result["gpu"]
+    train_bench.plot(result, tmp_path / "train.png")
+    assert (tmp_path / "train.png").stat().st_size > 1000
+
+
+# ============================================================================ Coalescer (Ray-free)
+
+
+class _Resp:
+    """A fake DeploymentResponse: awaitable list of results, with cancel()."""
+
+    def __init__(self, coro):
+        self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+        self.task.cancel()
+
+
+def test_coalescer_merges_concurrent_items_without_a_timer() -> None:
+    calls: list[list[int]] = []
+
+    def send_many(items):
+        calls.append(list(items))
+
+        async def run():
+            await asyncio.sleep(0.01)
+            return [x * 10 if x != 3 else ValueError("item 3") for x in items]
+
+        return _Resp(run())
+
+    async def go():
+        c = Coalescer(send_many, max_items=4, max_in_flight=1)
+        first = await c(0)  # alone: sent at once
+        futs = [c(i) for i in range(1, 7)]  # same loop iteration: 4 + 2
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        return first, out, c.stats()
+
+    first, out, stats = asyncio.run(go())
+    assert first == 0 and calls == [[0], [1, 2, 3, 4], [5, 6]]
+    assert out[:2] == [10, 20] and isinstance(out[2], ValueError) and out[3:] == [40, 50, 60]
+    assert stats["calls"] == 3 and stats["items"] == 7 and stats["in_flight"] == 0
+
+
+def test_coalescer_errors_timeouts_and_cancellation() -> None:
+    from cotrr_ray.router import call_with_timeout
+
+    responses: list[_Resp] = []
+
+    def slow_send(items):
+        async def run():
+            await asyncio.sleep(5)
+            return items
+
+        responses.append(_Resp(run()))
+        return responses[-1]
+
+    def failing_send(items):
+        async def run():
+            raise RuntimeError("down")
+
+        return _Resp(run())
+
+    async def go():
+        c = Coalescer(slow_send, max_items=8, max_in_flight=1)
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await call_with_timeout(c, 1, 0.05)
+        elapsed = time.perf_counter() - t0
+        await asyncio.sleep(0.01)
+        # the abandoned call was cancelled downstream and its slot freed
+        assert responses[0].cancelled and c.stats()["in_flight"] == 0
+        bad = Coalescer(failing_send)
+        results = await asyncio.gather(bad(1), bad(2), return_exceptions=True)
+        return elapsed, results
+
+    elapsed, results = asyncio.run(go())
+    assert elapsed < 1.0
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_fused_mode_answers_exactly_like_the_three_deployment_graph(bundle_a, tiny_bodies) -> None:
+    """The fused variant the benchmark measures (calibration inside the scorer, no calibrator hop)
+    returns the same response as the default graph, byte for byte apart from the request id."""
+    from cotrr_ray.config import AppArgs, RoutingConfig
+    from cotrr_ray.router import Downstream, RerankService
+    from cotrr_ray.scorer import CalibratorCore, ScorerCore
+
+    core = ScorerCore.load(str(bundle_a))
+    cal = CalibratorCore()
+    cal.add(str(bundle_a))
+
+    def service(fused: bool) -> RerankService:
+        async def score(cl):
+            return core.score([cl], calibrate=fused)[0]
+
+        async def calibrate(item):
+            return cal.transform(item)
+
+        async def info(_):
+            return core.info()
+
+        args = AppArgs(bundle_uri=str(bundle_a), routing=RoutingConfig(rollout_percentage=100),
+                       fused_calibration=fused)  # fmt: skip
+        return RerankService(read_meta(bundle_a), args, Downstream(score, None if fused else calibrate, info))
+
+    for body in tiny_bodies["json"] + tiny_bodies["base64"]:
+        a = asyncio.run(service(False).rerank(body, "rid"))
+        b = asyncio.run(service(True).rerank(body, "rid"))
+        assert a == b and a["calibrated"] and a["fallback"] is None
+    healthy, detail = asyncio.run(service(True).health())
+    assert healthy and detail["checks"]["calibrator"]["ok"]
+
+
+# ============================================================================ integration (start Ray)
+
+
+@pytest.mark.integration
+def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
+    """The real thing at the smallest size: own local Ray, serve_config.yaml through the config path
+    (throughput-optimised env, direct ingress), one level, the overload check, JSON and PNG."""
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, str(ROOT / "bench/serve_bench.py"), "--bundle", str(bundle_a), "--concurrency", "2",
+           "--encodings", "base64", "--warmup", "0", "--duration", "1", "--limit-duration", "0.2", "--bodies", "3",
+           "--no-peer", "--no-fused", "--no-scaleout", "--json", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (level,) = result["levels"]
+    assert LEVEL_KEYS <= set(level) and level["requests"] > 0 and level["errors"] == 0
+    assert level["scorer_batch_mean"] is None or level["scorer_batch_mean"] >= 1
+    assert result["settings"]["target"].startswith("router replica port")
+    assert result["overload"]["status_503"] > 0
+    assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.integration
+def test_train_bench_ray_one_worker(serve_session, test_data, tmp_path) -> None:
+    from cotrr_ray.train import prepare_data
+
+    base = _tiny_train_cfg(test_data)
+    data = prepare_data(base, test_data)
+    r = train_bench.run_ray(train_bench.bench_cfg(base, epochs=2), data, tmp_path, num_workers=1)
+    assert [e["epoch"] for e in r["epochs"]] == [0, 1] and r["world_size"] == 1
+    assert r["startup_s"] > 0 and r["samples_per_s"] > 0 and np.isfinite(r["final_train_loss"])

@@ -1,0 +1,90 @@
+"""Smoke test of bench/quality_bench.py --quick on a tiny synthetic LETOR file (Ray-free, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lightgbm")
+
+REPO = Path(__file__).resolve().parent.parent
+N_FEATURES = 8
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _write_letor(path: Path, queries: int = 14, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for q in range(queries):
+        n = int(rng.integers(10, 20))
+        x = rng.lognormal(0.0, 1.0, size=(n, N_FEATURES))
+        u = np.log(x[:, 0]) + 0.5 * np.log(x[:, 1]) + 0.4 * rng.standard_normal(n)
+        labels = np.digitize(u, [0.3, 1.2, 2.0])
+        labels[0] = max(labels[0], 1)  # every query has a relevant candidate
+        for i in range(n):
+            lines.append(f"{labels[i]} qid:{7 + q} " + " ".join(f"{j + 1}:{x[i, j]:.4f}" for j in range(N_FEATURES)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
+    bench = _load_bench()
+    data = _write_letor(tmp_path / "tiny.txt")
+    out = tmp_path / "res.json"
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(
+            [
+                "--quick",
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--set",
+                f"data.letor_num_features={N_FEATURES}",
+                "--set",
+                "data.letor_upstream_feature=3",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))  # what was printed is what was written
+    assert Path(saved["reliability_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["queries"] == 12 and saved["wall_s"] > 0
+    assert set(saved["splits"]) == {"cv3", "fixed"}
+    metrics = {"ndcg@1", "ndcg@5", "ndcg@10", "mrr"}
+    for split in saved["splits"].values():
+        assert set(split["methods"]) == set(bench.METHODS)
+        for entry in split["methods"].values():
+            assert metrics <= set(entry) and all(0.0 <= entry[m] <= 1.0 for m in metrics)
+            lo, hi = entry["ndcg@10_ci"]
+            assert lo <= entry["ndcg@10"] <= hi
+        assert set(split["paired"]) == {f"cotrr-ray - {m}" for m in bench.METHODS if m != "cotrr-ray"}
+        for pair in split["paired"].values():
+            assert set(pair) == metrics
+            assert pair["ndcg@10"]["ci"][0] <= pair["ndcg@10"]["mean"] <= pair["ndcg@10"]["ci"][1]
+        assert set(split["calibration"]) == {"cross_fit_isotonic", "cross_fit_unaligned", "raw_sigmoid", "base_rate"}
+        for c in split["calibration"].values():
+            assert {"ece_equal_width", "ece_equal_mass", "brier", "log_loss", "n"} <= set(c)
+        for part in split["per_part"]:
+            assert 1 <= part["cotrr-ray"]["epochs"] <= saved["settings"]["max_epochs"]
+            assert part["train_queries"] + part["test_queries"] <= 12
+    # Every query is tested exactly once across the CV folds.
+    cv = saved["splits"]["cv3"]
+    assert sum(p["test_queries"] for p in cv["per_part"]) == 12
+    assert cv["queries"] + cv["skipped"] == 12
+    assert saved["lambdamart_fixed_params"]["objective"] == "lambdarank"
