@@ -83,6 +83,12 @@ class OptimConfig(_Strict):
         "bf16", description="Autocast dtype; fp16 (CUDA only) uses a GradScaler."
     )
     input_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on normalised inputs (regulariser).")
+    select: Literal["best_val", "last"] = Field(
+        "best_val",
+        description="Which epoch becomes the model: the best validation nDCG@10 (early stopping with "
+        "`patience`), or the last of `max_epochs` (epochs chosen by cross-validation, for data too small "
+        "for a validation split to select on; no early stopping).",
+    )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     seed: int = Field(0, description="Seed for init, shuffling and dropout.")
 

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 class RayContext:
     """`LoopContext` for a Ray Train worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, local_dir: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -46,6 +46,9 @@ class RayContext:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        # Train V2 local mode (num_workers=0) keeps no checkpoint of its own: only a reference to the
+        # last reported directory, and ours is a temporary one. There every epoch is kept here instead.
+        self.local_dir = Path(local_dir) if local_dir else None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -60,6 +63,9 @@ class RayContext:
     def load_checkpoint(self) -> dict[str, Any] | None:
         import ray.train
 
+        if self.local_dir is not None:  # local mode: resume a rerun of the same run_name from local_dir
+            done = sorted(self.local_dir.glob("epoch_*/state.pt"))
+            return load_state(done[-1].parent) if done else None
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
@@ -69,6 +75,15 @@ class RayContext:
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 
+        if self.local_dir is not None:
+            checkpoint = None
+            if state is not None:
+                d = self.local_dir / f"epoch_{int(metrics['epoch']):03d}"
+                d.mkdir(parents=True, exist_ok=True)
+                save_state(state, d)
+                checkpoint = ray.train.Checkpoint.from_directory(str(d))
+            ray.train.report(metrics, checkpoint=checkpoint)
+            return
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if state is not None:
@@ -85,13 +100,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(config["cfg"])
     model_config = RerankerConfig.from_dict(config["model_config"])
-    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), RayContext())
+    ctx = RayContext(config.get("local_dir"))
+    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), ctx)
 
 
 def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path) -> dict[str, Any]:
     """Fit through Ray Train and return the best checkpoint's state (by validation nDCG@10)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -100,6 +116,7 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
         # The object store ships the arrays to workers on any node; no shared filesystem needed.
         train, val = ray.put(train), ray.put(val)
     run_name = s.run_name or f"cotrr-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    local_dir = Path(storage_path) / run_name / "local_checkpoints" if s.num_workers == 0 else None
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -107,6 +124,7 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
             "model_config": data.model_config.to_dict(),
             "train": train,
             "validation": val,
+            "local_dir": str(local_dir) if local_dir else None,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -125,13 +143,25 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    if not result.best_checkpoints:
+    if local_dir is not None:
+        # Local mode returns only the last report; choose among the epochs kept in local_dir.
+        kept = [(load_state(p.parent), p.parent) for p in sorted(local_dir.glob("epoch_*/state.pt"))]
+        candidates = [(Checkpoint.from_directory(str(d)), st["metrics"]) for st, d in kept]
+        last = candidates[-1] if candidates else None
+    else:
+        candidates = list(result.best_checkpoints or [])
+        last = (result.checkpoint, result.metrics) if result.checkpoint is not None else None
+    if not candidates or last is None:
         raise RuntimeError("training produced no checkpoint")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
+    if cfg.optim.select == "last":
+        best_ckpt, best_metrics = last
+    else:
+        # max() keeps the first of equal scores: the earliest epoch, as fit's early stopping does.
+        best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1][VAL_METRIC])
     with best_ckpt.as_directory() as d:
         state = load_state(d)
     state["final_metrics"] = dict(result.metrics or {})
-    state["run_path"] = str(result.path)
+    state["run_path"] = str(result.path or Path(storage_path) / run_name)
     logger.info("best checkpoint: epoch %d, %s %.4f", best_metrics["epoch"], VAL_METRIC, best_metrics[VAL_METRIC])
     return state
 
@@ -203,13 +233,26 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
 
     thr = cfg.data.relevance_threshold
     cal_lists = data.lists.get("calibration", [])
-    if cfg.calibration.method != "holdout":
-        raise NotImplementedError("calibration.method=cross_fit is not implemented yet; use holdout")
-    if not cal_lists:
-        raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
-    calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
-        np.concatenate(_window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
-    )
+    t_cal = time.perf_counter()
+    if cfg.calibration.method == "cross_fit":
+        from cotrr_ray.crossfit import cross_fit_calibrator
+
+        # K fold models, each trained exactly like the final model (same config, same validation
+        # split, same checkpoint rule) on K-1 folds of the training (+ calibration) queries.
+        calibrator, calibration_fit = cross_fit_calibrator(
+            cfg, data, lambda c, d: run_ray_train(c, d, storage), final_model=model
+        )
+        say(
+            f"cross-fitted calibrator: {calibration_fit['folds']} folds, {calibration_fit['rows']} out-of-fold rows "
+            f"({time.perf_counter() - t_cal:.0f} s)"
+        )
+    else:
+        if not cal_lists:
+            raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
+        calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
+            np.concatenate(_window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
+        )
+        calibration_fit = {"method": "holdout", "rows": int(calibrator.n_samples_)}
 
     test_lists = data.lists.get("test", [])
     if not test_lists:
@@ -223,7 +266,7 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
         "best_checkpoint": state["metrics"],
         "final_epoch": state.get("final_metrics", {}),
         "splits": sizes,
-        "calibration_fit": {"method": "holdout", "rows": int(calibrator.n_samples_)},
+        "calibration_fit": calibration_fit,
         "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
         "headline": {
             "test_ndcg@10_model": report["ndcg@10"]["model"],

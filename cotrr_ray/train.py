@@ -195,7 +195,7 @@ def fit(
         resumed = True
         logger.info("resumed from epoch %d (best %s %.4f)", state["epoch"], VAL_METRIC, best)
 
-    if bad_epochs >= o.patience:
+    if o.select == "best_val" and bad_epochs >= o.patience:
         return  # the checkpoint we resumed from had already triggered early stopping
     for epoch in range(start_epoch, o.max_epochs):
         # Seeding per epoch makes shuffling and dropout a function of (seed, epoch), so a run
@@ -266,7 +266,7 @@ def fit(
         ctx.report(metrics, ckpt)
         if cfg.scaling.fail_after_epoch == epoch and not resumed and ctx.rank == 0:
             raise RuntimeError(f"injected failure after epoch {epoch} (scaling.fail_after_epoch)")
-        if bad_epochs >= o.patience:
+        if o.select == "best_val" and bad_epochs >= o.patience:
             break
 
 
