@@ -250,9 +250,11 @@ class Scorer:
         self.core = ScorerCore.load(self.args_uri)  # BundleError -> the replica does not start
         self.config = ScorerConfig()
         self._configured = False
-        # Windows scored; with Serve's ray_serve_batches_processed_total{deployment="Scorer"} this gives
-        # the mean model batch (Serve's actual_batch_size histogram sum is approximated from bucket midpoints).
+        # lists / batches = the mean model batch. Both are ours, bumped together in one process, so one
+        # scrape sees them consistent (Serve's batches_processed is exported on its own schedule, and
+        # its actual_batch_size histogram sum is approximated from bucket midpoints).
         self._lists_metric = Counter("cotrr_scorer_lists", description="Top-M windows scored by the model.")
+        self._batches_metric = Counter("cotrr_scorer_batches", description="Model forward passes (batches).")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ScorerConfig.model_validate(user_config)
@@ -291,7 +293,8 @@ class Scorer:
             await asyncio.sleep(self.config.fault_delay_s)
         flat = [cl for call in calls for cl in call]
         results = self.core.score(flat, calibrate=self.calibrate)  # blocking on purpose (see class doc)
-        self._lists_metric.inc(len(flat))
+        self._lists_metric.inc(len(flat))  # lists before batches: a scrape in between never shows a mean < 1
+        self._batches_metric.inc()
         out, i = [], 0
         for call in calls:
             out.append(results[i : i + len(call)])

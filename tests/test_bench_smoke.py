@@ -123,8 +123,9 @@ def test_report_helpers_and_plot(tmp_path) -> None:
     text = "\n".join([
         'ray_cotrr_scorer_lists_total{application="rerank",deployment="Scorer",replica="a"} 40.0',
         'ray_cotrr_scorer_lists_total{application="rerank",deployment="ScorerControl",replica="c"} 99.0',
-        'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 10.0',
-        'ray_serve_batches_processed_total{application="rerank",deployment="Calibrator",function_name="y"} 7.0',
+        'ray_cotrr_scorer_batches_total{application="rerank",deployment="Scorer",replica="a"} 10.0',
+        'ray_cotrr_scorer_batches_total{application="rerank",deployment="ScorerControl",replica="c"} 7.0',
+        'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 12.0',
     ])  # fmt: skip
     assert serve_bench.batch_counters(text) == (40.0, 10.0)
 
@@ -311,7 +312,7 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
     out = tmp_path / "serve.json"
     cmd = [sys.executable, str(ROOT / "bench/serve_bench.py"), "--bundle", str(bundle_a), "--concurrency", "2",
            "--encodings", "base64", "--warmup", "0", "--duration", "1", "--limit-duration", "0.2", "--bodies", "3",
-           "--no-peer", "--no-fused", "--no-scaleout", "--json", str(out)]  # fmt: skip
+           "--no-peer", "--no-fused", "--no-scaleout", "--max-foreign", "-1", "--no-hop-probe", "--no-ablation", "--json", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
