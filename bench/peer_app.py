@@ -87,7 +87,9 @@ def create_app(
         routing=routing or RoutingConfig(rollout_percentage=100),
     )
     log = logging.getLogger("cotrr_ray.peer.exposure")
-    service = RerankService(meta, args, Downstream(score, calibrate, info), exposure=ExposureLog(exposure_log_path, log))
+    service = RerankService(
+        meta, args, Downstream(score, calibrate, info), exposure=ExposureLog(exposure_log_path, log)
+    )
 
     app = FastAPI(title="cotrr-ray peer (single process)")
 
@@ -128,13 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import uvicorn
 
-    routing = routing_from_serve_config(args.serve_config) if args.serve_config else RoutingConfig(rollout_percentage=100)
+    routing = (
+        routing_from_serve_config(args.serve_config) if args.serve_config else RoutingConfig(rollout_percentage=100)
+    )
     top_m = read_meta(resolve_uri(args.bundle, os.getcwd())).top_m
     if routing.top_m is not None and routing.top_m > top_m:  # a smaller bundle than the config's (tests)
         routing = routing.model_copy(update={"top_m": top_m})
     app = create_app(args.bundle, routing=routing, exposure_log_path=args.exposure_log)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, access_log=False, log_level="warning",
-                loop="uvloop", http="httptools")  # fmt: skip
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        access_log=False,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,11 @@ def make_bodies(top_m: int, *, n_bodies: int = 32, n_candidates: int = 40, seed:
         rec = generate_query(rng, f"rel-q{k}", n=n_candidates, top_m=top_m, encoding="base64")
         for c in rec["candidates"]:
             c.pop("label", None)
-        body = {"query": {"id": rec["id"], "features": rec["features"]}, "unit_id": f"u{k}",
-                "candidates": rec["candidates"]}  # fmt: skip
+        body = {
+            "query": {"id": rec["id"], "features": rec["features"]},
+            "unit_id": f"u{k}",
+            "candidates": rec["candidates"],
+        }
         out.append(Body(orjson.dumps(body), [c["id"] for c in rec["candidates"]], min(top_m, n_candidates)))
     return out
 
@@ -129,8 +132,15 @@ def check_response(out: Any, body: Body) -> str | None:
     - model -> the window sorted by score (ties by upstream index), the tail in upstream order,
       probabilities in [0, 1] iff calibrated.
     """
-    if not isinstance(out, dict) or set(out) != {"request_id", "model_version", "arm", "shadow", "fallback",
-                                                  "calibrated", "results"}:  # fmt: skip
+    if not isinstance(out, dict) or set(out) != {
+        "request_id",
+        "model_version",
+        "arm",
+        "shadow",
+        "fallback",
+        "calibrated",
+        "results",
+    }:
         return f"bad response keys: {str(out)[:200]}"
     res = out["results"]
     n = len(body.ids)
@@ -182,8 +192,17 @@ class LoadGen:
     """Closed-loop HTTP load: `concurrency` asyncio workers, each sending the next body as soon as
     its previous request is answered. Runs in a background thread; `set_concurrency` ramps it."""
 
-    def __init__(self, url: str, bodies: list[Body], *, concurrency: int, max_concurrency: int | None = None,
-                 total: int | None = None, path: str = "/v1/rerank", timeout_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        bodies: list[Body],
+        *,
+        concurrency: int,
+        max_concurrency: int | None = None,
+        total: int | None = None,
+        path: str = "/v1/rerank",
+        timeout_s: float = 30.0,
+    ) -> None:
         self.url, self.bodies, self.path, self.timeout_s = url, bodies, path, timeout_s
         self.concurrency = concurrency
         self.max_concurrency = max(max_concurrency or concurrency, concurrency)
@@ -274,8 +293,12 @@ def summarize(records: list[Rec], t_from: float = 0.0, t_to: float = float("inf"
         "fallbacks": dict(Counter(r.fallback for r in ok if r.fallback)),
         "uncalibrated": sum(r.fallback is None and r.calibrated is False and r.model_version is not None for r in ok),
         "throughput_rps": round(len(rs) / span, 1) if span > 0 else None,
-        "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
-                       "max": round(max(lat), 1) if lat else None},  # fmt: skip
+        "latency_ms": {
+            "p50": pct(lat, 50),
+            "p95": pct(lat, 95),
+            "p99": pct(lat, 99),
+            "max": round(max(lat), 1) if lat else None,
+        },
         "problems": sorted({r.problem for r in rs if r.problem})[:5],
     }
 
@@ -303,15 +326,22 @@ def app_config(
     cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
     app = cfg["applications"][0]
     app.update(name=name, route_prefix=route_prefix)
-    app["args"] = {**app["args"], "bundle_uri": bundle, "control_bundle_uri": control_bundle,
-                   "exposure_log_path": exposure_log_path}  # fmt: skip
+    app["args"] = {
+        **app["args"],
+        "bundle_uri": bundle,
+        "control_bundle_uri": control_bundle,
+        "exposure_log_path": exposure_log_path,
+    }
     deps = {d["name"]: d for d in app["deployments"]}
     if top_m is not None:
         deps["Router"]["user_config"]["top_m"] = top_m
     if control_bundle is not None and "ScorerControl" not in deps:
-        control = {"name": "ScorerControl", "num_replicas": 1,
-                   "ray_actor_options": copy.deepcopy(deps["Scorer"]["ray_actor_options"]),
-                   "user_config": {"bundle_uri": None, "max_batch_size": 16, "batch_wait_timeout_s": 0.002}}  # fmt: skip
+        control = {
+            "name": "ScorerControl",
+            "num_replicas": 1,
+            "ray_actor_options": copy.deepcopy(deps["Scorer"]["ray_actor_options"]),
+            "user_config": {"bundle_uri": None, "max_batch_size": 16, "batch_wait_timeout_s": 0.002},
+        }
         app["deployments"].append(control)
         deps["ScorerControl"] = control
     for dep, n in (fixed_replicas or {}).items():
@@ -354,7 +384,9 @@ def replica_states(name: str) -> dict[str, dict[str, int]]:
     st = app_status(name)
     if st is None:
         return {}
-    return {dep: {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()} for dep, d in st.deployments.items()}
+    return {
+        dep: {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()} for dep, d in st.deployments.items()
+    }
 
 
 def running(name: str, deployment: str) -> int:
@@ -369,8 +401,11 @@ def replica_actors(name: str, deployment: str) -> list[str]:
     import ray
 
     prefix = f"SERVE_REPLICA::{name}#{deployment}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and a["name"].startswith(prefix))  # fmt: skip
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith(prefix)
+    )
 
 
 def kill_replica(actor_name: str) -> None:
@@ -411,8 +446,9 @@ def wait_app(name: str, url: str, timeout_s: float = 180.0) -> float:
     return time.monotonic() - t0
 
 
-def wait_config(url: str, *, routing: dict | None = None, scorer: dict | None = None, timeout_s: float = 90.0,
-                samples: int = 4) -> dict:  # fmt: skip
+def wait_config(
+    url: str, *, routing: dict | None = None, scorer: dict | None = None, timeout_s: float = 90.0, samples: int = 4
+) -> dict:
     """Wait until /v1/model reports the given routing and scorer user_config `samples` times in a row
     (the Scorer has several replicas: consecutive hits make it likely that each applied it)."""
     import httpx
@@ -504,8 +540,13 @@ class Cluster:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         self.start_s = time.perf_counter() - t0
         return self
@@ -551,8 +592,12 @@ class Report:
         return all(c.ok for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "pass": self.passed,
-                "checks": [c.__dict__ for c in self.checks], **self.data}  # fmt: skip
+        return {
+            "scenario": self.scenario,
+            "pass": self.passed,
+            "checks": [c.__dict__ for c in self.checks],
+            **self.data,
+        }
 
 
 # ============================================================================ autoscale
@@ -564,26 +609,46 @@ AUTOSCALE = {
     # torch import + bundle load + warm-up, seconds of CPU, so flapping costs more than idling).
     # Targets are small because on 2 cores the Router (JSON parse, Serve hops), not the model, is
     # the bottleneck: the ongoing requests a 2-core box can put on a Scorer are a handful at most.
-    "Scorer": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 0.5,
-               "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 11},
-    "Calibrator": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
-                   "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 11},
-}  # fmt: skip
+    "Scorer": {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 0.5,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 10,
+        "look_back_period_s": 11,
+    },
+    "Calibrator": {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 0.2,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 10,
+        "look_back_period_s": 11,
+    },
+}
 AUTOSCALE_CPUS = {"Router": 0.25, "Scorer": 0.25, "Calibrator": 0.1}  # max set = 0.25 + 3*0.25 + 2*0.1 = 1.2
 
 
 def autoscale_config(http_port: int, bundle: str, top_m: int, *, name: str = APP, route_prefix: str = "/") -> dict:
     return app_config(
-        http_port=http_port, bundle=bundle, name=name, route_prefix=route_prefix, top_m=top_m,
+        http_port=http_port,
+        bundle=bundle,
+        name=name,
+        route_prefix=route_prefix,
+        top_m=top_m,
         fixed_replicas={"Router": 1},
         deployment_overrides={
             "Router": {"ray_actor_options": {"num_cpus": AUTOSCALE_CPUS["Router"]}},
-            "Scorer": {"autoscaling_config": AUTOSCALE["Scorer"],
-                       "ray_actor_options": {"num_cpus": AUTOSCALE_CPUS["Scorer"]}},
-            "Calibrator": {"autoscaling_config": AUTOSCALE["Calibrator"],
-                           "ray_actor_options": {"num_cpus": AUTOSCALE_CPUS["Calibrator"]}},
+            "Scorer": {
+                "autoscaling_config": AUTOSCALE["Scorer"],
+                "ray_actor_options": {"num_cpus": AUTOSCALE_CPUS["Scorer"]},
+            },
+            "Calibrator": {
+                "autoscaling_config": AUTOSCALE["Calibrator"],
+                "ray_actor_options": {"num_cpus": AUTOSCALE_CPUS["Calibrator"]},
+            },
         },
-    )  # fmt: skip
+    )
 
 
 def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -> Report:
@@ -601,8 +666,13 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
     def sample() -> None:
         while not stop_sampling.is_set():
             states = replica_states(app)
-            timeline.append({"t": round(gen.now(), 1), "concurrency": gen.concurrency,
-                             **{d: states.get(d, {}) for d in ("Router", "Scorer", "Calibrator")}})  # fmt: skip
+            timeline.append(
+                {
+                    "t": round(gen.now(), 1),
+                    "concurrency": gen.concurrency,
+                    **{d: states.get(d, {}) for d in ("Router", "Scorer", "Calibrator")},
+                }
+            )
             stop_sampling.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -614,9 +684,16 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
         gen.set_concurrency(c)
         t = gen.now()
         last = k == len(ramp) - 1
-        say(f"  load: concurrency {c} for {seconds} s" + (f" and until both are at max (at most {cap_s} s)" if last else ""))
+        say(
+            f"  load: concurrency {c} for {seconds} s"
+            + (f" and until both are at max (at most {cap_s} s)" if last else "")
+        )
         time.sleep(seconds)
-        while last and gen.now() - t < cap_s and not (running(app, "Scorer") >= smax and running(app, "Calibrator") >= cmax):
+        while (
+            last
+            and gen.now() - t < cap_s
+            and not (running(app, "Scorer") >= smax and running(app, "Calibrator") >= cmax)
+        ):
             time.sleep(1.0)
         if last:
             time.sleep(3.0)  # a few seconds at full size
@@ -651,39 +728,80 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
         s = summarize(gen.records, t0, t0 + 5)
         if s["requests"]:
             at = [x for x in timeline if t0 <= x["t"] < t0 + 5] or [{}]
-            windows.append({"t": f"{t0}-{t0 + 5}", "concurrency": at[-1].get("concurrency"), "requests": s["requests"],
-                            "rps": s["throughput_rps"], "p50_ms": s["latency_ms"]["p50"],
-                            "p99_ms": s["latency_ms"]["p99"], "failed": s["failed"], "fallbacks": sum(s["fallbacks"].values()),
-                            "scorer_running": at[-1].get("Scorer", {}).get("RUNNING"),
-                            "calibrator_running": at[-1].get("Calibrator", {}).get("RUNNING")})  # fmt: skip
+            windows.append(
+                {
+                    "t": f"{t0}-{t0 + 5}",
+                    "concurrency": at[-1].get("concurrency"),
+                    "requests": s["requests"],
+                    "rps": s["throughput_rps"],
+                    "p50_ms": s["latency_ms"]["p50"],
+                    "p99_ms": s["latency_ms"]["p99"],
+                    "failed": s["failed"],
+                    "fallbacks": sum(s["fallbacks"].values()),
+                    "scorer_running": at[-1].get("Scorer", {}).get("RUNNING"),
+                    "calibrator_running": at[-1].get("Calibrator", {}).get("RUNNING"),
+                }
+            )
     total = summarize(gen.records)
-    rep.data.update(config=AUTOSCALE, cpus=AUTOSCALE_CPUS, phases=phases, load_stopped_at_s=round(t_stop, 1),
-                    timeline=timeline, windows=windows, total=total,
-                    times_s={"scorer_at_max": t_scorer_max, "calibrator_at_max": t_cal_max,
-                             "scorer_back_to_min": t_scorer_down, "calibrator_back_to_min": t_cal_down})  # fmt: skip
-    say(f"  {'t(s)':>7} {'c':>3} {'req':>5} {'rps':>6} {'p50':>7} {'p99':>7} {'fail':>4} {'fb':>4} {'scorers':>7} {'calib':>5}")
+    rep.data.update(
+        config=AUTOSCALE,
+        cpus=AUTOSCALE_CPUS,
+        phases=phases,
+        load_stopped_at_s=round(t_stop, 1),
+        timeline=timeline,
+        windows=windows,
+        total=total,
+        times_s={
+            "scorer_at_max": t_scorer_max,
+            "calibrator_at_max": t_cal_max,
+            "scorer_back_to_min": t_scorer_down,
+            "calibrator_back_to_min": t_cal_down,
+        },
+    )
+    say(
+        f"  {'t(s)':>7} {'c':>3} {'req':>5} {'rps':>6} {'p50':>7} {'p99':>7} {'fail':>4} {'fb':>4} {'scorers':>7} {'calib':>5}"
+    )
     for w in windows:
-        say(f"  {w['t']:>7} {w['concurrency']!s:>3} {w['requests']:>5} {w['rps']!s:>6} {w['p50_ms']!s:>7} "
-            f"{w['p99_ms']!s:>7} {w['failed']:>4} {w['fallbacks']:>4} {w['scorer_running']!s:>7} {w['calibrator_running']!s:>5}")  # fmt: skip
-    rep.check("Scorer scales up to max_replicas under load", t_scorer_max is not None,
-              f"{smax} RUNNING at t={t_scorer_max} s")  # fmt: skip
-    rep.check("Calibrator scales up to max_replicas under load", t_cal_max is not None,
-              f"{cmax} RUNNING at t={t_cal_max} s")  # fmt: skip
+        say(
+            f"  {w['t']:>7} {w['concurrency']!s:>3} {w['requests']:>5} {w['rps']!s:>6} {w['p50_ms']!s:>7} "
+            f"{w['p99_ms']!s:>7} {w['failed']:>4} {w['fallbacks']:>4} {w['scorer_running']!s:>7} {w['calibrator_running']!s:>5}"
+        )
+    rep.check(
+        "Scorer scales up to max_replicas under load", t_scorer_max is not None, f"{smax} RUNNING at t={t_scorer_max} s"
+    )
+    rep.check(
+        "Calibrator scales up to max_replicas under load", t_cal_max is not None, f"{cmax} RUNNING at t={t_cal_max} s"
+    )
     for dep, t_down in (("Scorer", t_scorer_down), ("Calibrator", t_cal_down)):
         took = None if t_down is None else round(t_down - t_stop, 1)
-        rep.check(f"{dep} back to min_replicas after the load stops", took is not None and took <= down_budget_s,
-                  f"{took} s after the load stopped (look-back {AUTOSCALE[dep]['look_back_period_s']} s + downscale "
-                  f"delay {AUTOSCALE[dep]['downscale_delay_s']} s + 30 s margin = {down_budget_s} s)")  # fmt: skip
-    rep.check("zero failed requests while scaling", total["failed"] == 0 and total["contract_violations"] == 0,
-              f"{total['requests']} requests, status {total['status']}, fallbacks {total['fallbacks']}")  # fmt: skip
+        rep.check(
+            f"{dep} back to min_replicas after the load stops",
+            took is not None and took <= down_budget_s,
+            f"{took} s after the load stopped (look-back {AUTOSCALE[dep]['look_back_period_s']} s + downscale "
+            f"delay {AUTOSCALE[dep]['downscale_delay_s']} s + 30 s margin = {down_budget_s} s)",
+        )
+    rep.check(
+        "zero failed requests while scaling",
+        total["failed"] == 0 and total["contract_violations"] == 0,
+        f"{total['requests']} requests, status {total['status']}, fallbacks {total['fallbacks']}",
+    )
     return rep
 
 
 # ============================================================================ faults
 
 
-def kill_under_load(url: str, app: str, bodies: list[Body], deployment: str, *, kill_all: bool, concurrency: int,
-                    replace_timeout_s: float, settle_s: float = 3.0) -> dict[str, Any]:  # fmt: skip
+def kill_under_load(
+    url: str,
+    app: str,
+    bodies: list[Body],
+    deployment: str,
+    *,
+    kill_all: bool,
+    concurrency: int,
+    replace_timeout_s: float,
+    settle_s: float = 3.0,
+) -> dict[str, Any]:
     """Sustained load; `ray.kill` one (or every) replica actor of `deployment` after `settle_s`; keep
     the load on until Serve has replaced them (same count RUNNING, new actor names), then `settle_s`
     more. Returns counts for the whole run and for the outage (kill -> replaced)."""
@@ -710,9 +828,16 @@ def kill_under_load(url: str, app: str, bodies: list[Body], deployment: str, *, 
     records = gen.stop()
     total = summarize(records)
     during = summarize(records, t_kill, t_replaced or float("inf"))
-    return {"deployment": deployment, "killed": len(victims), "replicas": want, "kill_at_s": round(t_kill, 1),
-            "replaced_after_s": None if t_replaced is None else round(t_replaced - t_kill, 1),
-            "new_replicas": sorted(set(after) - set(before)), "total": total, "during_outage": during}  # fmt: skip
+    return {
+        "deployment": deployment,
+        "killed": len(victims),
+        "replicas": want,
+        "kill_at_s": round(t_kill, 1),
+        "replaced_after_s": None if t_replaced is None else round(t_replaced - t_kill, 1),
+        "new_replicas": sorted(set(after) - set(before)),
+        "total": total,
+        "during_outage": during,
+    }
 
 
 def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: bool, http_port: int) -> Report:
@@ -723,10 +848,16 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
     control = workdir / "control"
     shutil.copytree(bundle, control)
     bodies = make_bodies(meta.top_m)
-    cfg = app_config(http_port=http_port, bundle=str(bundle), control_bundle=str(control), top_m=meta.top_m,
-                     fixed_replicas={"Router": 1, "Scorer": 2, "Calibrator": 1},
-                     deployment_overrides={d: {"ray_actor_options": {"num_cpus": 0.25}}
-                                           for d in ("Router", "Scorer", "ScorerControl", "Calibrator")})  # fmt: skip
+    cfg = app_config(
+        http_port=http_port,
+        bundle=str(bundle),
+        control_bundle=str(control),
+        top_m=meta.top_m,
+        fixed_replicas={"Router": 1, "Scorer": 2, "Calibrator": 1},
+        deployment_overrides={
+            d: {"ray_actor_options": {"num_cpus": 0.25}} for d in ("Router", "Scorer", "ScorerControl", "Calibrator")
+        },
+    )
     cfg = set_user_config(cfg, "Router", rollout_percentage=100)
     deploy(cfg)
     rep.data["deploy_s"] = round(wait_app(APP, cluster_url), 1)
@@ -737,38 +868,58 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
     rep.data["scorer_kill_one"] = r
     t = r["total"]
     rep.check("scorer kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}")
-    rep.check("scorer kill: every response well-formed (fallbacks in upstream order)", t["contract_violations"] == 0,
-              f"fallbacks {t['fallbacks']}")  # fmt: skip
-    rep.check("scorer kill: Serve replaced the replica", r["replaced_after_s"] is not None,
-              f"after {r['replaced_after_s']} s: {r['new_replicas']}")  # fmt: skip
+    rep.check(
+        "scorer kill: every response well-formed (fallbacks in upstream order)",
+        t["contract_violations"] == 0,
+        f"fallbacks {t['fallbacks']}",
+    )
+    rep.check(
+        "scorer kill: Serve replaced the replica",
+        r["replaced_after_s"] is not None,
+        f"after {r['replaced_after_s']} s: {r['new_replicas']}",
+    )
 
     say("fault 2: kill every Scorer replica under load")
     r = kill_under_load(cluster_url, APP, bodies, "Scorer", kill_all=True, concurrency=conc, replace_timeout_s=120)
     rep.data["scorer_kill_all"] = r
     t, d = r["total"], r["during_outage"]
-    rep.check("all scorers killed: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}")
-    rep.check("all scorers killed: outage answered in upstream order with fallback set",
-              t["contract_violations"] == 0 and sum(d["fallbacks"].values()) > 0,
-              f"during the outage {d['requests']} requests, fallbacks {d['fallbacks']}")  # fmt: skip
-    rep.check("all scorers killed: Serve replaced both", r["replaced_after_s"] is not None,
-              f"after {r['replaced_after_s']} s")  # fmt: skip
+    rep.check(
+        "all scorers killed: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
+    )
+    rep.check(
+        "all scorers killed: outage answered in upstream order with fallback set",
+        t["contract_violations"] == 0 and sum(d["fallbacks"].values()) > 0,
+        f"during the outage {d['requests']} requests, fallbacks {d['fallbacks']}",
+    )
+    rep.check(
+        "all scorers killed: Serve replaced both", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
+    )
 
     say("fault 3: kill the Calibrator replica under load")
     r = kill_under_load(cluster_url, APP, bodies, "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=90)
     rep.data["calibrator_kill"] = r
     t, d = r["total"], r["during_outage"]
-    rep.check("calibrator kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}")
-    rep.check("calibrator kill: still ordered by the scorer, calibrated false while it is down",
-              t["contract_violations"] == 0 and t["uncalibrated"] > 0,
-              f"{t['uncalibrated']} uncalibrated (model-ordered) answers, fallbacks {t['fallbacks']}")  # fmt: skip
-    rep.check("calibrator kill: Serve replaced it", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s")
+    rep.check(
+        "calibrator kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
+    )
+    rep.check(
+        "calibrator kill: still ordered by the scorer, calibrated false while it is down",
+        t["contract_violations"] == 0 and t["uncalibrated"] > 0,
+        f"{t['uncalibrated']} uncalibrated (model-ordered) answers, fallbacks {t['fallbacks']}",
+    )
+    rep.check(
+        "calibrator kill: Serve replaced it", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
+    )
 
     say("fault 4: shadow treatment slow, then failing; control answers")
     shadow_cfg = set_user_config(cfg, "Router", shadow_mode=True, shadow_timeout_ms=300)
     phases = {}
     seconds = 6 if quick else 12
-    for phase, fault in (("healthy", {"fault": "none"}), ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
-                         ("failing", {"fault": "raise"})):  # fmt: skip
+    for phase, fault in (
+        ("healthy", {"fault": "none"}),
+        ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
+        ("failing", {"fault": "raise"}),
+    ):
         deploy(set_user_config(shadow_cfg, "Scorer", **fault))
         wait_config(cluster_url, routing={"shadow_mode": True}, scorer=fault)
         time.sleep(1.0)
@@ -779,27 +930,45 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
         after = orjson.loads(_get(cluster_url + "/v1/stats"))["shadow"]
         shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
         arms = Counter(rec.arm for rec in gen.records)
-        phases[phase] = {**s, "shadow": shadow, "arms": dict(arms),
-                         "control_versions": sorted({rec.model_version for rec in gen.records if rec.model_version})}  # fmt: skip
-        say(f"  {phase}: p50 {s['latency_ms']['p50']} ms p99 {s['latency_ms']['p99']} ms, {s['requests']} requests, "
-            f"status {s['status']}, shadow {shadow}")  # fmt: skip
+        phases[phase] = {
+            **s,
+            "shadow": shadow,
+            "arms": dict(arms),
+            "control_versions": sorted({rec.model_version for rec in gen.records if rec.model_version}),
+        }
+        say(
+            f"  {phase}: p50 {s['latency_ms']['p50']} ms p99 {s['latency_ms']['p99']} ms, {s['requests']} requests, "
+            f"status {s['status']}, shadow {shadow}"
+        )
     deploy(set_user_config(cfg, "Scorer", fault="none"))
     wait_config(cluster_url, routing={"shadow_mode": False}, scorer={"fault": "none"})
     rep.data["shadow"] = phases
     base = phases["healthy"]["latency_ms"]
     for phase in ("slow", "failing"):
         p = phases[phase]
-        rep.check(f"shadow {phase}: control responses all 200, ordered, arm=control",
-                  p["failed"] == 0 and p["contract_violations"] == 0 and set(p["arms"]) == {"control"}
-                  and not p["fallbacks"], f"{p['requests']} requests, arms {p['arms']}")  # fmt: skip
+        rep.check(
+            f"shadow {phase}: control responses all 200, ordered, arm=control",
+            p["failed"] == 0 and p["contract_violations"] == 0 and set(p["arms"]) == {"control"} and not p["fallbacks"],
+            f"{p['requests']} requests, arms {p['arms']}",
+        )
         bound = max(1.5 * base["p50"], base["p50"] + 25)
-        rep.check(f"shadow {phase}: control latency unaffected", p["latency_ms"]["p50"] <= bound,
-                  f"p50 {p['latency_ms']['p50']} ms vs healthy {base['p50']} ms (bound {bound:.0f}); "
-                  f"p99 {p['latency_ms']['p99']} vs {base['p99']} ms")  # fmt: skip
-    rep.check("shadow slow: treatment timeouts/drops counted", phases["slow"]["shadow"]["timeouts"]
-              + phases["slow"]["shadow"]["dropped"] + phases["slow"]["shadow"]["errors"] > 0, str(phases["slow"]["shadow"]))  # fmt: skip
-    rep.check("shadow failing: treatment errors counted", phases["failing"]["shadow"]["errors"] > 0,
-              str(phases["failing"]["shadow"]))  # fmt: skip
+        rep.check(
+            f"shadow {phase}: control latency unaffected",
+            p["latency_ms"]["p50"] <= bound,
+            f"p50 {p['latency_ms']['p50']} ms vs healthy {base['p50']} ms (bound {bound:.0f}); "
+            f"p99 {p['latency_ms']['p99']} vs {base['p99']} ms",
+        )
+    rep.check(
+        "shadow slow: treatment timeouts/drops counted",
+        phases["slow"]["shadow"]["timeouts"] + phases["slow"]["shadow"]["dropped"] + phases["slow"]["shadow"]["errors"]
+        > 0,
+        str(phases["slow"]["shadow"]),
+    )
+    rep.check(
+        "shadow failing: treatment errors counted",
+        phases["failing"]["shadow"]["errors"] > 0,
+        str(phases["failing"]["shadow"]),
+    )
 
     say("fault 5: hot swap to bad bundles under load")
     gen = LoadGen(cluster_url, bodies, concurrency=4).start()
@@ -823,16 +992,19 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
     for kind, expect in (("corrupt", "checksum mismatch"), ("missing", "missing file"), ("spec", "not the served one")):
         err = swaps[kind].get("last_swap_error", "")
         rep.check(f"hot swap {kind}: refused with a clear message", expect in err, err[:160])
-    rep.check("hot swap: previous bundle kept serving, zero failed requests",
-              s["failed"] == 0 and s["contract_violations"] == 0 and set(versions) == {meta.bundle_id}
-              and not s["fallbacks"], f"{s['requests']} requests, versions {dict(versions)}, fallbacks {s['fallbacks']}")  # fmt: skip
+    rep.check(
+        "hot swap: previous bundle kept serving, zero failed requests",
+        s["failed"] == 0 and s["contract_violations"] == 0 and set(versions) == {meta.bundle_id} and not s["fallbacks"],
+        f"{s['requests']} requests, versions {dict(versions)}, fallbacks {s['fallbacks']}",
+    )
 
     say("fault 6: a Scorer replica dies while a refused bundle is still configured")
     bad = workdir / "bad-corrupt"
     deploy(set_user_config(cfg, "Scorer", bundle_uri=str(bad)))
     wait_config(cluster_url, scorer={"bundle_uri": str(bad)})
-    r = kill_under_load(cluster_url, APP, bodies, "Scorer", kill_all=False, concurrency=4,
-                        replace_timeout_s=20 if quick else 40)  # fmt: skip
+    r = kill_under_load(
+        cluster_url, APP, bodies, "Scorer", kill_all=False, concurrency=4, replace_timeout_s=20 if quick else 40
+    )
     st = app_status(APP).deployments["Scorer"]
     r["scorer_status"], r["scorer_message"] = str(st.status), st.message.splitlines()[0][:200] if st.message else ""
     rep.data["kill_with_refused_bundle_configured"] = r
@@ -845,13 +1017,21 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
     except TimeoutError:
         r["restored_after_revert_s"] = None
     t = r["total"]
-    rep.check("refused bundle configured + replica death: zero failed requests, the survivor serves",
-              t["failed"] == 0 and t["contract_violations"] == 0, f"{t['requests']} requests, fallbacks {t['fallbacks']}")  # fmt: skip
-    rep.check("refused bundle configured + replica death: full capacity back after reverting bundle_uri",
-              r["restored_after_revert_s"] is not None, f"2 Scorer replicas RUNNING {r['restored_after_revert_s']} s after the revert")  # fmt: skip
-    rep.note("refused bundle configured + replica death: replacement",
-             f"replaced after {r['replaced_after_s']} s; Scorer {r['scorer_status']}: {r['scorer_message']} "
-             "(a fresh replica refuses to start on a bundle it cannot load: revert bundle_uri after a refused swap)")  # fmt: skip
+    rep.check(
+        "refused bundle configured + replica death: zero failed requests, the survivor serves",
+        t["failed"] == 0 and t["contract_violations"] == 0,
+        f"{t['requests']} requests, fallbacks {t['fallbacks']}",
+    )
+    rep.check(
+        "refused bundle configured + replica death: full capacity back after reverting bundle_uri",
+        r["restored_after_revert_s"] is not None,
+        f"2 Scorer replicas RUNNING {r['restored_after_revert_s']} s after the revert",
+    )
+    rep.note(
+        "refused bundle configured + replica death: replacement",
+        f"replaced after {r['replaced_after_s']} s; Scorer {r['scorer_status']}: {r['scorer_message']} "
+        "(a fresh replica refuses to start on a bundle it cannot load: revert bundle_uri after a refused swap)",
+    )
     return rep
 
 
@@ -885,13 +1065,24 @@ def scenario_load(url: str, bundle: Path, *, n: int, concurrency: int, http_port
     s = summarize(gen.records)
     client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     wall = max(r.t + r.latency_ms / 1000 for r in gen.records)
-    rep.data.update(requests=n, concurrency=concurrency, result=s, wall_s=round(wall, 1),
-                    client_cpu_cores=round(client_cpu / wall, 2), replica_states_after=replica_states(APP),
-                    body={"candidates": len(bodies[0].ids), "top_m": meta.top_m, "bytes": len(bodies[0].raw)})  # fmt: skip
-    say(f"  {s['requests']} requests in {wall:.1f} s ({s['throughput_rps']} req/s), p50 {s['latency_ms']['p50']} ms, "
-        f"p95 {s['latency_ms']['p95']} ms, p99 {s['latency_ms']['p99']} ms, status {s['status']}, fallbacks {s['fallbacks']}")  # fmt: skip
-    rep.check(f"{n} requests at concurrency {concurrency}: zero errors", s["failed"] == 0 and s["requests"] == n,
-              f"status {s['status']}")  # fmt: skip
+    rep.data.update(
+        requests=n,
+        concurrency=concurrency,
+        result=s,
+        wall_s=round(wall, 1),
+        client_cpu_cores=round(client_cpu / wall, 2),
+        replica_states_after=replica_states(APP),
+        body={"candidates": len(bodies[0].ids), "top_m": meta.top_m, "bytes": len(bodies[0].raw)},
+    )
+    say(
+        f"  {s['requests']} requests in {wall:.1f} s ({s['throughput_rps']} req/s), p50 {s['latency_ms']['p50']} ms, "
+        f"p95 {s['latency_ms']['p95']} ms, p99 {s['latency_ms']['p99']} ms, status {s['status']}, fallbacks {s['fallbacks']}"
+    )
+    rep.check(
+        f"{n} requests at concurrency {concurrency}: zero errors",
+        s["failed"] == 0 and s["requests"] == n,
+        f"status {s['status']}",
+    )
     rep.check("every response well-formed", s["contract_violations"] == 0, f"fallbacks {s['fallbacks']}")
     return rep
 
@@ -900,7 +1091,9 @@ def scenario_load(url: str, bundle: Path, *, n: int, concurrency: int, http_port
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("scenario", choices=["autoscale", "faults", "load", "all"])
     p.add_argument("--quick", action="store_true", help="shorter phases; load: 1,000 requests instead of 10,000")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -914,8 +1107,10 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "command": " ".join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "loadavg_before": loadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": [],
-    }  # fmt: skip
+        "loadavg_before": loadavg(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": [],
+    }
     say(f"reliability {scenarios}: loadavg {out['loadavg_before']} on {os.cpu_count()} CPUs")
     reports: list[Report] = []
     with tempfile.TemporaryDirectory(prefix="cotrr-rel-") as tmp:
@@ -939,11 +1134,14 @@ def main(argv: list[str] | None = None) -> int:
                         rep = scenario_autoscale(cluster.url, APP, make_bodies(meta.top_m), quick=args.quick)
                         rep.data["deploy_s"] = round(deploy_s, 1)
                     elif name == "faults":
-                        rep = scenario_faults(cluster.url, bundle, workdir, quick=args.quick, http_port=cluster.http_port)
+                        rep = scenario_faults(
+                            cluster.url, bundle, workdir, quick=args.quick, http_port=cluster.http_port
+                        )
                     else:
                         n = args.requests or (1_000 if args.quick else 10_000)
-                        rep = scenario_load(cluster.url, bundle, n=n, concurrency=args.concurrency,
-                                            http_port=cluster.http_port)  # fmt: skip
+                        rep = scenario_load(
+                            cluster.url, bundle, n=n, concurrency=args.concurrency, http_port=cluster.http_port
+                        )
                 except Exception as e:  # noqa: BLE001 - a crashed scenario is a failed check, reported
                     rep = Report(name)
                     rep.check("scenario ran to the end", False, f"{type(e).__name__}: {e}")
@@ -964,7 +1162,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'PASS' if c.ok else 'FAIL'}  {r.scenario:<9} {c.name}")
         for n in r.data.get("notes", []):
             print(f"  INFO  {r.scenario:<9} {n['name']}: {n['detail']}")
-    print(f"  => {'PASS' if out['pass'] else 'FAIL'} (loadavg before {out['loadavg_before']}, after {out['loadavg_after']})")
+    print(
+        f"  => {'PASS' if out['pass'] else 'FAIL'} (loadavg before {out['loadavg_before']}, after {out['loadavg_after']})"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -115,7 +115,9 @@ def machine_info() -> dict[str, Any]:
         "uvicorn": uvicorn.__version__,
         "pydantic": pydantic.__version__,
         "numpy": np.__version__,
-        "wrk": subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if wrk else None,
+        "wrk": subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        if wrk
+        else None,
     }
 
 
@@ -223,15 +225,21 @@ class CpuMeter:
         client = per.get("client", 0.0)
         server = sum(v for k, v in per.items() if k not in ("client", "bench-driver", "other"))
         ours = sum(per.values())
-        return {"box_cores": round(box, 3), "client_cores": client, "server_cores": round(server, 3),
-                "foreign_cores": round(max(0.0, box - ours), 3), "per_process": per}  # fmt: skip
+        return {
+            "box_cores": round(box, 3),
+            "client_cores": client,
+            "server_cores": round(server, 3),
+            "foreign_cores": round(max(0.0, box - ours), 3),
+            "per_process": per,
+        }
 
 
 # ============================================================================ request bodies
 
 
-def make_bodies(encoding: str, *, n_bodies: int = N_BODIES, n_candidates: int = N_CANDIDATES, top_m: int = TOP_M,
-                seed: int = 0) -> list[bytes]:  # fmt: skip
+def make_bodies(
+    encoding: str, *, n_bodies: int = N_BODIES, n_candidates: int = N_CANDIDATES, top_m: int = TOP_M, seed: int = 0
+) -> list[bytes]:
     """`n_bodies` distinct rerank requests: `n_candidates` in upstream order, the first `top_m` with
     features (lists of floats for "json", base64 little-endian float32 for "base64"), the rest ids only."""
     from cotrr_ray.data import generate_query
@@ -239,12 +247,16 @@ def make_bodies(encoding: str, *, n_bodies: int = N_BODIES, n_candidates: int = 
     out = []
     for k in range(n_bodies):
         rng = np.random.default_rng([seed, k])
-        rec = generate_query(rng, f"bench-q{k}", n=n_candidates, top_m=top_m,
-                             encoding="base64" if encoding == "base64" else "list")  # fmt: skip
+        rec = generate_query(
+            rng, f"bench-q{k}", n=n_candidates, top_m=top_m, encoding="base64" if encoding == "base64" else "list"
+        )
         for c in rec["candidates"]:
             c.pop("label", None)
-        body = {"query": {"id": rec["id"], "features": rec["features"]}, "unit_id": f"bench-user-{k}",
-                "candidates": rec["candidates"]}  # fmt: skip
+        body = {
+            "query": {"id": rec["id"], "features": rec["features"]},
+            "unit_id": f"bench-user-{k}",
+            "candidates": rec["candidates"],
+        }
         out.append(orjson.dumps(body))
     return out
 
@@ -340,8 +352,19 @@ class LoadGen:
 
     def _run_wrk(self, url: str, concurrency: int, duration_s: float) -> dict[str, Any]:
         base, path = _split_url(url)
-        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", f"--timeout={int(self.timeout_s)}s",
-               "-s", str(self.workdir / "post.lua"), base, "--", path, *self.body_files]  # fmt: skip
+        cmd = [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration_s))}s",
+            f"--timeout={int(self.timeout_s)}s",
+            "-s",
+            str(self.workdir / "post.lua"),
+            base,
+            "--",
+            path,
+            *self.body_files,
+        ]
         import resource
 
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -372,8 +395,17 @@ class LoadGen:
 
     def _run_httpx(self, url: str, concurrency: int, duration_s: float) -> dict[str, Any]:
         out = self.workdir / f"httpx-{concurrency}-{time.monotonic_ns()}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_httpx-client", url, str(concurrency),
-               str(duration_s), str(self.timeout_s), str(out), *self.body_files]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_httpx-client",
+            url,
+            str(concurrency),
+            str(duration_s),
+            str(self.timeout_s),
+            str(out),
+            *self.body_files,
+        ]
         import resource
 
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -493,8 +525,17 @@ def run_limit(bundle_uri: str, bodies: list[bytes], *, batch_size: int, duration
         for r, s, p in zip(reqs, results, probs):
             order = model_order(s.logits, len(r.ids))
             items = build_results(r.ids, order, window=r.window, logits=s.logits, probabilities=p, top_n=r.top_n)
-            orjson.dumps({"request_id": "x", "model_version": s.model_version, "arm": "treatment", "shadow": False,
-                          "fallback": None, "calibrated": True, "results": items})  # fmt: skip
+            orjson.dumps(
+                {
+                    "request_id": "x",
+                    "model_version": s.model_version,
+                    "arm": "treatment",
+                    "shadow": False,
+                    "fallback": None,
+                    "calibrated": True,
+                    "results": items,
+                }
+            )
         t4 = time.perf_counter()
         stages["parse_features"] += t1 - t0
         stages["model"] += t2 - t1
@@ -502,7 +543,7 @@ def run_limit(bundle_uri: str, bodies: list[bytes], *, batch_size: int, duration
         stages["order_serialise"] += t4 - t3
 
     for i in range(3):  # warm-up
-        one_batch(bodies[i * batch_size % len(bodies):][:batch_size] or bodies[:batch_size])
+        one_batch(bodies[i * batch_size % len(bodies) :][:batch_size] or bodies[:batch_size])
     for k in stages:
         stages[k] = 0.0
     n, k = 0, 0
@@ -638,8 +679,14 @@ class ServeCluster:
         # Metrics flushed every second so per-level Prometheus deltas (batch sizes) are current.
         os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
         t0 = time.perf_counter()
-        ray.init(address="local", namespace="serve", num_cpus=self.num_cpus, include_dashboard=False,
-                 _metrics_export_port=self.metrics_port, log_to_driver=False)  # fmt: skip
+        ray.init(
+            address="local",
+            namespace="serve",
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            _metrics_export_port=self.metrics_port,
+            log_to_driver=False,
+        )
         self.ray_start_s = time.perf_counter() - t0
 
     def deploy(self, cfg: dict[str, Any], timeout_s: float = 300.0, *, fresh: bool = False) -> float:
@@ -771,8 +818,11 @@ def probe_hops(http_base: str, n: int = 300, payload_floats: int = TOP_M * 1037)
             time.sleep(0.5)
 
     try:
-        return {"noop_rtt_ms": ask("noop", 1), "payload_rtt_ms": ask("noop", payload_floats),
-                "batched_payload_rtt_ms": ask("batched", payload_floats)}  # fmt: skip
+        return {
+            "noop_rtt_ms": ask("noop", 1),
+            "payload_rtt_ms": ask("noop", payload_floats),
+            "batched_payload_rtt_ms": ask("batched", payload_floats),
+        }
     finally:
         serve.delete("hop")
 
@@ -810,23 +860,35 @@ class Bench:
         time.sleep(window_s)
         return CpuMeter.delta(a, self.meter.snapshot())["foreign_cores"]
 
-    def level(self, gen: LoadGen, url: str, concurrency: int, *, warmup_s: float, duration_s: float,
-              scrape=None, server: str = "serve") -> dict[str, Any]:  # fmt: skip
+    def level(
+        self,
+        gen: LoadGen,
+        url: str,
+        concurrency: int,
+        *,
+        warmup_s: float,
+        duration_s: float,
+        scrape=None,
+        server: str = "serve",
+    ) -> dict[str, Any]:
         """One level; on a shared box, re-measured once other people's processes calm down if they used
         more than `max_foreign` cores during it (`retries`, `noisy` in the row say what happened)."""
         t_start = time.monotonic()
         t_end = t_start + min(self.max_wait_s, max(0.0, self.wait_budget_s))
         retries = 0
         while True:
-            row = self._level(gen, url, concurrency, warmup_s=warmup_s, duration_s=duration_s, scrape=scrape,
-                              server=server)  # fmt: skip
+            row = self._level(
+                gen, url, concurrency, warmup_s=warmup_s, duration_s=duration_s, scrape=scrape, server=server
+            )
             if self.max_foreign is None or row["cpu"]["foreign_cores"] <= self.max_foreign:
                 break
             if time.monotonic() > t_end:
                 row["noisy"] = True
                 break
-            say(f"  level c={concurrency}: {row['cpu']['foreign_cores']:.2f} cores used by other processes; "
-                "waiting for the box to calm down, then measuring again")  # fmt: skip
+            say(
+                f"  level c={concurrency}: {row['cpu']['foreign_cores']:.2f} cores used by other processes; "
+                "waiting for the box to calm down, then measuring again"
+            )
             while time.monotonic() < t_end and self.foreign_now() > self.max_foreign:
                 pass
             retries += 1
@@ -834,8 +896,17 @@ class Bench:
         row["retries"] = retries
         return row
 
-    def _level(self, gen: LoadGen, url: str, concurrency: int, *, warmup_s: float, duration_s: float,
-               scrape=None, server: str = "serve") -> dict[str, Any]:  # fmt: skip
+    def _level(
+        self,
+        gen: LoadGen,
+        url: str,
+        concurrency: int,
+        *,
+        warmup_s: float,
+        duration_s: float,
+        scrape=None,
+        server: str = "serve",
+    ) -> dict[str, Any]:
         """Warm-up (discarded), then one measured closed-loop run; CPU and batch sizes over the run."""
         if warmup_s > 0:
             gen.run(url, concurrency, warmup_s)
@@ -850,10 +921,15 @@ class Bench:
         # "server" = the processes of the server under test (the other one idles meanwhile)
         peer_cores = cpu["per_process"].get("peer", 0.0)
         cpu["server_cores"] = round(peer_cores if server == "peer" else cpu["server_cores"] - peer_cores, 3)
-        out = {"concurrency": concurrency, **{k: v for k, v in res.items() if k != "client_cpu_s"}, "cpu": cpu,
-               "server_cpu_ms_per_request": round(cpu["server_cores"] * (s1["t"] - s0["t"]) / max(1, res["requests"])
-                                                  * 1000, 3),
-               "loadavg": la0}  # fmt: skip
+        out = {
+            "concurrency": concurrency,
+            **{k: v for k, v in res.items() if k != "client_cpu_s"},
+            "cpu": cpu,
+            "server_cpu_ms_per_request": round(
+                cpu["server_cores"] * (s1["t"] - s0["t"]) / max(1, res["requests"]) * 1000, 3
+            ),
+            "loadavg": la0,
+        }
         if b0 is not None and b1 is not None:
             ds, dc = b1[0] - b0[0], b1[1] - b0[1]
             out["scorer_batch_mean"] = round(ds / dc, 2) if dc > 0 else None
@@ -862,8 +938,10 @@ class Bench:
 
 
 def fmt_table(rows: list[dict[str, Any]], title: str) -> str:
-    head = f"{'enc':<7}{'c':>4}{'req/s':>9}{'p50':>9}{'p95':>9}{'p99':>9}{'err':>6}{'fb':>5}{'batch':>7}" \
-           f"{'box':>6}{'srv':>6}{'cli':>6}{'other':>6}{'ms/req':>8}  load"  # fmt: skip
+    head = (
+        f"{'enc':<7}{'c':>4}{'req/s':>9}{'p50':>9}{'p95':>9}{'p99':>9}{'err':>6}{'fb':>5}{'batch':>7}"
+        f"{'box':>6}{'srv':>6}{'cli':>6}{'other':>6}{'ms/req':>8}  load"
+    )
     lines = [title, head]
     for r in rows:
         b = r.get("scorer_batch_mean")
@@ -899,8 +977,13 @@ def ratios(levels: list[dict], peer: list[dict], limit: dict[str, dict]) -> dict
             "peer_best_concurrency": p["concurrency"] if p else None,
         }
     first = next((e for e in ENCODINGS if e in by and by[e]["rps_vs_peer"] is not None), ENCODINGS[0])
-    return {"rps_vs_peer": by[first]["rps_vs_peer"], "rps_vs_limit": by[first]["rps_vs_limit"],
-            "p50_vs_peer": by[first]["p50_vs_peer"], "encoding": first, "by_encoding": by}  # fmt: skip
+    return {
+        "rps_vs_peer": by[first]["rps_vs_peer"],
+        "rps_vs_limit": by[first]["rps_vs_limit"],
+        "p50_vs_peer": by[first]["p50_vs_peer"],
+        "encoding": first,
+        "by_encoding": by,
+    }
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -928,9 +1011,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     styles = {"cotrr-ray": "-o", "peer": "--s", "fused": ":^", "no coalescing": "-.x"}
-    series = {"cotrr-ray": result["levels"], "peer": result.get("peer", {}).get("levels", []),
-              "fused": result.get("fused", {}).get("levels", []),
-              "no coalescing": result.get("no_coalescing", {}).get("levels", [])}  # fmt: skip
+    series = {
+        "cotrr-ray": result["levels"],
+        "peer": result.get("peer", {}).get("levels", []),
+        "fused": result.get("fused", {}).get("levels", []),
+        "no coalescing": result.get("no_coalescing", {}).get("levels", []),
+    }
     colors = {"json": "tab:blue", "base64": "tab:orange"}
     for name, rows in series.items():
         for enc in ENCODINGS:
@@ -956,8 +1042,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"cotrr-ray serving: Ray Serve graph vs peer (FastAPI) vs limit — {m['logical_cpus']} CPUs, "
-                 f"{m['cpu_model'][:40]}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"cotrr-ray serving: Ray Serve graph vs peer (FastAPI) vs limit — {m['logical_cpus']} CPUs, "
+        f"{m['cpu_model'][:40]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -987,27 +1076,44 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load": {"before": loadavg()},
         "settings": {
-            "mode": args.mode, "serve_env": SERVE_ENV[args.mode], "concurrency": levels, "encodings": encodings,
-            "warmup_s": args.warmup, "duration_s": args.duration, "bodies": args.bodies,
+            "mode": args.mode,
+            "serve_env": SERVE_ENV[args.mode],
+            "concurrency": levels,
+            "encodings": encodings,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "bodies": args.bodies,
             "body_bytes": {enc: int(statistics.mean(len(b) for b in bodies[enc])) for enc in encodings},
-            "candidates": N_CANDIDATES, "top_m": TOP_M, "bundle": str(bundle_uri), "bundle_id": meta.bundle_id,
-            "spec": meta.spec.describe(), "scorer_max_batch_size": batch_size, "serve_config": str(serve_cfg_path),
+            "candidates": N_CANDIDATES,
+            "top_m": TOP_M,
+            "bundle": str(bundle_uri),
+            "bundle_id": meta.bundle_id,
+            "spec": meta.spec.describe(),
+            "scorer_max_batch_size": batch_size,
+            "serve_config": str(serve_cfg_path),
             "client": None,
-        },  # fmt: skip
+        },
     }
     say(f"machine: {result['machine']['logical_cpus']} CPUs, load {loadavg()}")
 
     # ---------------------------------------------------------------- 1. limit (before anything else runs)
     limit_by = {}
     for enc in encodings:
-        limit_by[enc] = run_limit(bundle_uri, bodies[enc], batch_size=batch_size, duration_s=args.limit_duration,
-                                  top_m=min(TOP_M, meta.top_m))  # fmt: skip
+        limit_by[enc] = run_limit(
+            bundle_uri, bodies[enc], batch_size=batch_size, duration_s=args.limit_duration, top_m=min(TOP_M, meta.top_m)
+        )
         limit_by[enc]["loadavg"] = loadavg()
-        say(f"limit {enc}: {limit_by[enc]['rps']:.1f} req/s, {limit_by[enc]['ms_per_request']:.3f} ms/req "
-            f"{limit_by[enc]['stages_ms_per_request']}")  # fmt: skip
+        say(
+            f"limit {enc}: {limit_by[enc]['rps']:.1f} req/s, {limit_by[enc]['ms_per_request']:.3f} ms/req "
+            f"{limit_by[enc]['stages_ms_per_request']}"
+        )
     first = encodings[0]
-    result["limit"] = {"rps": limit_by[first]["rps"], "ms_per_request": limit_by[first]["ms_per_request"],
-                       "encoding": first, "by_encoding": limit_by}  # fmt: skip
+    result["limit"] = {
+        "rps": limit_by[first]["rps"],
+        "ms_per_request": limit_by[first]["ms_per_request"],
+        "encoding": first,
+        "by_encoding": limit_by,
+    }
 
     gens = {enc: LoadGen(bodies[enc], kind=args.client) for enc in encodings}
     result["settings"]["client"] = gens[first].kind
@@ -1025,10 +1131,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         peer_log = open(work / "peer.log", "wb")
         peer = subprocess.Popen(
-            [sys.executable, str(REPO / "bench/peer_app.py"), "--bundle", str(bundle_uri), "--port", str(port),
-             "--serve-config", str(serve_cfg_path), "--exposure-log", str(work / "peer-exposure.jsonl")],
-            stdout=peer_log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(REPO / "bench/peer_app.py"),
+                "--bundle",
+                str(bundle_uri),
+                "--port",
+                str(port),
+                "--serve-config",
+                str(serve_cfg_path),
+                "--exposure-log",
+                str(work / "peer-exposure.jsonl"),
+            ],
+            stdout=peer_log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=REPO,
+        )
         peer_url = f"http://127.0.0.1:{port}"
 
     def stop_peer() -> None:
@@ -1048,25 +1167,36 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         cfg = serve_config_for_bench(serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri))
         deploy_s = cluster.deploy(cfg)
         result["startup_s"] = {"ray_init": round(cluster.ray_start_s, 2), "deploy_to_healthy": round(deploy_s, 2)}
-        say(f"Serve up: ray.init {cluster.ray_start_s:.1f} s, deploy->healthy {deploy_s:.1f} s, "
-            f"target {cluster.url_base} (direct ingress: {cluster.ingress_port is not None})")  # fmt: skip
+        say(
+            f"Serve up: ray.init {cluster.ray_start_s:.1f} s, deploy->healthy {deploy_s:.1f} s, "
+            f"target {cluster.url_base} (direct ingress: {cluster.ingress_port is not None})"
+        )
         result["settings"]["target"] = "router replica port (direct ingress)" if cluster.ingress_port else "proxy"
         if peer is not None:
             wait_healthy(peer_url, 120, peer)
         a = bench.meter.snapshot()
         time.sleep(3)
         idle = CpuMeter.delta(a, bench.meter.snapshot())
-        result["serve_idle_cores"] = round(sum(v for k, v in idle["per_process"].items() if k not in ("bench-driver",
-                                                                                                        "peer")), 3)  # fmt: skip
+        result["serve_idle_cores"] = round(
+            sum(v for k, v in idle["per_process"].items() if k not in ("bench-driver", "peer")), 3
+        )
         say(f"idle: Serve's processes {result['serve_idle_cores']} cores, box {idle['box_cores']} cores")
 
         def serve_level(name: str, enc: str, c: int) -> dict:
-            r = bench.level(gens[enc], cluster.url_base + "/v1/rerank", c, warmup_s=args.warmup,
-                            duration_s=args.duration, scrape=cluster.scrape)  # fmt: skip
+            r = bench.level(
+                gens[enc],
+                cluster.url_base + "/v1/rerank",
+                c,
+                warmup_s=args.warmup,
+                duration_s=args.duration,
+                scrape=cluster.scrape,
+            )
             r["encoding"] = enc
-            say(f"{name} {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.1f} "
+            say(
+                f"{name} {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.1f} "
                 f"err {r['errors']} fb {r['fallbacks']} batch {r.get('scorer_batch_mean')} "
-                f"foreign {r['cpu']['foreign_cores']} cpu {r['cpu']['per_process']}")  # fmt: skip
+                f"foreign {r['cpu']['foreign_cores']} cpu {r['cpu']['per_process']}"
+            )
             return r
 
         def sweep(name: str, lv: list[int]) -> list[dict]:
@@ -1077,12 +1207,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for enc in encodings:
                 for c in levels:
                     if peer is not None:
-                        r = bench.level(gens[enc], peer_url + "/v1/rerank", c, warmup_s=args.warmup,
-                                        duration_s=args.duration, server="peer")  # fmt: skip
+                        r = bench.level(
+                            gens[enc],
+                            peer_url + "/v1/rerank",
+                            c,
+                            warmup_s=args.warmup,
+                            duration_s=args.duration,
+                            server="peer",
+                        )
                         r["encoding"] = enc
                         peer_rows.append(r)
-                        say(f"peer {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms err {r['errors']} "
-                            f"foreign {r['cpu']['foreign_cores']}")  # fmt: skip
+                        say(
+                            f"peer {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms err {r['errors']} "
+                            f"foreign {r['cpu']['foreign_cores']}"
+                        )
                     rows.append(serve_level("serve", enc, c))
         finally:
             stop_peer()
@@ -1094,13 +1232,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_overload:
             cap = int(router_dep.get("max_ongoing_requests", 5)) + int(router_dep.get("max_queued_requests", -1))
             c_over = max(cap + 64, 128)
-            r = bench.level(gens[first], cluster.url_base + "/v1/rerank", c_over, warmup_s=min(1.0, args.warmup),
-                            duration_s=max(1.0, args.duration / 2), scrape=cluster.scrape)  # fmt: skip
+            r = bench.level(
+                gens[first],
+                cluster.url_base + "/v1/rerank",
+                c_over,
+                warmup_s=min(1.0, args.warmup),
+                duration_s=max(1.0, args.duration / 2),
+                scrape=cluster.scrape,
+            )
             r["encoding"] = first
             r["router_admission_cap"] = cap
             result["overload"] = r
-            say(f"overload c={c_over} (cap {cap}): {r['rps']:.1f} req/s, 503 {r['status_503']}, "
-                f"retry-after {r['retry_after']}, other errors {r['errors'] - r['status_503']}, p99 {r['p99_ms']:.1f}")
+            say(
+                f"overload c={c_over} (cap {cap}): {r['rps']:.1f} req/s, 503 {r['status_503']}, "
+                f"retry-after {r['retry_after']}, other errors {r['errors'] - r['status_503']}, p99 {r['p99_ms']:.1f}"
+            )
 
         if args.hop_probe:
             result["hop_probe"] = {**probe_hops(f"http://127.0.0.1:{cluster.http_port}"), "loadavg": loadavg()}
@@ -1108,25 +1254,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         # fused mode: calibration inside the Scorer
         if args.fused:
-            cfg_f = serve_config_for_bench(serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri),
-                                           variant="fused")  # fmt: skip
+            cfg_f = serve_config_for_bench(
+                serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri), variant="fused"
+            )
             cluster.deploy(cfg_f, fresh=True)
             fl = [c for c in levels if c != 4] or levels
             result["fused"] = {"levels": sweep("fused", fl)}
 
         # ablation: the same graph without router-side coalescing (one hop per request and deployment)
         if args.ablation:
-            cfg_n = serve_config_for_bench(serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri),
-                                           variant="nocoalesce")  # fmt: skip
+            cfg_n = serve_config_for_bench(
+                serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri), variant="nocoalesce"
+            )
             cluster.deploy(cfg_n, fresh=True)
-            al = sorted({1, *[best(result["levels"], e)["concurrency"] for e in encodings if best(result["levels"], e)]})
+            al = sorted(
+                {1, *[best(result["levels"], e)["concurrency"] for e in encodings if best(result["levels"], e)]}
+            )
             result["no_coalescing"] = {"levels": sweep("no-coalescing", al)}
 
         # scale-out: two Scorer replicas, each pinned to its own CPU, vs one
         if args.scaleout:
             one = {enc: best(result["levels"], enc) for enc in encodings}
-            cfg_2 = serve_config_for_bench(serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri),
-                                           variant="scaleout2")  # fmt: skip
+            cfg_2 = serve_config_for_bench(
+                serve_cfg_path, http_port=http_port, bundle_uri=str(bundle_uri), variant="scaleout2"
+            )
             cluster.deploy(cfg_2, fresh=True)
             deadline = time.monotonic() + 60
             while len(cluster.replica_pids("Scorer")) < 2 and time.monotonic() < deadline:
@@ -1141,16 +1292,28 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rows = []
             for enc in encodings:
                 c = one[enc]["concurrency"] if one[enc] else 32
-                r = bench.level(gens[enc], cluster.url_base + "/v1/rerank", c, warmup_s=args.warmup,
-                                duration_s=args.duration, scrape=cluster.scrape)  # fmt: skip
+                r = bench.level(
+                    gens[enc],
+                    cluster.url_base + "/v1/rerank",
+                    c,
+                    warmup_s=args.warmup,
+                    duration_s=args.duration,
+                    scrape=cluster.scrape,
+                )
                 r["encoding"] = enc
                 r["one_replica_rps"] = one[enc]["rps"] if one[enc] else None
                 r["ratio_2_vs_1"] = round(r["rps"] / one[enc]["rps"], 3) if one[enc] else None
                 rows.append(r)
-                say(f"scale-out {enc} c={c}: 2 replicas {r['rps']:.1f} req/s vs 1 replica "
-                    f"{r['one_replica_rps']} -> {r['ratio_2_vs_1']}  cpu {r['cpu']['per_process']}")  # fmt: skip
-            result["scaleout"] = {"scorer_replicas": 2, "pinned_cpus": pinned, "levels": rows,
-                                  "ratio_2_vs_1": {r["encoding"]: r["ratio_2_vs_1"] for r in rows}}  # fmt: skip
+                say(
+                    f"scale-out {enc} c={c}: 2 replicas {r['rps']:.1f} req/s vs 1 replica "
+                    f"{r['one_replica_rps']} -> {r['ratio_2_vs_1']}  cpu {r['cpu']['per_process']}"
+                )
+            result["scaleout"] = {
+                "scorer_replicas": 2,
+                "pinned_cpus": pinned,
+                "levels": rows,
+                "ratio_2_vs_1": {r["encoding"]: r["ratio_2_vs_1"] for r in rows},
+            }
     finally:
         cluster.shutdown()
         shutil.rmtree(work, ignore_errors=True)
@@ -1171,12 +1334,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(result: dict[str, Any]) -> None:
     print()
-    print(f"machine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
-          f"load before {result['load']['before']} after {result['load']['after']}, client {result['settings']['client']}, "
-          f"mode {result['settings']['mode']} ({result['settings'].get('target')})")  # fmt: skip
+    print(
+        f"machine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
+        f"load before {result['load']['before']} after {result['load']['after']}, client {result['settings']['client']}, "
+        f"mode {result['settings']['mode']} ({result['settings'].get('target')})"
+    )
     for enc, lim in result["limit"]["by_encoding"].items():
-        print(f"limit {enc}: {lim['rps']:.1f} req/s ({lim['ms_per_request']:.3f} ms/req, batch {lim['batch_size']}) "
-              f"stages {lim['stages_ms_per_request']}")  # fmt: skip
+        print(
+            f"limit {enc}: {lim['rps']:.1f} req/s ({lim['ms_per_request']:.3f} ms/req, batch {lim['batch_size']}) "
+            f"stages {lim['stages_ms_per_request']}"
+        )
     print(fmt_table(result["levels"], "\ncotrr-ray (Router -> Scorer -> Calibrator)"))
     if "peer" in result:
         print(fmt_table(result["peer"]["levels"], "\npeer (FastAPI + uvicorn, 1 process)"))
@@ -1189,19 +1356,25 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"ratio 2 replicas / 1 replica: {result['scaleout']['ratio_2_vs_1']}")
     if "overload" in result:
         o = result["overload"]
-        print(f"\noverload c={o['concurrency']} (router cap {o['router_admission_cap']}): {o['rps']:.1f} req/s, "
-              f"503: {o['status_503']} (Retry-After on {o['retry_after']}), other errors "
-              f"{o['errors'] - o['status_503']}, fallbacks {o['fallbacks']}, p50 {o['p50_ms']:.1f} ms")  # fmt: skip
+        print(
+            f"\noverload c={o['concurrency']} (router cap {o['router_admission_cap']}): {o['rps']:.1f} req/s, "
+            f"503: {o['status_503']} (Retry-After on {o['retry_after']}), other errors "
+            f"{o['errors'] - o['status_503']}, fallbacks {o['fallbacks']}, p50 {o['p50_ms']:.1f} ms"
+        )
     if "hop_probe" in result:
         print(f"\nServe hop floor (median round trip replica -> replica at c=1): {result['hop_probe']}")
-    print(f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
-          f"still noisy after waiting: {result.get('noisy_levels', 0)}")
+    print(
+        f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
+        f"still noisy after waiting: {result.get('noisy_levels', 0)}"
+    )
     print("ratios:", json.dumps(result["ratios"]["by_encoding"]))
     print("targets:", json.dumps(result["targets"], indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="~2 minutes: c=1,16,64, short levels, no fused/scale-out")
     p.add_argument("--json", default=None, help="write the result here (default bench/results/serve.json)")
     p.add_argument("--png", default=None, help="plot (default: the JSON path with .png)")
@@ -1212,11 +1385,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-duration", type=float, default=None, help="seconds of the in-process limit loop")
     p.add_argument("--bodies", type=int, default=N_BODIES)
     p.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
-    p.add_argument("--max-foreign", type=float, default=0.3,
-                   help="re-measure a level when processes that are not ours used more cores than this during it "
-                        "(shared machines); waits up to 3 min per level, then keeps it flagged noisy. <0: off")
-    p.add_argument("--mode", choices=tuple(SERVE_ENV), default="opt",
-                   help="environment of Serve's processes: opt = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress)")
+    p.add_argument(
+        "--max-foreign",
+        type=float,
+        default=0.3,
+        help="re-measure a level when processes that are not ours used more cores than this during it "
+        "(shared machines); waits up to 3 min per level, then keeps it flagged noisy. <0: off",
+    )
+    p.add_argument(
+        "--mode",
+        choices=tuple(SERVE_ENV),
+        default="opt",
+        help="environment of Serve's processes: opt = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress)",
+    )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray")
     p.add_argument("--bundle", default="artifacts/bundles/demo")
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"))
@@ -1224,10 +1405,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-overload", action="store_true")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--scaleout", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the graph without router-side coalescing (c=1 and the best concurrency)")
-    p.add_argument("--hop-probe", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure the round trip of a bare Serve handle call (explains the c=1 latency)")
+    p.add_argument(
+        "--ablation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the graph without router-side coalescing (c=1 and the best concurrency)",
+    )
+    p.add_argument(
+        "--hop-probe",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the round trip of a bare Serve handle call (explains the c=1 latency)",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.concurrency = a.concurrency or ",".join(map(str, QUICK_LEVELS if q else DEFAULT_LEVELS))

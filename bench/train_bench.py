@@ -73,8 +73,14 @@ def machine_info() -> dict[str, Any]:
         ray_version = ray.__version__
     except ImportError:
         ray_version = None
-    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray_version}  # fmt: skip
+    return {
+        "cpu_model": cpu_model,
+        "logical_cpus": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray_version,
+    }
 
 
 # ============================================================================ timed loop contexts
@@ -113,8 +119,17 @@ def _ray_worker_loop(config: dict[str, Any]) -> None:
             super().report(metrics, state)
             if self.rank == 0:
                 with open(log, "a") as f:
-                    f.write(json.dumps({**metrics, "t_before_report": t0, "t_after_report": time.time(),
-                                        "t_loop_start": t_loop_start}) + "\n")  # fmt: skip
+                    f.write(
+                        json.dumps(
+                            {
+                                **metrics,
+                                "t_before_report": t0,
+                                "t_after_report": time.time(),
+                                "t_loop_start": t_loop_start,
+                            }
+                        )
+                        + "\n"
+                    )
 
     def resolve(x: Any) -> Any:
         return ray.get(x) if isinstance(x, ray.ObjectRef) else x
@@ -162,14 +177,16 @@ def summarise(reports: list[dict[str, Any]], t_start: float, n_train: int, world
     epochs = []
     prev = t_start
     for r in reports:
-        epochs.append({
-            "epoch": int(r["epoch"]),
-            "wall_s": round(r["t_after_report"] - prev, 4),
-            "train_loop_s": round(r["epoch_s"], 4),
-            "report_s": round(r["t_after_report"] - r["t_before_report"], 4),
-            "train_loss": round(r["train_loss"], 6),
-            "val_ndcg@10": round(r["val_ndcg@10"], 6),
-        })  # fmt: skip
+        epochs.append(
+            {
+                "epoch": int(r["epoch"]),
+                "wall_s": round(r["t_after_report"] - prev, 4),
+                "train_loop_s": round(r["epoch_s"], 4),
+                "report_s": round(r["t_after_report"] - r["t_before_report"], 4),
+                "train_loss": round(r["train_loss"], 6),
+                "val_ndcg@10": round(r["val_ndcg@10"], 6),
+            }
+        )
         prev = r["t_after_report"]
     steady = epochs[1:] or epochs
     wall = statistics.median(e["wall_s"] for e in steady)
@@ -188,13 +205,30 @@ def summarise(reports: list[dict[str, Any]], t_start: float, n_train: int, world
     }
 
 
-def bench_cfg(base: TrainConfig, *, epochs: int, amp: str | None = None, compile_: bool | None = None,
-              use_gpu: bool = False, num_workers: int | None = None) -> TrainConfig:  # fmt: skip
-    optim = base.optim.model_copy(update={"max_epochs": epochs, "patience": epochs + 1,
-                                          **({"amp": amp} if amp else {}),
-                                          **({"compile": compile_} if compile_ is not None else {})})  # fmt: skip
-    scaling = base.scaling.model_copy(update={"use_gpu": use_gpu, "max_failures": 0,
-                                              **({"num_workers": num_workers} if num_workers is not None else {})})  # fmt: skip
+def bench_cfg(
+    base: TrainConfig,
+    *,
+    epochs: int,
+    amp: str | None = None,
+    compile_: bool | None = None,
+    use_gpu: bool = False,
+    num_workers: int | None = None,
+) -> TrainConfig:
+    optim = base.optim.model_copy(
+        update={
+            "max_epochs": epochs,
+            "patience": epochs + 1,
+            **({"amp": amp} if amp else {}),
+            **({"compile": compile_} if compile_ is not None else {}),
+        }
+    )
+    scaling = base.scaling.model_copy(
+        update={
+            "use_gpu": use_gpu,
+            "max_failures": 0,
+            **({"num_workers": num_workers} if num_workers is not None else {}),
+        }
+    )
     return base.model_copy(update={"optim": optim, "scaling": scaling})
 
 
@@ -233,17 +267,24 @@ def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: in
     train, val = ray.put(data.padded["train"]), ray.put(data.padded["validation"])
     trainer = TorchTrainer(
         _ray_worker_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_config": data.model_config.to_dict(),
-                           "train": train, "validation": val, "timing_log": str(log)},  # fmt: skip
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "model_config": data.model_config.to_dict(),
+            "train": train,
+            "validation": val,
+            "timing_log": str(log),
+        },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=f"train-bench-{num_workers}w-{time.time_ns()}",
             storage_path=str(workdir / "ray_results"),
             failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
-                                               checkpoint_score_order="max"),  # fmt: skip
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
+            ),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
         ),
     )
@@ -266,17 +307,25 @@ def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: in
 def gpu_section(base: TrainConfig, data: PreparedData, epochs: int) -> dict[str, Any]:
     """fp32 / bf16 / fp16+GradScaler loss curves and torch.compile on/off, plain PyTorch on CUDA."""
     if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device visible to torch (torch.cuda.is_available() is False); run "
-                           "`python bench/train_bench.py --gpu-only` on a GPU machine (Ray not needed)"}  # fmt: skip
+        return {
+            "skipped": "no CUDA device visible to torch (torch.cuda.is_available() is False); run "
+            "`python bench/train_bench.py --gpu-only` on a GPU machine (Ray not needed)"
+        }
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "runs": {}}
-    for name, amp, comp in (("fp32", "none", False), ("bf16", "bf16", False), ("fp16+GradScaler", "fp16", False),
-                            ("bf16+compile", "bf16", True)):  # fmt: skip
+    for name, amp, comp in (
+        ("fp32", "none", False),
+        ("bf16", "bf16", False),
+        ("fp16+GradScaler", "fp16", False),
+        ("bf16+compile", "bf16", True),
+    ):
         cfg = bench_cfg(base, epochs=epochs, amp=amp, compile_=comp, use_gpu=True)
         say(f"GPU {name}: {epochs} epochs")
         out["runs"][name] = run_plain(cfg, data, use_gpu=True)
         r = out["runs"][name]
-        say(f"  {r['samples_per_s']:.0f} lists/s, final loss {r['final_train_loss']:.4f}, "
-            f"val nDCG@10 {r['final_val_ndcg@10']:.4f}")  # fmt: skip
+        say(
+            f"  {r['samples_per_s']:.0f} lists/s, final loss {r['final_train_loss']:.4f}, "
+            f"val nDCG@10 {r['final_val_ndcg@10']:.4f}"
+        )
     runs = out["runs"]
     ref = runs["fp32"]["final_val_ndcg@10"]
     out["amp_val_ndcg_delta_vs_fp32"] = {k: round(v["final_val_ndcg@10"] - ref, 4) for k, v in runs.items()}
@@ -288,17 +337,25 @@ def gpu_section(base: TrainConfig, data: PreparedData, epochs: int) -> dict[str,
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\nmachine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
-          f"load before {result['load']['before']} after {result['load']['after']}")  # fmt: skip
-    print(f"data: {result['data']['train_lists']} training lists (queries), model {result['data']['model']}, "
-          f"{result['settings']['epochs']} epochs per run, batch {result['settings']['batch_size']}")  # fmt: skip
-    head = f"{'run':<22}{'epoch s':>9}{'loop s':>9}{'report s':>10}{'lists/s':>9}{'start s':>9}{'fit s':>8}" \
-           f"{'loss':>8}{'nDCG@10':>9}{'other':>7}"  # fmt: skip
+    print(
+        f"\nmachine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
+        f"load before {result['load']['before']} after {result['load']['after']}"
+    )
+    print(
+        f"data: {result['data']['train_lists']} training lists (queries), model {result['data']['model']}, "
+        f"{result['settings']['epochs']} epochs per run, batch {result['settings']['batch_size']}"
+    )
+    head = (
+        f"{'run':<22}{'epoch s':>9}{'loop s':>9}{'report s':>10}{'lists/s':>9}{'start s':>9}{'fit s':>8}"
+        f"{'loss':>8}{'nDCG@10':>9}{'other':>7}"
+    )
     print(head)
     for name, r in result["cpu"].items():
-        print(f"{name:<22}{r['epoch_wall_s']:>9.3f}{r['epoch_train_loop_s']:>9.3f}{r['report_s']:>10.3f}"
-              f"{r['samples_per_s']:>9.1f}{r['startup_s']:>9.2f}{r['fit_s']:>8.1f}{r['final_train_loss']:>8.4f}"
-              f"{r['final_val_ndcg@10']:>9.4f}{r.get('foreign_cores', float('nan')):>7.2f}")  # fmt: skip
+        print(
+            f"{name:<22}{r['epoch_wall_s']:>9.3f}{r['epoch_train_loop_s']:>9.3f}{r['report_s']:>10.3f}"
+            f"{r['samples_per_s']:>9.1f}{r['startup_s']:>9.2f}{r['fit_s']:>8.1f}{r['final_train_loss']:>8.4f}"
+            f"{r['final_val_ndcg@10']:>9.4f}{r.get('foreign_cores', float('nan')):>7.2f}"
+        )
     print("(other = cores used by processes that are not this benchmark's during the run)")
     if "ray_init_s" in result:
         print(f"cluster start (ray.init): {result['ray_init_s']:.2f} s")
@@ -309,8 +366,10 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"GPU section skipped: {g['skipped']}")
     else:
         for name, r in g.get("runs", {}).items():
-            print(f"GPU {name:<18}{r['epoch_wall_s']:>9.3f}{r['samples_per_s']:>9.1f} loss {r['final_train_loss']:.4f} "
-                  f"nDCG {r['final_val_ndcg@10']:.4f}")  # fmt: skip
+            print(
+                f"GPU {name:<18}{r['epoch_wall_s']:>9.3f}{r['samples_per_s']:>9.1f} loss {r['final_train_loss']:.4f} "
+                f"nDCG {r['final_val_ndcg@10']:.4f}"
+            )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -324,8 +383,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cpu = result["cpu"]
     names = list(cpu)
     axes[0].bar(names, [cpu[n]["epoch_train_loop_s"] for n in names], label="training loop")
-    axes[0].bar(names, [cpu[n]["epoch_wall_s"] - cpu[n]["epoch_train_loop_s"] for n in names],
-                bottom=[cpu[n]["epoch_train_loop_s"] for n in names], label="validation + report/checkpoint")  # fmt: skip
+    axes[0].bar(
+        names,
+        [cpu[n]["epoch_wall_s"] - cpu[n]["epoch_train_loop_s"] for n in names],
+        bottom=[cpu[n]["epoch_train_loop_s"] for n in names],
+        label="validation + report/checkpoint",
+    )
     axes[0].set_ylabel("seconds per epoch (steady state)")
     axes[0].set_title("epoch time (CPU)")
     axes[0].tick_params(axis="x", rotation=20, labelsize=8)
@@ -335,18 +398,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_title("throughput (CPU)")
     axes[1].tick_params(axis="x", rotation=20, labelsize=8)
     for n in names:
-        axes[2].plot([e["epoch"] for e in cpu[n]["epochs"]], [e["train_loss"] for e in cpu[n]["epochs"]], "-o",
-                     ms=3, label=f"CPU {n}")  # fmt: skip
+        axes[2].plot(
+            [e["epoch"] for e in cpu[n]["epochs"]],
+            [e["train_loss"] for e in cpu[n]["epochs"]],
+            "-o",
+            ms=3,
+            label=f"CPU {n}",
+        )
     for n, r in gpu_runs.items():
-        axes[2].plot([e["epoch"] for e in r["epochs"]], [e["train_loss"] for e in r["epochs"]], "--s", ms=3,
-                     label=f"GPU {n}")  # fmt: skip
+        axes[2].plot(
+            [e["epoch"] for e in r["epochs"]], [e["train_loss"] for e in r["epochs"]], "--s", ms=3, label=f"GPU {n}"
+        )
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("training loss")
     title = "loss curves" + ("" if gpu_runs else " (GPU section skipped: no CUDA)")
     axes[2].set_title(title)
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"cotrr-ray training: plain PyTorch vs Ray Train — {result['machine']['logical_cpus']} CPUs "
-                 f"{result['machine']['cpu_model'][:40]}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"cotrr-ray training: plain PyTorch vs Ray Train — {result['machine']['logical_cpus']} CPUs "
+        f"{result['machine']['cpu_model'][:40]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -380,11 +452,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     base, data = load_data(args)
     mc = data.model_config
-    result["data"] = {"train_lists": len(data.padded["train"]), "validation_lists": len(data.padded["validation"]),
-                      "model": f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads, M={mc.max_list_len}",
-                      "config": args.config}  # fmt: skip
-    result["settings"] = {"epochs": args.epochs, "batch_size": base.optim.batch_size, "amp": base.optim.amp,
-                          "torch_threads": base.scaling.torch_threads, "quick": args.quick}  # fmt: skip
+    result["data"] = {
+        "train_lists": len(data.padded["train"]),
+        "validation_lists": len(data.padded["validation"]),
+        "model": f"d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads, M={mc.max_list_len}",
+        "config": args.config,
+    }
+    result["settings"] = {
+        "epochs": args.epochs,
+        "batch_size": base.optim.batch_size,
+        "amp": base.optim.amp,
+        "torch_threads": base.scaling.torch_threads,
+        "quick": args.quick,
+    }
     cpu: dict[str, Any] = {}
     if not args.gpu_only:
         cfg = bench_cfg(base, epochs=args.epochs)
@@ -394,8 +474,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         say(f"  {cpu[f'plain {cfg.optim.amp}']['epoch_wall_s']:.3f} s/epoch")
         other = "none" if cfg.optim.amp != "none" else "bf16"
         say(f"plain PyTorch ({other}): {args.epochs} epochs")
-        cpu[f"plain {other}"] = calm_run(lambda: run_plain(bench_cfg(base, epochs=args.epochs, amp=other), data),
-                                         max_foreign=mf)  # fmt: skip
+        cpu[f"plain {other}"] = calm_run(
+            lambda: run_plain(bench_cfg(base, epochs=args.epochs, amp=other), data), max_foreign=mf
+        )
         say(f"  {cpu[f'plain {other}']['epoch_wall_s']:.3f} s/epoch")
         if not args.no_ray:
             import ray
@@ -407,7 +488,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 for w in args.workers:
                     say(f"Ray Train, {w} worker(s) ({cfg.optim.amp}): {args.epochs} epochs")
-                    cpu[f"ray {w}w {cfg.optim.amp}"] = calm_run(lambda w=w: run_ray(cfg, data, workdir, w), max_foreign=mf)
+                    cpu[f"ray {w}w {cfg.optim.amp}"] = calm_run(
+                        lambda w=w: run_ray(cfg, data, workdir, w), max_foreign=mf
+                    )
                     r = cpu[f"ray {w}w {cfg.optim.amp}"]
                     say(f"  {r['epoch_wall_s']:.3f} s/epoch, start-up {r['startup_s']:.1f} s, fit {r['fit_s']:.1f} s")
             finally:
@@ -420,7 +503,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if name.startswith("ray 1w"):
                 ratios["ray_overhead_per_epoch_1_worker"] = round(r["epoch_wall_s"] / plain["epoch_wall_s"] - 1, 4)
                 ratios["ray_overhead_train_loop_1_worker"] = round(
-                    r["epoch_train_loop_s"] / plain["epoch_train_loop_s"] - 1, 4)
+                    r["epoch_train_loop_s"] / plain["epoch_train_loop_s"] - 1, 4
+                )
                 ratios["ray_startup_s_1_worker"] = r["startup_s"]
             if name.startswith("ray 2w"):
                 ratios["ray_2_workers_speedup_vs_plain"] = round(r["samples_per_s"] / plain["samples_per_s"], 3)
@@ -433,9 +517,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             ratios["cpu_bf16_val_ndcg_delta"] = round(bf["final_val_ndcg@10"] - fp["final_val_ndcg@10"], 4)
         result["ratios"] = ratios
         result["targets"] = {
-            "ray_overhead_per_epoch_1_worker<=10%": (ratios["ray_overhead_per_epoch_1_worker"] <= 0.10
-                                                     if "ray_overhead_per_epoch_1_worker" in ratios else None),
-        }  # fmt: skip
+            "ray_overhead_per_epoch_1_worker<=10%": (
+                ratios["ray_overhead_per_epoch_1_worker"] <= 0.10
+                if "ray_overhead_per_epoch_1_worker" in ratios
+                else None
+            ),
+        }
     else:
         result["cpu"] = {}
     result["gpu"] = gpu_section(base, data, args.gpu_epochs) if not args.no_gpu else {"skipped": "--no-gpu"}
@@ -445,7 +532,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small data (300 queries), 3 epochs, Ray at 1 worker only")
     p.add_argument("--json", default=None, help="default bench/results/train.json (quick: train_quick.json)")
     p.add_argument("--png", default=None, help="default: the JSON path with .png")
@@ -458,8 +547,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ray", action="store_true", help="plain PyTorch only")
     p.add_argument("--no-gpu", action="store_true")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU section (plain PyTorch, no Ray import)")
-    p.add_argument("--max-foreign", type=float, default=0.3,
-                   help="run again when processes that are not ours used more cores than this (shared machines); <0: off")
+    p.add_argument(
+        "--max-foreign",
+        type=float,
+        default=0.3,
+        help="run again when processes that are not ours used more cores than this (shared machines); <0: off",
+    )
     p.add_argument("override", nargs="*", help="TrainConfig overrides, e.g. optim.batch_size=64")
     a = p.parse_args(argv)
     q = a.quick
@@ -475,7 +568,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run_benchmark(args)
     print_table(result)
-    out = Path(args.json) if args.json else REPO / ("bench/results/train_quick.json" if args.quick else "bench/results/train.json")
+    out = (
+        Path(args.json)
+        if args.json
+        else REPO / ("bench/results/train_quick.json" if args.quick else "bench/results/train.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     png = Path(args.png) if args.png else out.with_suffix(".png")

@@ -212,8 +212,10 @@ def send_requests(port: int, bundle: Path, n: int) -> None:
         for item in r["results"]:
             score = "-" if item["score"] is None else f"{item['score']:.3f}"
             prob = "-" if item["probability"] is None else f"{item['probability']:.2f}"
-            print(f"  #{item['rank']} {item['id']:<14} upstream#{item['index']:<3} score={score:>7} "
-                  f"P(rel)={prob:>5} label={labels[item['id']]:.0f}")  # fmt: skip
+            print(
+                f"  #{item['rank']} {item['id']:<14} upstream#{item['index']:<3} score={score:>7} "
+                f"P(rel)={prob:>5} label={labels[item['id']]:.0f}"
+            )
     if failures:
         raise SystemExit(f"{failures} of {n} rerank requests failed")
 

@@ -225,9 +225,7 @@ class Bundle:
             if spec.fingerprint() != manifest.get("feature_spec_fingerprint"):
                 raise BundleError(f"{path}: feature_spec.json does not match the manifest's fingerprint")
             model_config = RerankerConfig.from_dict(_read_json(path / "model_config.json"))
-            expected = RerankerConfig.from_spec(
-                spec, context_dim=model_config.context_dim
-            )
+            expected = RerankerConfig.from_spec(spec, context_dim=model_config.context_dim)
             if (model_config.candidate_groups, model_config.query_groups) != (
                 expected.candidate_groups,
                 expected.query_groups,
@@ -270,8 +268,6 @@ def resolve_uri(uri: str, base_dir: str | Path) -> str:
         raise BundleError(f"unsupported bundle URI {uri!r}: only local directories (or file://) are served")
     p = Path(uri).expanduser()
     return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
-
-
 
 
 def read_meta(path: str | Path) -> BundleMeta:

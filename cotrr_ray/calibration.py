@@ -50,9 +50,7 @@ class IsotonicCalibrator:
         self.min_samples = min_samples
         self.strict = strict
 
-    def fit(
-        self, scores: ArrayLike, labels01: ArrayLike, sample_weight: ArrayLike | None = None
-    ) -> IsotonicCalibrator:
+    def fit(self, scores: ArrayLike, labels01: ArrayLike, sample_weight: ArrayLike | None = None) -> IsotonicCalibrator:
         """Fit on raw scores and 0/1 labels.
 
         Isotonic regression is invariant to monotone transforms of the input, so the raw logit is
@@ -138,8 +136,7 @@ class IsotonicCalibrator:
             raise ValueError(f"calibrator kind must be {_KIND!r}, got {d.get('kind')!r}")
         if d.get("format_version") != _FORMAT_VERSION:
             raise ValueError(
-                f"unsupported calibrator format_version {d.get('format_version')!r} "
-                f"(expected {_FORMAT_VERSION})"
+                f"unsupported calibrator format_version {d.get('format_version')!r} (expected {_FORMAT_VERSION})"
             )
         try:
             x = np.asarray(d["x_thresholds"], dtype=np.float64)
@@ -157,9 +154,7 @@ class IsotonicCalibrator:
         if x.size == 0:
             raise ValueError("x_thresholds is empty")
         if x.size != y.size:
-            raise ValueError(
-                f"x_thresholds and y_thresholds differ in length: {x.size} != {y.size}"
-            )
+            raise ValueError(f"x_thresholds and y_thresholds differ in length: {x.size} != {y.size}")
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
             raise ValueError("thresholds must be finite")
         if np.any(np.diff(x) < 0.0):

@@ -226,9 +226,7 @@ class ScorerConfig(_Strict):
             "None = the bundle from the builder args."
         ),
     )
-    max_batch_size: int = Field(
-        16, ge=1, le=256, description="@serve.batch size; keep max_ongoing_requests >= this."
-    )
+    max_batch_size: int = Field(16, ge=1, le=256, description="@serve.batch size; keep max_ongoing_requests >= this.")
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
@@ -290,6 +288,4 @@ class AppArgs(_Strict):
             "graph Router -> Scorer -> Calibrator. With serve_config.yaml also delete the Calibrator entry."
         ),
     )
-    control_scorer: ScorerConfig = Field(
-        default_factory=ScorerConfig, description="Initial ScorerControl user_config."
-    )
+    control_scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Initial ScorerControl user_config.")

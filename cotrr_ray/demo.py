@@ -68,7 +68,9 @@ def _show(resp: httpx.Response, labels: dict[str, float], latency_ms: float) -> 
     for item in r["results"]:
         score = "-" if item["score"] is None else f"{item['score']:.3f}"
         prob = "-" if item["probability"] is None else f"{item['probability']:.2f}"
-        print(f"  {item['rank']:>4} {item['id']:<14} {item['index']:>9} {score:>7} {prob:>7} {labels[item['id']]:>5.0f}")
+        print(
+            f"  {item['rank']:>4} {item['id']:<14} {item['index']:>9} {score:>7} {prob:>7} {labels[item['id']]:>5.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,10 +99,20 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
         with open(log_path, "wb") as log:
             serve_proc = subprocess.Popen(
-                [sys.executable, "-m", "ray.serve.scripts", "run", args.serve_config,
-                 "--address", ctx.address_info["gcs_address"]],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "ray.serve.scripts",
+                    "run",
+                    args.serve_config,
+                    "--address",
+                    ctx.address_info["gcs_address"],
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
         with httpx.Client(base_url="http://127.0.0.1:8000", timeout=30) as client:
             t0 = time.monotonic()
             _wait_healthy(client, serve_proc, timeout_s=180)
@@ -114,8 +126,10 @@ def main(argv: list[str] | None = None) -> None:
                 resp = client.post("/v1/rerank", json=body)
                 latency = 1000 * (time.perf_counter() - t)
                 resp.raise_for_status()
-                print(f"POST /v1/rerank  query={body['query']['id']} unit={body['unit_id']} "
-                      f"({len(body['candidates'])} candidates, {encoding} embeddings)")  # fmt: skip
+                print(
+                    f"POST /v1/rerank  query={body['query']['id']} unit={body['unit_id']} "
+                    f"({len(body['candidates'])} candidates, {encoding} embeddings)"
+                )
                 _show(resp, labels, latency)
             bad, _ = _request_body(99, "list")
             bad["candidates"][3]["features"]["visual"] = [0.0] * 7

@@ -145,9 +145,7 @@ class ServeMetrics:
         self._shadow_mode.set(1.0 if config.shadow_mode else 0.0)
 
 
-@serve.deployment(
-    name="Router", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5}
-)
+@serve.deployment(name="Router", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class Router:
     """HTTP ingress: validation, arm assignment, fallback, shadow, stats (see RerankService)."""

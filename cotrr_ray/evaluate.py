@@ -83,6 +83,7 @@ def format_report(report: dict[str, Any], title: str = "held-out test queries") 
         f"{title}: {report['queries']} queries ({report['skipped']} without a relevant candidate skipped)",
         f"{'metric':<9} {'upstream':>22} {'model':>22} {'oracle':>8}   model - upstream (95% CI)",
     ]
+
     def fmt(e: dict[str, Any], k: str) -> str:
         lo, hi = e[f"{k}_ci"]
         return f"{e[k]:.4f} [{lo:.4f}, {hi:.4f}]"
@@ -120,10 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     bundle = Bundle.load(args.bundle)
     fmt = args.format or ("jsonl" if str(args.data).endswith((".jsonl", ".json")) else "letor")
     if fmt == "letor":
-        (group, dim), = bundle.spec.candidate.items()
+        ((group, dim),) = bundle.spec.candidate.items()
         cfg = bundle.manifest["train_config"]["data"]
         lists = read_letor(
-            args.data, num_features=dim, upstream_feature=cfg["letor_upstream_feature"], group=group, window=bundle.top_m
+            args.data,
+            num_features=dim,
+            upstream_feature=cfg["letor_upstream_feature"],
+            group=group,
+            window=bundle.top_m,
         )
     else:
         lists = read_jsonl(args.data, bundle.spec, window=bundle.top_m)

@@ -71,9 +71,7 @@ def decode_vector(value: Vector, dim: int, field: str) -> np.ndarray:
     return arr
 
 
-def _decode_groups(
-    given: dict[str, Vector] | None, groups: dict[str, int], field: str
-) -> dict[str, np.ndarray]:
+def _decode_groups(given: dict[str, Vector] | None, groups: dict[str, int], field: str) -> dict[str, np.ndarray]:
     given = given or {}
     unknown = sorted(set(given) - set(groups))
     if unknown:
@@ -277,8 +275,11 @@ class FeatureNormalizer:
             raise ValueError("normalizer was fitted for a different feature spec")
         self = cls(spec)
         self.stats_ = {}
-        dims = {**{f"candidate.{g}": n for g, n in spec.candidate.items()},
-                **{f"query.{g}": n for g, n in spec.query.items()}, "context.upstream_score": 1}  # fmt: skip
+        dims = {
+            **{f"candidate.{g}": n for g, n in spec.candidate.items()},
+            **{f"query.{g}": n for g, n in spec.query.items()},
+            "context.upstream_score": 1,
+        }
         stats = d.get("stats")
         if not isinstance(stats, dict):
             raise ValueError("normalizer state lacks 'stats'")

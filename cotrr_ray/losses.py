@@ -52,9 +52,7 @@ def _pairwise_logistic(s: Tensor, sigma: float) -> Tensor:
     return F.softplus(-sigma * (s.unsqueeze(2) - s.unsqueeze(1)))  # (B, M, M): -log sigmoid(sigma (s_i - s_j))
 
 
-def lambda_loss(
-    logits: Tensor, labels: Tensor, mask: Tensor, *, k: int | None = None, sigma: float = 1.0
-) -> Tensor:
+def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, k: int | None = None, sigma: float = 1.0) -> Tensor:
     """NDCG-weighted pairwise logistic loss (LambdaRank weights in the LambdaLoss framework).
 
     For each pair of real candidates with label_i > label_j:

@@ -145,9 +145,7 @@ def ranking_report(
 # --------------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap_ci(
-    values: ArrayLike, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_ci(values: ArrayLike, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean over queries.
 
     Parameters
@@ -242,9 +240,7 @@ def reliability_curve(
     return mean_pred, frac_pos, counts
 
 
-def ece(
-    probs: ArrayLike, labels01: ArrayLike, n_bins: int = 15, strategy: BinStrategy = "uniform"
-) -> float:
+def ece(probs: ArrayLike, labels01: ArrayLike, n_bins: int = 15, strategy: BinStrategy = "uniform") -> float:
     """Expected calibration error: ``sum_b (n_b / n) * |mean(p_b) - mean(y_b)|``.
 
     Convention: with ``strategy="uniform"`` the bins are ``n_bins`` equal-width intervals of

@@ -234,9 +234,7 @@ class Reranker(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self, candidate: dict[str, Tensor], query: dict[str, Tensor], context: Tensor, mask: Tensor
-    ) -> Tensor:
+    def forward(self, candidate: dict[str, Tensor], query: dict[str, Tensor], context: Tensor, mask: Tensor) -> Tensor:
         """Logits (B, M) float32; entries where mask is False are unspecified."""
         cfg = self.config
         self._check_inputs(candidate, query, context, mask)

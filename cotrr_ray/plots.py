@@ -61,9 +61,7 @@ def reliability_diagram(
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax, ax_hist) = plt.subplots(
-        2, 1, figsize=(6.0, 7.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(6.0, 7.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     try:
         ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", linewidth=1, label="perfect")
         edges = np.linspace(0.0, 1.0, n_bins + 1)

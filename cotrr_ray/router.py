@@ -359,7 +359,9 @@ class RerankService:
         except RequestError as e:
             self._count_rejected(e)
             raise
-        decision = decide(req.unit_id, req.query_id, salt=cfg.experiment_salt, rollout_percentage=cfg.rollout_percentage)
+        decision = decide(
+            req.unit_id, req.query_id, salt=cfg.experiment_salt, rollout_percentage=cfg.rollout_percentage
+        )
         arm = "control" if cfg.shadow_mode else decision.arm
         n = len(req.ids)
         if arm == "treatment":
@@ -419,7 +421,9 @@ class RerankService:
                     raise TimeoutError
                 cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
                 probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
-            if probs.shape != (req.window,) or not (np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()):
+            if probs.shape != (req.window,) or not (
+                np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()
+            ):
                 raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
             out.probabilities = probs
         except TimeoutError:

@@ -72,9 +72,7 @@ class RoutingDecision:
     arm: Arm
 
 
-def decide(
-    unit_id: str | None, query_id: str, *, salt: str, rollout_percentage: float
-) -> RoutingDecision:
+def decide(unit_id: str | None, query_id: str, *, salt: str, rollout_percentage: float) -> RoutingDecision:
     """Resolve the unit, hash it once and assign an arm (the router's per-request entry point)."""
     _check_rollout(rollout_percentage)
     unit = unit_for(unit_id, query_id)

@@ -28,9 +28,7 @@ class CandidateRecord(BaseModel):
         default=None,
         description="Dense feature groups by name. Required for candidates inside the Top-M window.",
     )
-    label: float | None = Field(
-        default=None, ge=0, description="Graded relevance (training data only), e.g. 0..4."
-    )
+    label: float | None = Field(default=None, ge=0, description="Graded relevance (training data only), e.g. 0..4.")
 
 
 class QueryRecord(BaseModel):
@@ -39,7 +37,5 @@ class QueryRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str = Field(min_length=1, max_length=256, description="Query id; also the split key.")
-    features: dict[str, Vector] = Field(
-        default_factory=dict, description="Query-level dense feature groups by name."
-    )
+    features: dict[str, Vector] = Field(default_factory=dict, description="Query-level dense feature groups by name.")
     candidates: list[CandidateRecord] = Field(min_length=1, description="Candidates in upstream order.")

@@ -99,7 +99,11 @@ class ScorerCore:
         warm_ms = core.warm_up(bundle)
         logger.info(
             "loaded bundle %s on %s (%s) in %.0f ms, warm-up %.1f ms",
-            bundle.bundle_id, device, bundle.spec.describe(), (time.perf_counter() - t0) * 1000, warm_ms,
+            bundle.bundle_id,
+            device,
+            bundle.spec.describe(),
+            (time.perf_counter() - t0) * 1000,
+            warm_ms,
         )
         return core
 

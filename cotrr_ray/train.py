@@ -72,9 +72,7 @@ def load_lists(cfg: TrainConfig, data_path: str | Path) -> tuple[FeatureSpec, li
 
 
 def pad_split(lists: list[CandidateList], normalizer: FeatureNormalizer, m: int) -> PaddedLists:
-    return pad_lists(
-        [normalizer.transform(cl) for cl in lists], normalizer.spec, m, labels=[cl.labels for cl in lists]
-    )
+    return pad_lists([normalizer.transform(cl) for cl in lists], normalizer.spec, m, labels=[cl.labels for cl in lists])
 
 
 def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
@@ -160,9 +158,7 @@ def _add_noise(inputs: dict[str, Any], std: float) -> None:
             inputs[scope][g] = t + std * torch.randn_like(t)
 
 
-def fit(
-    cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val: PaddedLists, ctx: LoopContext
-) -> None:
+def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val: PaddedLists, ctx: LoopContext) -> None:
     """Train with early stopping on validation nDCG@10; every epoch reports a resumable checkpoint."""
     o = cfg.optim
     torch.set_num_threads(cfg.scaling.torch_threads)
@@ -178,9 +174,7 @@ def fit(
     )
     steps_per_epoch = math.ceil(len(loader) / o.grad_accum_steps)
     total = steps_per_epoch * o.max_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(total, int(o.warmup_frac * total), o.min_lr_ratio)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(o.warmup_frac * total), o.min_lr_ratio))
     fp16 = o.amp == "fp16"
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
 
@@ -234,9 +228,7 @@ def fit(
         epoch_s = time.perf_counter() - t0
         # Every rank scores the whole validation split with identical weights, so all ranks agree
         # on early stopping without extra communication.
-        val_ndcg = window_ndcg(
-            predict_logits(raw_model, val, device=ctx.device, amp="none" if fp16 else o.amp), val
-        )
+        val_ndcg = window_ndcg(predict_logits(raw_model, val, device=ctx.device, amp="none" if fp16 else o.amp), val)
         if val_ndcg > best + 1e-6:
             best, bad_epochs = val_ndcg, 0
         else:

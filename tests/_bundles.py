@@ -39,7 +39,13 @@ def make_bundle(out: Path, data: Path, *, seed: int = 0, steps: int = 30, top_m:
     train, calib = lists[:110], lists[110:]
     normalizer = FeatureNormalizer(spec).fit(train)
     config = RerankerConfig.from_spec(
-        spec, context_dim=len(CONTEXT_FEATURES), max_list_len=top_m, d_model=32, n_heads=2, n_layers=1, ffn_mult=2,
+        spec,
+        context_dim=len(CONTEXT_FEATURES),
+        max_list_len=top_m,
+        d_model=32,
+        n_heads=2,
+        n_layers=1,
+        ffn_mult=2,
         dropout=0.0,
     )
     torch.manual_seed(seed)

@@ -102,7 +102,13 @@ CASES = [
         "invalid_request",
         "candidates[0].features.conflict",
     ),
-    ("not base64", _set_feature(0, "conflict", "not base64!"), 422, "invalid_request", "candidates[0].features.conflict"),
+    (
+        "not base64",
+        _set_feature(0, "conflict", "not base64!"),
+        422,
+        "invalid_request",
+        "candidates[0].features.conflict",
+    ),
     (
         "beyond float32 range",
         _set_feature(1, "visual", [1e39] + [0.0] * 7),
@@ -117,7 +123,13 @@ CASES = [
         "invalid_request",
         "candidates[3].features.bogus",
     ),
-    ("missing group in window", _del_feature(TOP_M - 1, "visual"), 422, "invalid_request", f"candidates[{TOP_M - 1}].features.visual"),
+    (
+        "missing group in window",
+        _del_feature(TOP_M - 1, "visual"),
+        422,
+        "invalid_request",
+        f"candidates[{TOP_M - 1}].features.visual",
+    ),
     (
         "missing features in window",
         lambda b: b["candidates"][0].pop("features"),
@@ -169,7 +181,9 @@ def test_bad_requests_map_to_4xx_with_a_field(parser, body, name, edit, status, 
     ],
 )
 def test_nan_and_infinity_json_tokens_are_422_not_500(parser, body, token, where) -> None:
-    raw = orjson.dumps(body).replace(b'"upstream_score":' + orjson.dumps(body["candidates"][0]["upstream_score"]), b'"upstream_score":' + token, 1)
+    raw = orjson.dumps(body).replace(
+        b'"upstream_score":' + orjson.dumps(body["candidates"][0]["upstream_score"]), b'"upstream_score":' + token, 1
+    )
     e = refused(parser, raw)
     assert e.status == 422 and e.field == f"candidates[0].{where}"
 
@@ -235,7 +249,9 @@ def test_error_table_and_pydantic_paths() -> None:
     with pytest.raises(ValueError):
         RequestError("no_such_code", "x")
     with pytest.raises(ValidationError) as info:
-        RerankRequest.model_validate({"query": {"id": "q", "features": {"t": 5}}, "candidates": [{"id": "a", "upstream_score": 1}]})
+        RerankRequest.model_validate(
+            {"query": {"id": "q", "features": {"t": 5}}, "candidates": [{"id": "a", "upstream_score": 1}]}
+        )
     e = from_validation_error(info.value)
     assert e.field == "query.features.t" and e.status == 422
 

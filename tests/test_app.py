@@ -55,7 +55,9 @@ def post(client: httpx.Client, path: str, body) -> httpx.Response:
 
 
 def unit_in(arm: str, rollout: float, salt: str = SALT) -> str:
-    return next(f"user-{i}" for i in range(10_000) if assign_arm(f"user-{i}", salt=salt, rollout_percentage=rollout) == arm)
+    return next(
+        f"user-{i}" for i in range(10_000) if assign_arm(f"user-{i}", salt=salt, rollout_percentage=rollout) == arm
+    )
 
 
 # ============================================================================ app built from Python
@@ -99,14 +101,20 @@ def test_contract_ordering_and_tail_passthrough(client, py_app, records, bundle_
     assert [x["index"] for x in tail] == list(range(TOP_M, n))
     assert all(x["score"] is None and x["probability"] is None and not x["reranked"] for x in tail)
     records_ = wait_for(
-        lambda: [json.loads(line) for line in py_app["exposure"].read_text().splitlines()]
-        if py_app["exposure"].exists() else None,
-        10, what="exposure log",
+        lambda: (
+            [json.loads(line) for line in py_app["exposure"].read_text().splitlines()]
+            if py_app["exposure"].exists()
+            else None
+        ),
+        10,
+        what="exposure log",
     )
     mine = [e for e in records_ if e.get("request_id") == out["request_id"]]
-    assert mine and mine[0]["arm"] == "treatment" and mine[0]["bucket"] == decide(
-        body["unit_id"], body["query"]["id"], salt=SALT, rollout_percentage=50
-    ).bucket
+    assert (
+        mine
+        and mine[0]["arm"] == "treatment"
+        and mine[0]["bucket"] == decide(body["unit_id"], body["query"]["id"], salt=SALT, rollout_percentage=50).bucket
+    )
 
 
 def test_control_arm_is_served_by_the_control_bundle(client, py_app, records, bundle_b) -> None:
@@ -133,16 +141,33 @@ def _nan_body(body: dict) -> bytes:
 
 
 BAD = [
-    ("wrong dimension", lambda b: modified(b, lambda x: x["candidates"][1]["features"].update(visual=[0.0] * 3)), 422, "candidates[1].features.visual"),
+    (
+        "wrong dimension",
+        lambda b: modified(b, lambda x: x["candidates"][1]["features"].update(visual=[0.0] * 3)),
+        422,
+        "candidates[1].features.visual",
+    ),
     ("NaN token", _nan_body, 422, "candidates[0].upstream_score"),
-    ("missing group", lambda b: modified(b, lambda x: x["candidates"][0]["features"].pop("conflict")), 422, "candidates[0].features.conflict"),
+    (
+        "missing group",
+        lambda b: modified(b, lambda x: x["candidates"][0]["features"].pop("conflict")),
+        422,
+        "candidates[0].features.conflict",
+    ),
     ("empty list", lambda b: modified(b, lambda x: x.update(candidates=[])), 422, "candidates"),
-    ("duplicate ids", lambda b: modified(b, lambda x: x["candidates"][2].update(id=x["candidates"][1]["id"])), 422, "candidates[2].id"),
+    (
+        "duplicate ids",
+        lambda b: modified(b, lambda x: x["candidates"][2].update(id=x["candidates"][1]["id"])),
+        422,
+        "candidates[2].id",
+    ),
     ("top_m too large", lambda b: modified(b, lambda x: x.update(top_m=TOP_M + 1)), 422, "top_m"),
     ("invalid JSON", lambda b: b"{not json", 422, None),
     (
         "too many candidates",
-        lambda b: modified(b, lambda x: x.update(candidates=[{"id": f"c{i}", "upstream_score": 0.0} for i in range(1001)])),
+        lambda b: modified(
+            b, lambda x: x.update(candidates=[{"id": f"c{i}", "upstream_score": 0.0} for i in range(1001)])
+        ),
         413,
         "candidates",
     ),
@@ -185,7 +210,12 @@ def test_model_health_stats_and_docs(client, py_app, bundle_a, bundle_b) -> None
     model = client.get("/py/v1/model").json()
     assert model["model_version"] == read_meta(bundle_a).bundle_id
     assert model["control_model_version"] == read_meta(bundle_b).bundle_id
-    assert model["feature_spec"]["candidate"] == {"image_embedding": 512, "text_embedding": 512, "visual": 8, "conflict": 5}
+    assert model["feature_spec"]["candidate"] == {
+        "image_embedding": 512,
+        "text_embedding": 512,
+        "visual": 8,
+        "conflict": 5,
+    }
     assert model["top_m"] == {"default": TOP_M, "max": TOP_M} and model["relevance_threshold"] == 1.0
     assert model["routing"]["rollout_percentage"] == 50 and model["max_candidates"] == 1000
     before = client.get("/py/v1/stats").json()
@@ -236,7 +266,10 @@ class ConfigDeployer:
         serve_cli = str(Path(sys.executable).with_name("serve"))
         subprocess.run(
             [serve_cli, "deploy", str(self.path), "--address", self.session.dashboard_url],
-            env=self.env, check=True, capture_output=True, timeout=120,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         want_routing = deployments["Router"]["user_config"]
         want_scorer = deployments["Scorer"]["user_config"]
@@ -282,7 +315,9 @@ def test_live_user_config_change_without_replica_restart(client, cfg_app, record
     assert out["arm"] == "control" and out["shadow"] is True
     assert [x["id"] for x in out["results"]] == [c["id"] for c in body["candidates"]]
     shadow = wait_for(
-        lambda: (s := client.get("/cfg/v1/stats").json()["shadow"])["comparisons"] >= 1 and s, 30, what="shadow comparison"
+        lambda: (s := client.get("/cfg/v1/stats").json()["shadow"])["comparisons"] >= 1 and s,
+        30,
+        what="shadow comparison",
     )
     assert -1 <= shadow["mean_kendall_tau"] <= 1 and 0 <= shadow["mean_overlap_at_10"] <= 1
 

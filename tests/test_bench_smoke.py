@@ -57,10 +57,20 @@ def test_bodies_parse_and_the_limit_loop_runs(bundle_a, tiny_bodies) -> None:
 
 def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/peer_app.py"), "--bundle", str(bundle), "--port", str(port),
-         "--exposure-log", str(tmp_path / "exposure.jsonl")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "bench/peer_app.py"),
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(port),
+            "--exposure-log",
+            str(tmp_path / "exposure.jsonl"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize("client", ["httpx", "wrk"])
@@ -99,20 +109,38 @@ def test_peer_app_in_process(bundle_a, tiny_bodies) -> None:
 
 def test_report_helpers_and_plot(tmp_path) -> None:
     def row(enc, c, rps, p50):
-        return {"encoding": enc, "concurrency": c, "rps": rps, "p50_ms": p50, "p95_ms": p50, "p99_ms": p50,
-                "errors": 0, "fallbacks": 0, "scorer_batch_mean": 2.0, "server_cpu_ms_per_request": 1.0,
-                "cpu": {"box_cores": 1.0, "server_cores": 0.9, "client_cores": 0.01, "per_process": {}},
-                "loadavg": [0.1, 0.1, 0.1]}  # fmt: skip
+        return {
+            "encoding": enc,
+            "concurrency": c,
+            "rps": rps,
+            "p50_ms": p50,
+            "p95_ms": p50,
+            "p99_ms": p50,
+            "errors": 0,
+            "fallbacks": 0,
+            "scorer_batch_mean": 2.0,
+            "server_cpu_ms_per_request": 1.0,
+            "cpu": {"box_cores": 1.0, "server_cores": 0.9, "client_cores": 0.01, "per_process": {}},
+            "loadavg": [0.1, 0.1, 0.1],
+        }
 
-    levels = [row(e, c, 100.0 * c ** 0.5, 5.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
+    levels = [row(e, c, 100.0 * c**0.5, 5.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
     peer = [row(e, c, 120.0, 4.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
     limit = {e: {"rps": 250.0, "ms_per_request": 4.0} for e in serve_bench.ENCODINGS}
-    result = {"levels": levels, "peer": {"levels": peer}, "limit": {"by_encoding": limit}, "machine": {
-        "logical_cpus": 2, "cpu_model": "test"}}  # fmt: skip
+    result = {
+        "levels": levels,
+        "peer": {"levels": peer},
+        "limit": {"by_encoding": limit},
+        "machine": {"logical_cpus": 2, "cpu_model": "test"},
+    }
     result["ratios"] = serve_bench.ratios(levels, peer, limit)
     assert result["ratios"]["by_encoding"]["json"] == {
-        "rps_vs_peer": round(200 / 120, 3), "rps_vs_limit": 0.8, "p50_vs_peer": 1.25, "best_concurrency": 4,
-        "peer_best_concurrency": 1}  # fmt: skip
+        "rps_vs_peer": round(200 / 120, 3),
+        "rps_vs_limit": 0.8,
+        "p50_vs_peer": 1.25,
+        "best_concurrency": 4,
+        "peer_best_concurrency": 1,
+    }
     assert result["ratios"]["rps_vs_peer"] == result["ratios"]["by_encoding"]["json"]["rps_vs_peer"]
     t = serve_bench.targets(result)
     assert t["rps_vs_limit>=0.75[json]"] is True and t["base64_p50_c1<=12ms"] is True
@@ -120,13 +148,15 @@ def test_report_helpers_and_plot(tmp_path) -> None:
     serve_bench.plot(result, tmp_path / "serve.png")
     assert (tmp_path / "serve.png").stat().st_size > 1000
 
-    text = "\n".join([
-        'ray_cotrr_scorer_lists_total{application="rerank",deployment="Scorer",replica="a"} 40.0',
-        'ray_cotrr_scorer_lists_total{application="rerank",deployment="ScorerControl",replica="c"} 99.0',
-        'ray_cotrr_scorer_batches_total{application="rerank",deployment="Scorer",replica="a"} 10.0',
-        'ray_cotrr_scorer_batches_total{application="rerank",deployment="ScorerControl",replica="c"} 7.0',
-        'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 12.0',
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            'ray_cotrr_scorer_lists_total{application="rerank",deployment="Scorer",replica="a"} 40.0',
+            'ray_cotrr_scorer_lists_total{application="rerank",deployment="ScorerControl",replica="c"} 99.0',
+            'ray_cotrr_scorer_batches_total{application="rerank",deployment="Scorer",replica="a"} 10.0',
+            'ray_cotrr_scorer_batches_total{application="rerank",deployment="ScorerControl",replica="c"} 7.0',
+            'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 12.0',
+        ]
+    )
     assert serve_bench.batch_counters(text) == (40.0, 10.0)
 
     meter = serve_bench.CpuMeter()
@@ -140,8 +170,9 @@ def test_bench_serve_configs_validate() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     for variant in ("default", "fused", "scaleout2", "nocoalesce"):
-        cfg = serve_bench.serve_config_for_bench(ROOT / "serve_config.yaml", http_port=1234, bundle_uri="/b",
-                                                 variant=variant)  # fmt: skip
+        cfg = serve_bench.serve_config_for_bench(
+            ROOT / "serve_config.yaml", http_port=1234, bundle_uri="/b", variant=variant
+        )
         ServeDeploySchema.model_validate(cfg)
         names = {d["name"] for d in cfg["applications"][0]["deployments"]}
         assert cfg["http_options"]["host"] == "127.0.0.1" and cfg["http_options"]["port"] == 1234
@@ -162,12 +193,14 @@ def test_cli_arguments() -> None:
 
 
 def _tiny_train_cfg(test_data: Path) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "data": {"path": str(test_data)},
-        "model": {"top_m": 8, "d_model": 32, "n_heads": 2, "n_layers": 1, "ffn_mult": 2},
-        "optim": {"batch_size": 16, "max_epochs": 2, "amp": "bf16"},
-        "scaling": {"num_workers": 1},
-    })  # fmt: skip
+    return TrainConfig.model_validate(
+        {
+            "data": {"path": str(test_data)},
+            "model": {"top_m": 8, "d_model": 32, "n_heads": 2, "n_layers": 1, "ffn_mult": 2},
+            "optim": {"batch_size": 16, "max_epochs": 2, "amp": "bf16"},
+            "scaling": {"num_workers": 1},
+        }
+    )
 
 
 def test_train_bench_plain_loop(test_data, tmp_path) -> None:
@@ -290,8 +323,7 @@ def test_fused_mode_answers_exactly_like_the_three_deployment_graph(bundle_a, ti
         async def info(_):
             return core.info()
 
-        args = AppArgs(bundle_uri=str(bundle_a), routing=RoutingConfig(rollout_percentage=100),
-                       fused_calibration=fused)  # fmt: skip
+        args = AppArgs(bundle_uri=str(bundle_a), routing=RoutingConfig(rollout_percentage=100), fused_calibration=fused)
         return RerankService(read_meta(bundle_a), args, Downstream(score, None if fused else calibrate, info))
 
     for body in tiny_bodies["json"] + tiny_bodies["base64"]:
@@ -310,9 +342,33 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
     """The real thing at the smallest size: own local Ray, serve_config.yaml through the config path
     (throughput-optimised env, direct ingress), one level, the overload check, JSON and PNG."""
     out = tmp_path / "serve.json"
-    cmd = [sys.executable, str(ROOT / "bench/serve_bench.py"), "--bundle", str(bundle_a), "--concurrency", "2",
-           "--encodings", "base64", "--warmup", "0", "--duration", "1", "--limit-duration", "0.2", "--bodies", "3",
-           "--no-peer", "--no-fused", "--no-scaleout", "--max-foreign", "-1", "--no-hop-probe", "--no-ablation", "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/serve_bench.py"),
+        "--bundle",
+        str(bundle_a),
+        "--concurrency",
+        "2",
+        "--encodings",
+        "base64",
+        "--warmup",
+        "0",
+        "--duration",
+        "1",
+        "--limit-duration",
+        "0.2",
+        "--bodies",
+        "3",
+        "--no-peer",
+        "--no-fused",
+        "--no-scaleout",
+        "--max-foreign",
+        "-1",
+        "--no-hop-probe",
+        "--no-ablation",
+        "--json",
+        str(out),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

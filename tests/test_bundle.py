@@ -153,8 +153,14 @@ def test_save_replaces_an_existing_bundle(built, tmp_path) -> None:
     target.mkdir()
     (target / "stale.txt").write_text("old")
     kw = dict(
-        model=b.model, spec=b.spec, normalizer=b.normalizer, calibrator=b.calibrator, relevance_threshold=2.0,
-        metrics={}, train_config={}, data_fingerprint="x",
+        model=b.model,
+        spec=b.spec,
+        normalizer=b.normalizer,
+        calibrator=b.calibrator,
+        relevance_threshold=2.0,
+        metrics={},
+        train_config={},
+        data_fingerprint="x",
     )
     Bundle.save(target, **kw)
     assert not (target / "stale.txt").exists()
@@ -228,7 +234,9 @@ def test_consistently_swapped_spec_caught_by_normalizer(copy) -> None:
     spec["version"] = "image-search-v2"
     _rewrite(copy, "feature_spec.json", spec, fix_checksum=True)
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["feature_spec_fingerprint"] = IMAGE_SEARCH_SPEC.model_copy(update={"version": "image-search-v2"}).fingerprint()
+    manifest["feature_spec_fingerprint"] = IMAGE_SEARCH_SPEC.model_copy(
+        update={"version": "image-search-v2"}
+    ).fingerprint()
     (copy / MANIFEST).write_text(json.dumps(manifest))
     assert "different feature spec" in _load_error(copy)
 

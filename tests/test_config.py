@@ -81,7 +81,14 @@ def test_unknown_key_in_yaml_file_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["optim.lr=0", "optim.lr=abc", "optim.amp=fp8", "model.dropout=1.0", "scaling.num_workers=-1", "optim.grad_accum_steps=0"],
+    [
+        "optim.lr=0",
+        "optim.lr=abc",
+        "optim.amp=fp8",
+        "model.dropout=1.0",
+        "scaling.num_workers=-1",
+        "optim.grad_accum_steps=0",
+    ],
 )
 def test_invalid_values_rejected(override: str) -> None:
     with pytest.raises(ValidationError):

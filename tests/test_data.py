@@ -93,7 +93,9 @@ def test_read_jsonl_invalid_json(tmp_path: Path, line: str) -> None:
 
 
 def test_read_jsonl_duplicate_query_id(tmp_path: Path) -> None:
-    p = _write_jsonl(tmp_path / "dup.jsonl", [tiny_record(query_id="q1"), tiny_record(query_id="q2"), tiny_record(query_id="q1")])
+    p = _write_jsonl(
+        tmp_path / "dup.jsonl", [tiny_record(query_id="q1"), tiny_record(query_id="q2"), tiny_record(query_id="q1")]
+    )
     msg = _read_error(p)
     assert f"{p}:3:" in msg and "'q1'" in msg and "line 1" in msg
 

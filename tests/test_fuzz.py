@@ -158,8 +158,27 @@ def raw_body(draw, bases: list[dict]) -> bytes:
             b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
         return bytes(b)
     if kind == "splice":
-        tokens = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"1" * 5000, b"nul", b"\xff", b"\x00",
-                  b"'x'", b"{}", b"[]", b",", b"\"\\ud800\"", b"\"\\u0000\"", b"true", b"0x10", b"+1", b".5"]
+        tokens = [
+            b"NaN",
+            b"Infinity",
+            b"-Infinity",
+            b"1e400",
+            b"-1e400",
+            b"1" * 5000,
+            b"nul",
+            b"\xff",
+            b"\x00",
+            b"'x'",
+            b"{}",
+            b"[]",
+            b",",
+            b'"\\ud800"',
+            b'"\\u0000"',
+            b"true",
+            b"0x10",
+            b"+1",
+            b".5",
+        ]
         at = draw(st.integers(0, len(base)))
         end = draw(st.integers(at, min(len(base), at + 20)))
         return base[:at] + draw(st.sampled_from(tokens)) + base[end:]
@@ -203,7 +222,9 @@ def structured_body(draw, query_features: dict, cand_features: dict, top_m: int 
     if draw(st.booleans()):
         body["top_m"] = draw(st.integers(1, top_m) if benign else st.integers(-2, top_m + 2) | BIG_INTS)
     if draw(st.booleans()):
-        body["top_n"] = draw(st.integers(1, MAX_CANDIDATES) if benign else st.integers(-2, MAX_CANDIDATES + 2) | BIG_INTS)
+        body["top_n"] = draw(
+            st.integers(1, MAX_CANDIDATES) if benign else st.integers(-2, MAX_CANDIDATES + 2) | BIG_INTS
+        )
     if draw(st.booleans()):
         body["unit_id"] = draw(st.text(max_size=256) | st.none() if benign else UNICODE | st.none())
     return json.dumps(body, allow_nan=True, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
@@ -348,8 +369,10 @@ def fuzz_app(serve_session, bundle_a):
     stats = HttpStats()
     with httpx.Client(base_url=serve_session.http_url + "/fuzz", timeout=30) as client:
         yield client, parser, stats
-    print(f"\nHTTP fuzz: {stats.sent} requests, status {dict(stats.status)}, codes {dict(stats.codes)}, "
-          f"fallbacks {dict(stats.fallbacks)}")
+    print(
+        f"\nHTTP fuzz: {stats.sent} requests, status {dict(stats.status)}, codes {dict(stats.codes)}, "
+        f"fallbacks {dict(stats.fallbacks)}"
+    )
     serve.delete("fuzz")
 
 
@@ -434,14 +457,23 @@ HOSTILE_CASES = [
 def test_http_hand_picked_hostile_bodies_and_methods(fuzz_app, image_bases) -> None:
     for raw in HOSTILE_CASES:
         check_http(fuzz_app, raw)
-    too_many = {**image_bases[0], "candidates": [{"id": f"c{i}", "upstream_score": 0} for i in range(MAX_CANDIDATES + 1)]}
+    too_many = {
+        **image_bases[0],
+        "candidates": [{"id": f"c{i}", "upstream_score": 0} for i in range(MAX_CANDIDATES + 1)],
+    }
     check_http(fuzz_app, orjson.dumps(too_many))
     big = copy.deepcopy(image_bases[0])
     big["query"]["id"] = "q" * (MAX_BODY + 10)  # oversized valid-looking JSON
     check_http(fuzz_app, orjson.dumps(big))
     client, _, stats = fuzz_app
-    for method, path in (("GET", "/v1/rerank"), ("PUT", "/v1/rerank"), ("DELETE", "/v1/model"), ("GET", "/v1/nope"),
-                         ("POST", "/healthz"), ("GET", "/v1/rerank/../../etc/passwd")):  # fmt: skip
+    for method, path in (
+        ("GET", "/v1/rerank"),
+        ("PUT", "/v1/rerank"),
+        ("DELETE", "/v1/model"),
+        ("GET", "/v1/nope"),
+        ("POST", "/healthz"),
+        ("GET", "/v1/rerank/../../etc/passwd"),
+    ):
         r = client.request(method, path)
         stats.sent += 1
         assert r.status_code in (404, 405), (method, path, r.status_code)

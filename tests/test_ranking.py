@@ -74,9 +74,10 @@ def test_agreement_between_orders() -> None:
     reversed_window = np.concatenate([np.arange(4)[::-1], np.arange(4, 10)])
     r = agreement(IDS, upstream_order(10), reversed_window, window=4)
     assert r["kendall_tau"] == -1.0 and r["overlap_at_10"] == 1.0
-    assert agreement(IDS + [f"x{i}" for i in range(10)], np.arange(20), np.r_[10:20, 0:10], window=20)[
-        "overlap_at_10"
-    ] == 0.0
+    assert (
+        agreement(IDS + [f"x{i}" for i in range(10)], np.arange(20), np.r_[10:20, 0:10], window=20)["overlap_at_10"]
+        == 0.0
+    )
 
 
 @given(

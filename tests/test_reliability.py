@@ -61,18 +61,27 @@ def app(serve_session, bundle_a, bundle_b, tmp_path_factory):
     from ray import serve
 
     cfg = rel.app_config(
-        http_port=serve_session.http_port, bundle=str(bundle_a), name=APP, route_prefix=PREFIX,
-        control_bundle=str(bundle_b), top_m=TOP_M,
+        http_port=serve_session.http_port,
+        bundle=str(bundle_a),
+        name=APP,
+        route_prefix=PREFIX,
+        control_bundle=str(bundle_b),
+        top_m=TOP_M,
         fixed_replicas={"Router": 1, "Scorer": 2, "Calibrator": 1},
         deployment_overrides={"Scorer": {"health_check_period_s": 1}, "Calibrator": {"health_check_period_s": 1}},
         exposure_log_path=str(tmp_path_factory.mktemp("rel") / "exposure.jsonl"),
-    )  # fmt: skip
+    )
     cfg = rel.set_user_config(cfg, "Router", rollout_percentage=100)
     url = serve_session.http_url + PREFIX
     rel.deploy(cfg)
     rel.wait_app(APP, url, timeout_s=240)
-    yield {"cfg": cfg, "url": url, "bodies": rel.make_bodies(TOP_M, n_bodies=16, n_candidates=16),
-           "version_a": read_meta(bundle_a).bundle_id, "version_b": read_meta(bundle_b).bundle_id}  # fmt: skip
+    yield {
+        "cfg": cfg,
+        "url": url,
+        "bodies": rel.make_bodies(TOP_M, n_bodies=16, n_candidates=16),
+        "version_a": read_meta(bundle_a).bundle_id,
+        "version_b": read_meta(bundle_b).bundle_id,
+    }
     serve.delete(APP)
 
 
@@ -89,7 +98,10 @@ def test_load_at_concurrency_32_has_zero_errors(app) -> None:
     gen = rel.LoadGen(app["url"], app["bodies"], concurrency=32, total=n).start()
     gen.join(timeout_s=1800)
     s = rel.summarize(gen.records)
-    report(f"load {n} @ 32 (loadavg {rel.loadavg()})", {k: s[k] for k in ("status", "throughput_rps", "latency_ms", "fallbacks")})
+    report(
+        f"load {n} @ 32 (loadavg {rel.loadavg()})",
+        {k: s[k] for k in ("status", "throughput_rps", "latency_ms", "fallbacks")},
+    )
     assert s["requests"] == n and s["failed"] == 0, s
     assert s["contract_violations"] == 0, s["problems"]
 
@@ -102,22 +114,39 @@ def test_scorer_replica_killed_under_load(app) -> None:
     """Serve 2.60 re-routes a request whose replica died to a live one, so with two replicas the
     kill is invisible: zero failed requests, every answer well-formed (any fallback in upstream
     order), and Serve starts a replacement."""
-    r = rel.kill_under_load(app["url"], APP, app["bodies"], "Scorer", kill_all=False, concurrency=8,
-                            replace_timeout_s=60, settle_s=1.0)  # fmt: skip
+    r = rel.kill_under_load(
+        app["url"], APP, app["bodies"], "Scorer", kill_all=False, concurrency=8, replace_timeout_s=60, settle_s=1.0
+    )
     t = r["total"]
-    report("scorer kill (1 of 2)", {"replaced_after_s": r["replaced_after_s"], "requests": t["requests"],
-                                    "status": t["status"], "fallbacks": t["fallbacks"], "p99_ms": t["latency_ms"]["p99"]})  # fmt: skip
+    report(
+        "scorer kill (1 of 2)",
+        {
+            "replaced_after_s": r["replaced_after_s"],
+            "requests": t["requests"],
+            "status": t["status"],
+            "fallbacks": t["fallbacks"],
+            "p99_ms": t["latency_ms"]["p99"],
+        },
+    )
     assert t["failed"] == 0 and t["contract_violations"] == 0, t
     assert r["replaced_after_s"] is not None and len(r["new_replicas"]) == 1
 
 
 @pytest.mark.integration
 def test_every_scorer_killed_answers_upstream_order_with_fallback(app) -> None:
-    r = rel.kill_under_load(app["url"], APP, app["bodies"], "Scorer", kill_all=True, concurrency=8,
-                            replace_timeout_s=90, settle_s=1.0)  # fmt: skip
+    r = rel.kill_under_load(
+        app["url"], APP, app["bodies"], "Scorer", kill_all=True, concurrency=8, replace_timeout_s=90, settle_s=1.0
+    )
     t, d = r["total"], r["during_outage"]
-    report("scorer kill (all)", {"replaced_after_s": r["replaced_after_s"], "requests": t["requests"],
-                                 "status": t["status"], "fallbacks_during_outage": d["fallbacks"]})  # fmt: skip
+    report(
+        "scorer kill (all)",
+        {
+            "replaced_after_s": r["replaced_after_s"],
+            "requests": t["requests"],
+            "status": t["status"],
+            "fallbacks_during_outage": d["fallbacks"],
+        },
+    )
     assert t["failed"] == 0, t
     assert t["contract_violations"] == 0, t["problems"]  # every fallback in upstream order, nothing scored
     assert sum(d["fallbacks"].values()) > 0 and set(d["fallbacks"]) <= {"scorer_timeout"} | {
@@ -128,11 +157,20 @@ def test_every_scorer_killed_answers_upstream_order_with_fallback(app) -> None:
 
 @pytest.mark.integration
 def test_calibrator_killed_keeps_the_scorer_order_uncalibrated(app) -> None:
-    r = rel.kill_under_load(app["url"], APP, app["bodies"], "Calibrator", kill_all=True, concurrency=4,
-                            replace_timeout_s=60, settle_s=1.0)  # fmt: skip
+    r = rel.kill_under_load(
+        app["url"], APP, app["bodies"], "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=60, settle_s=1.0
+    )
     t = r["total"]
-    report("calibrator kill", {"replaced_after_s": r["replaced_after_s"], "requests": t["requests"],
-                               "status": t["status"], "uncalibrated": t["uncalibrated"], "fallbacks": t["fallbacks"]})  # fmt: skip
+    report(
+        "calibrator kill",
+        {
+            "replaced_after_s": r["replaced_after_s"],
+            "requests": t["requests"],
+            "status": t["status"],
+            "uncalibrated": t["uncalibrated"],
+            "fallbacks": t["fallbacks"],
+        },
+    )
     assert t["failed"] == 0 and t["contract_violations"] == 0, t  # uncalibrated answers are model-ordered
     assert t["uncalibrated"] > 0 and not t["fallbacks"]
     assert r["replaced_after_s"] is not None
@@ -145,8 +183,11 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
     url, cfg = app["url"], rel.set_user_config(app["cfg"], "Router", shadow_mode=True, shadow_timeout_ms=300)
     phases = {}
     try:
-        for phase, fault in (("healthy", {"fault": "none"}), ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
-                             ("failing", {"fault": "raise"})):  # fmt: skip
+        for phase, fault in (
+            ("healthy", {"fault": "none"}),
+            ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
+            ("failing", {"fault": "raise"}),
+        ):
             rel.deploy(rel.set_user_config(cfg, "Scorer", **fault))
             rel.wait_config(url, routing={"shadow_mode": True}, scorer=fault)
             before = httpx.get(url + "/v1/stats").json()["shadow"]
@@ -155,13 +196,27 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
             s = rel.summarize(gen.stop())
             after = httpx.get(url + "/v1/stats").json()["shadow"]
             shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
-            phases[phase] = {**s, "shadow": shadow, "arms": {r.arm for r in gen.records},
-                             "versions": {r.model_version for r in gen.records}}  # fmt: skip
+            phases[phase] = {
+                **s,
+                "shadow": shadow,
+                "arms": {r.arm for r in gen.records},
+                "versions": {r.model_version for r in gen.records},
+            }
     finally:
         rel.deploy(rel.set_user_config(app["cfg"], "Scorer", fault="none"))
         rel.wait_config(url, routing={"shadow_mode": False}, scorer={"fault": "none"})
-    report("shadow", {p: {"p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"], "requests": v["requests"],
-                          "shadow": v["shadow"]} for p, v in phases.items()})  # fmt: skip
+    report(
+        "shadow",
+        {
+            p: {
+                "p50": v["latency_ms"]["p50"],
+                "p99": v["latency_ms"]["p99"],
+                "requests": v["requests"],
+                "shadow": v["shadow"],
+            }
+            for p, v in phases.items()
+        },
+    )
     base = phases["healthy"]["latency_ms"]["p50"]
     assert phases["healthy"]["shadow"]["comparisons"] > 0
     for phase in ("slow", "failing"):
@@ -240,8 +295,10 @@ def _raw_http(port: int, head: bytes, payload_chunks, *, read_timeout_s: float =
 @pytest.mark.integration
 def test_declared_oversized_body_is_refused_before_it_is_sent(app, serve_session) -> None:
     limit = app["cfg"]["applications"][0]["args"]["max_body_bytes"]
-    head = (f"POST {PREFIX}/v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {100 * limit}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {PREFIX}/v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {100 * limit}\r\n\r\n"
+    ).encode()
     resp, sent = _raw_http(serve_session.http_port, head, [b'{"query":'])  # 9 of 800 MiB declared bytes
     assert resp.startswith(b"HTTP/1.1 413"), resp[:200]
     body = orjson.loads(resp.split(b"\r\n\r\n", 1)[1])
@@ -253,8 +310,10 @@ def test_chunked_body_without_content_length_is_cut_off_at_the_limit(app, serve_
     limit = app["cfg"]["applications"][0]["args"]["max_body_bytes"]
     piece = b"[" + b"0," * 32767 + b"0"  # 64 KiB of JSON-ish bytes per chunk
     chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
-    head = (f"POST {PREFIX}/v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {PREFIX}/v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     resp, sent = _raw_http(serve_session.http_port, head, (chunk for _ in range(10 * limit // len(piece))))
     assert resp.startswith(b"HTTP/1.1 413"), resp[:200]
     assert orjson.loads(resp.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"

@@ -69,9 +69,7 @@ def test_golden_buckets(salt: str, unit_id: str, hashed: int, expected: int) -> 
 
 
 @pytest.mark.parametrize(("salt", "unit_id", "hashed", "expected"), GOLDEN)
-def test_golden_vectors_match_reference_implementation(
-    salt: str, unit_id: str, hashed: int, expected: int
-) -> None:
+def test_golden_vectors_match_reference_implementation(salt: str, unit_id: str, hashed: int, expected: int) -> None:
     # Independent of mmh3: the golden values follow from the written contract alone.
     h = murmur3_x86_32(f"{salt}:{unit_id}".encode(), 0)
     assert h == hashed

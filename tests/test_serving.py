@@ -88,8 +88,16 @@ def score_with(core: ScorerCore) -> Local:
 
 
 def make_service(
-    bundle_a, scorer_a, calibrators, *, routing: RoutingConfig | None = None, score=None, calibrate=None,
-    control=None, exposure_path=None, **args,
+    bundle_a,
+    scorer_a,
+    calibrators,
+    *,
+    routing: RoutingConfig | None = None,
+    score=None,
+    calibrate=None,
+    control=None,
+    exposure_path=None,
+    **args,
 ) -> RerankService:
     score = score or score_with(scorer_a)
     calibrate = calibrate or Local(calibrators.transform)
@@ -286,7 +294,9 @@ def test_calibrator_failure_keeps_the_model_order_without_probabilities(
 # ----------------------------------------------------------------------------- shadow
 
 
-def test_shadow_answers_with_control_and_records_a_comparison(bundle_a, scorer_a, calibrators, records, tmp_path) -> None:
+def test_shadow_answers_with_control_and_records_a_comparison(
+    bundle_a, scorer_a, calibrators, records, tmp_path
+) -> None:
     log = tmp_path / "exposure.jsonl"
     routing = RoutingConfig(rollout_percentage=100, shadow_mode=True)
     service = make_service(bundle_a, scorer_a, calibrators, routing=routing, exposure_path=str(log))

@@ -98,7 +98,12 @@ def test_transforms_default_to_standardize() -> None:
 
 def test_image_search_spec_defaults() -> None:
     s = IMAGE_SEARCH_SPEC
-    assert list(s.candidate.items()) == [("image_embedding", 512), ("text_embedding", 512), ("visual", 8), ("conflict", 5)]
+    assert list(s.candidate.items()) == [
+        ("image_embedding", 512),
+        ("text_embedding", 512),
+        ("visual", 8),
+        ("conflict", 5),
+    ]
     assert s.query == {"text_embedding": 512}
     assert s.transform_for("candidate", "image_embedding") == "none"
     assert s.transform_for("candidate", "visual") == "standardize"
