@@ -162,7 +162,13 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
         state = load_state(d)
     state["final_metrics"] = dict(result.metrics or {})
     state["run_path"] = str(result.path or Path(storage_path) / run_name)
-    logger.info("best checkpoint: epoch %d, %s %.4f", best_metrics["epoch"], VAL_METRIC, best_metrics[VAL_METRIC])
+    logger.info(
+        "selected checkpoint (%s): epoch %d, %s %.4f",
+        cfg.optim.select,
+        best_metrics["epoch"],
+        VAL_METRIC,
+        best_metrics[VAL_METRIC],
+    )
     return state
 
 

@@ -14,6 +14,15 @@ import pytest
 from _bundles import make_bundle, make_data, read_records
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads competing
+    with another process make the tests many times slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def test_data(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("data") / "lists.jsonl")

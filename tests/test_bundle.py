@@ -20,14 +20,6 @@ from cotrr_ray.train import pad_split
 TOP_M = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A bundle of an untrained tiny model + normaliser fitted on tiny data + a min_samples=1 calibrator."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.crossfit import (
@@ -73,14 +72,6 @@ def tiny_cfg(tmp_path: Path, epochs: int = 4, **optim) -> TrainConfig:
 def lists(tmp_path_factory):
     path = write_letor(tmp_path_factory.mktemp("letor") / "train.txt", queries=36)
     return read_letor(path, num_features=N_FEATURES, upstream_feature=3, window=32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _last(cfg, data):

@@ -17,16 +17,6 @@ LOSSES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads, and on a shared 2-core box intra-op threads that
-    # compete with another process make these tests many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_batch(B: int = 4, M: int = 6, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, M, generator=g)

@@ -11,16 +11,6 @@ from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
 LETOR_SPEC = FeatureSpec(version="letor-test", candidate={"letor": 136})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core box competing intra-op threads
-    # make these tests many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(spec: FeatureSpec = IMAGE_SEARCH_SPEC, seed: int = 0, **overrides) -> Reranker:
     torch.manual_seed(seed)
     overrides.setdefault("d_model", 64)

@@ -28,14 +28,6 @@ from cotrr_ray.train import (
 SPLITS = "data.splits={train: 0.7, validation: 0.3, test: 0.0}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> PreparedData:
     """~120 generated queries, lists of 10-14, Top-8 windows; split 70/30 train/validation."""
