@@ -7,7 +7,9 @@ own code end to end, so the comparison measures the serving framework and nothin
 - arm assignment, fallback, ordering, exposure record, stats: `cotrr_ray.router.RerankService`;
 - scoring: `cotrr_ray.scorer.ScorerCore` (the same `Bundle.score`, one list per call, no batching);
 - calibration: `cotrr_ray.scorer.CalibratorCore` (the bundle's isotonic table);
-- ordering and the response body: `cotrr_ray.ranking` via `RerankService`, serialised with orjson.
+- ordering and the response body: `cotrr_ray.ranking` via `RerankService`, serialised with orjson;
+- the `Server-Timing` header (`cotrr_ray.router.StageTimings`), so the benchmark's per-stage profile
+  compares like with like (here `score` is an in-process call: `score - model` is ~0).
 
 The scorer and calibrator are plain in-process calls (blocking, on the event loop, one torch
 thread), which is what a single-process service does.
@@ -21,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from cotrr_ray.api import read_body  # noqa: E402
 from cotrr_ray.bundle import read_meta, resolve_uri  # noqa: E402
 from cotrr_ray.config import AppArgs, RoutingConfig  # noqa: E402
 from cotrr_ray.errors import RequestError  # noqa: E402
-from cotrr_ray.router import Downstream, ExposureLog, RerankService  # noqa: E402
+from cotrr_ray.router import SERVER_TIMING, Downstream, ExposureLog, RerankService, StageTimings  # noqa: E402
 from cotrr_ray.scorer import CalibratorCore, ScorerCore  # noqa: E402
 
 
@@ -95,16 +98,18 @@ def create_app(
 
     @app.post("/v1/rerank")
     async def rerank(request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
             body = await read_body(request, args.max_body_bytes)
         except RequestError as e:
             service.note_rejected(e)
             return JSONResponse(e.body(), status_code=e.status)
+        timings = StageTimings(read=(time.perf_counter() - t0) * 1000)
         try:
-            payload = await service.rerank(body, request.headers.get("x-request-id"))
+            payload = await service.rerank(body, request.headers.get("x-request-id"), timings)
         except RequestError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return Response(orjson.dumps(payload), media_type="application/json")
+        return Response(orjson.dumps(payload), media_type="application/json", headers={SERVER_TIMING: timings.header()})
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

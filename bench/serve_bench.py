@@ -14,7 +14,9 @@ In one run, on the same cores:
    closed-loop HTTP load generator at concurrency 1, 4, 16, 32, 64 with JSON-float and base64
    bodies; plus an overload level past the shipped admission limits (expect fast 503s with
    Retry-After), the documented fused mode (calibration inside the Scorer) and a scale-out check
-   (two Scorer replicas pinned to separate CPUs vs one);
+   (two Scorer replicas pinned to separate CPUs vs one); and a **per-stage profile** at concurrency 1
+   (`--profile`): sequential requests whose `Server-Timing` headers (read, parse, score, model,
+   calibrate, total) split the latency of the graph, the fused mode and the peer into stages;
 3. **peer**: bench/peer_app.py (one FastAPI + uvicorn process, same bundle and the same parsing /
    scoring / calibration / ordering code), driven by the same load generator.
 
@@ -226,6 +228,7 @@ class CpuMeter:
         server = sum(v for k, v in per.items() if k not in ("client", "bench-driver", "other"))
         ours = sum(per.values())
         return {
+            "window_s": round(wall, 3),
             "box_cores": round(box, 3),
             "client_cores": client,
             "server_cores": round(server, 3),
@@ -844,6 +847,185 @@ def batch_counters(metrics_text: str, deployment: str = "Scorer") -> tuple[float
     return lists, batches
 
 
+# ============================================================================ per-stage profile (Server-Timing)
+
+# Rows of the profile table: (key, label). Medians of per-request values (in ms), so they need not add up
+# exactly; the means in the JSON do when every request had every stage (client = outside + total,
+# total = parse + score + calibrate + rest).
+PROFILE_ROWS = (
+    ("client", "client-observed latency"),
+    ("outside", "  outside the service (client - total)"),
+    ("read", "    of which: read body"),
+    ("total", "  total (RerankService.rerank)"),
+    ("parse", "    parse"),
+    ("score", "    score (round trip)"),
+    ("model", "      model (scorer compute)"),
+    ("hop", "      hop + queue (score - model)"),
+    ("calibrate", "    calibrate (round trip)"),
+    ("rest", "    rest (results, record, log)"),
+)
+
+
+def profile_server(url: str, bodies: list[bytes], n: int, *, warmup: int = 10, timeout_s: float = 30.0) -> dict:
+    """`n` sequential POSTs (concurrency 1) on one keep-alive connection (http.client, in this process),
+    after `warmup` discarded ones: the client-observed latency and the `Server-Timing` stages of each
+    200, summarised by `summarize_profile`."""
+    import http.client
+
+    from cotrr_ray.router import parse_server_timing
+
+    base, path = _split_url(url)
+    host, _, port = base.split("//", 1)[1].partition(":")
+    headers = {"content-type": "application/json"}
+    samples: list[dict[str, float]] = []
+    errors = fallbacks = 0
+    conn = http.client.HTTPConnection(host, int(port or 80), timeout=timeout_s)
+    try:
+        for i in range(warmup + n):
+            body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.HTTPException, OSError):
+                conn.close()  # reconnects on the next request
+                errors += i >= warmup
+                continue
+            client_ms = (time.perf_counter() - t0) * 1000
+            if i < warmup:
+                continue
+            if resp.status != 200:
+                errors += 1
+                continue
+            fallbacks += b'"fallback":null' not in data
+            samples.append({"client": client_ms, **parse_server_timing(resp.getheader("server-timing") or "")})
+    finally:
+        conn.close()
+    return summarize_profile(samples, errors=errors, fallbacks=fallbacks)
+
+
+def summarize_profile(samples: list[dict[str, float]], *, errors: int = 0, fallbacks: int = 0) -> dict[str, Any]:
+    """Medians and means (ms) of each stage over requests; a stage's statistics cover the requests that
+    had it (no `calibrate` in fused mode, no `score`/`model` on a fallback). Derived per request:
+    outside = client - total (HTTP ingress, framework, response serialisation and the client library,
+    the body read included), hop = score - model (coalescer wait, handle round trip, batch queue), rest = total -
+    parse - score - calibrate (ordering, results, exposure record, metrics)."""
+    rows = []
+    for s in samples:
+        d = dict(s)
+        if "total" in s:
+            if "client" in s:
+                d["outside"] = s["client"] - s["total"]
+            d["rest"] = s["total"] - s.get("parse", 0.0) - s.get("score", 0.0) - s.get("calibrate", 0.0)
+        if "score" in s and "model" in s:
+            d["hop"] = s["score"] - s["model"]
+        rows.append(d)
+
+    def stat(fn, key: str) -> float | None:
+        vals = [d[key] for d in rows if key in d]
+        return round(float(fn(vals)), 3) if vals else None
+
+    keys = [k for k, _ in PROFILE_ROWS]
+    return {
+        "requests": len(samples),
+        "errors": errors,
+        "fallbacks": fallbacks,
+        "median_ms": {k: stat(np.median, k) for k in keys},
+        "mean_ms": {k: stat(np.mean, k) for k in keys},
+    }
+
+
+def fmt_profile(profile: dict[str, Any], encoding: str | None = None) -> str:
+    """Rows = stages, columns = peer / graph / fused (+ graph - peer): medians in ms."""
+    enc = encoding or profile.get("encoding")
+    cols = profile.get("by_encoding", {}).get(enc) or {
+        k: profile[k] for k in ("peer", "graph", "fused") if k in profile
+    }
+    names = [k for k in ("peer", "graph", "fused") if k in cols]
+    delta = "peer" in cols and "graph" in cols
+    head = f"{'median ms':<40}" + "".join(f"{n:>9}" for n in names) + (f"{'graph-peer':>12}" if delta else "")
+    lines = [
+        f"per-stage profile, c=1, {enc} bodies, {profile.get('requests')} sequential requests per server "
+        "(Server-Timing; medians of per-request values)",
+        head,
+    ]
+
+    def cell(v: float | None, width: int = 9) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.3f}"
+
+    for key, label in PROFILE_ROWS:
+        vals = [cols[n]["median_ms"].get(key) for n in names]
+        line = f"{label:<40}" + "".join(cell(v) for v in vals)
+        if delta:
+            g, p = cols["graph"]["median_ms"].get(key), cols["peer"]["median_ms"].get(key)
+            line += cell(None if g is None else g - (p or 0.0), 12)
+        lines.append(line)
+    lines.append(
+        f"{'requests / errors / fallbacks':<40}"
+        + "".join(
+            f"{str(cols[n]['requests']) + '/' + str(cols[n]['errors']) + '/' + str(cols[n]['fallbacks']):>9}"
+            for n in names
+        )
+    )
+    return "\n".join(lines)
+
+
+SERVER_PROCESSES = (
+    "Router",
+    "Scorer",
+    "ScorerControl",
+    "Calibrator",
+    "proxy",
+    "controller",
+    "ray-system",
+    "ray-worker-other",
+    "peer",
+)
+
+
+def cpu_ms_per_request(row: dict[str, Any], server: str = "serve") -> dict[str, float]:
+    """Server CPU ms per request of one level, by process group (the peer's row: the peer process only)."""
+    cpu = row["cpu"]
+    window = cpu.get("window_s") or row["duration_s"]
+    n = max(1, row["requests"])
+    keep = ("peer",) if server == "peer" else tuple(k for k in SERVER_PROCESSES if k != "peer")
+    return {k: round(v * window / n * 1000, 3) for k, v in cpu["per_process"].items() if k in keep}
+
+
+def fmt_cpu_per_request(result: dict[str, Any]) -> str:
+    """Server CPU ms per request by process at each server's best-throughput level, next to the limit's
+    (one core, the bare batched pipeline): where the CPU that caps throughput goes."""
+    lines = ["server CPU ms per request by process, at each server's best-throughput level"]
+    encodings = result.get("settings", {}).get("encodings") or list(result.get("limit", {}).get("by_encoding", {}))
+    for enc in encodings:
+        series = [
+            ("graph", result.get("levels", []), "serve"),
+            ("fused", result.get("fused", {}).get("levels", []), "serve"),
+            ("peer", result.get("peer", {}).get("levels", []), "peer"),
+        ]
+        picked = [(name, best(rows, enc), kind) for name, rows, kind in series]
+        picked = [(name, r, cpu_ms_per_request(r, kind)) for name, r, kind in picked if r is not None]
+        procs = [p for p in SERVER_PROCESSES if any(p in by for _, _, by in picked)]
+        lines.append(
+            f"{enc:<8}{'':<8}{'c':>4}{'req/s':>9}{'total':>8}" + "".join(f"{p:>{max(9, len(p) + 2)}}" for p in procs)
+        )
+        lim = result.get("limit", {}).get("by_encoding", {}).get(enc)
+        if lim:
+            cpu_ms = lim["ms_per_request"] * lim.get("cpu_cores", 1.0)
+            lines.append(
+                f"{'':<8}{'limit':<8}{'-':>4}{lim['rps']:>9.1f}{cpu_ms:>8.3f}  (one core, batch {lim['batch_size']})"
+            )
+        for name, r, by in picked:
+            lines.append(
+                f"{'':<8}{name:<8}{r['concurrency']:>4}{r['rps']:>9.1f}{sum(by.values()):>8.3f}"
+                + "".join(
+                    f"{by[p]:>{max(9, len(p) + 2)}.3f}" if p in by else f"{'-':>{max(9, len(p) + 2)}}" for p in procs
+                )
+            )
+    return "\n".join(lines)
+
+
 # ============================================================================ measuring
 
 
@@ -1202,6 +1384,26 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         def sweep(name: str, lv: list[int]) -> list[dict]:
             return [serve_level(name, enc, c) for enc in encodings for c in lv]
 
+        prof: dict[str, Any] = {"requests": args.profile_requests, "encoding": first, "by_encoding": {}}
+
+        def profile(name: str, base: str) -> None:
+            """The per-stage profile of one server at c=1, every encoding (result["profile"])."""
+            for enc in encodings:
+                s0 = bench.meter.snapshot()
+                p = profile_server(base + "/v1/rerank", bodies[enc], args.profile_requests)
+                p["foreign_cores"] = CpuMeter.delta(s0, bench.meter.snapshot())["foreign_cores"]
+                p["loadavg"] = loadavg()
+                prof["by_encoding"].setdefault(enc, {})[name] = p
+                if enc == first:
+                    prof[name] = p
+                m = p["median_ms"]
+                say(
+                    f"profile {name} {enc}: client {m['client']} total {m['total']} parse {m['parse']} "
+                    f"score {m['score']} model {m['model']} calibrate {m['calibrate']} "
+                    f"(errors {p['errors']}, fallbacks {p['fallbacks']}, foreign {p['foreign_cores']})"
+                )
+            result["profile"] = prof
+
         rows, peer_rows = [], []
         try:
             for enc in encodings:
@@ -1222,6 +1424,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                             f"foreign {r['cpu']['foreign_cores']}"
                         )
                     rows.append(serve_level("serve", enc, c))
+            if args.profile:  # both servers are up: the default graph and the peer, back to back
+                if peer is not None:
+                    profile("peer", peer_url)
+                profile("graph", cluster.url_base)
         finally:
             stop_peer()
         result["levels"] = rows
@@ -1260,6 +1466,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             cluster.deploy(cfg_f, fresh=True)
             fl = [c for c in levels if c != 4] or levels
             result["fused"] = {"levels": sweep("fused", fl)}
+            if args.profile:
+                profile("fused", cluster.url_base)
 
         # ablation: the same graph without router-side coalescing (one hop per request and deployment)
         if args.ablation:
@@ -1363,6 +1571,10 @@ def print_report(result: dict[str, Any]) -> None:
         )
     if "hop_probe" in result:
         print(f"\nServe hop floor (median round trip replica -> replica at c=1): {result['hop_probe']}")
+    if "profile" in result:
+        for enc in result["profile"].get("by_encoding", {}) or [result["profile"].get("encoding")]:
+            print("\n" + fmt_profile(result["profile"], enc))
+    print("\n" + fmt_cpu_per_request(result))
     print(
         f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
         f"still noisy after waiting: {result.get('noisy_levels', 0)}"
@@ -1417,6 +1629,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="measure the round trip of a bare Serve handle call (explains the c=1 latency)",
     )
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-stage latency profile at c=1 (Server-Timing) of the graph, the fused mode and the peer",
+    )
+    p.add_argument("--profile-requests", type=int, default=300, help="sequential requests per server and encoding")
     a = p.parse_args(argv)
     q = a.quick
     a.concurrency = a.concurrency or ",".join(map(str, QUICK_LEVELS if q else DEFAULT_LEVELS))
@@ -1427,6 +1646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.scaleout = (not q) if a.scaleout is None else a.scaleout
     a.hop_probe = (not q) if a.hop_probe is None else a.hop_probe
     a.ablation = (not q) if a.ablation is None else a.ablation
+    a.profile = (not q) if a.profile is None else a.profile
     a.max_foreign = None if a.max_foreign is not None and a.max_foreign < 0 else a.max_foreign
     return a
 

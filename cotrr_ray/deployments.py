@@ -15,6 +15,7 @@ defaults for apps built from Python; serve_config.yaml overrides them per deploy
 # the ingress methods (Serve rebinds them, and string annotations then fail to resolve).
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -31,7 +32,7 @@ from cotrr_ray.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.errors import RequestError
 from cotrr_ray.features import CandidateList
-from cotrr_ray.router import Coalescer, Downstream, ExposureLog, RerankService
+from cotrr_ray.router import SERVER_TIMING, Coalescer, Downstream, ExposureLog, RerankService, StageTimings
 from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
 
 logger = logging.getLogger("ray.serve")
@@ -201,16 +202,18 @@ class Router:
         summary="Rerank the Top-M of an upstream candidate list",
     )
     async def rerank(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
             body = await read_body(request, self.service.args.max_body_bytes)
         except RequestError as e:
             self.service.note_rejected(e)
             return _error(e)
+        timings = StageTimings(read=(time.perf_counter() - t0) * 1000)
         try:
-            payload = await self.service.rerank(body, request.headers.get("x-request-id"))
+            payload = await self.service.rerank(body, request.headers.get("x-request-id"), timings)
         except RequestError as e:  # already counted by the service
             return _error(e)
-        return Response(orjson.dumps(payload), media_type="application/json")
+        return Response(orjson.dumps(payload), media_type="application/json", headers={SERVER_TIMING: timings.header()})
 
     @api.get("/v1/model", summary="Served model, feature spec, Top-M limits and routing config")
     async def model(self) -> Response:

@@ -195,6 +195,52 @@ def exception_name(e: BaseException) -> str:
     return type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__
 
 
+@dataclass(slots=True)
+class StageTimings:
+    """Wall times (ms) of one rerank request's stages, as the router sees them; None: did not happen.
+
+    Filled by `RerankService.rerank` (and `read` by the HTTP layer before it) and sent back as the W3C
+    `Server-Timing` response header, so a client or a browser's devtools sees where a request's time
+    went. A stage is recorded only when it succeeded: a fallback carries `parse` and `total` only.
+
+    - read: the request body received from the ASGI stream (HTTP layer, before `total` starts);
+    - parse: body -> validated `ParsedRequest` (`RequestParser.parse`);
+    - score: the scorer call's round trip from the router (the coalescer's wait for a free call slot,
+      the handle hop, the @serve.batch queue, the model); an in-process call in the peer;
+    - model: the scorer's own compute for the batch that held this window (`ScoreResult.compute_ms`;
+      the whole batch's time, so `score - model` is transport and queueing);
+    - calibrate: the calibrator call's round trip (absent in fused mode: the scorer calibrates);
+    - total: the router's handling time, parse to response payload (exposure record and metrics included).
+    """
+
+    read: float | None = None
+    parse: float | None = None
+    score: float | None = None
+    model: float | None = None
+    calibrate: float | None = None
+    total: float | None = None
+
+    def header(self) -> str:
+        """The `Server-Timing` value: `parse;dur=1.234, score;dur=3.100, ..., total;dur=6.200`."""
+        return ", ".join(f"{name};dur={v:.3f}" for name in _STAGES if (v := getattr(self, name)) is not None)
+
+
+_STAGES = tuple(StageTimings.__dataclass_fields__)
+SERVER_TIMING = "Server-Timing"
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """`{name: dur}` of a `Server-Timing` header value (entries without a `dur` are left out)."""
+    out = {}
+    for entry in value.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, v = param.partition("=")
+            if key.strip().lower() == "dur" and name:
+                out[name] = float(v.strip().strip('"'))
+    return out
+
+
 class Metrics(Protocol):
     def request(self, arm: str, outcome: str, latency_ms: float) -> None: ...
     def rejected(self, code: str) -> None: ...
@@ -349,8 +395,12 @@ class RerankService:
 
     # -------------------------------------------------------------- POST /v1/rerank
 
-    async def rerank(self, body: bytes, request_id: str | None = None) -> dict[str, Any]:
+    async def rerank(
+        self, body: bytes, request_id: str | None = None, timings: StageTimings | None = None
+    ) -> dict[str, Any]:
+        """The response payload; `timings`, when given, receives the stage times (Server-Timing)."""
         t0 = time.perf_counter()
+        tm = timings if timings is not None else StageTimings()
         cfg = self.config
         request_id = request_id or uuid.uuid4().hex
         self.stats.requests += 1
@@ -359,15 +409,16 @@ class RerankService:
         except RequestError as e:
             self._count_rejected(e)
             raise
+        tm.parse = (time.perf_counter() - t0) * 1000
         decision = decide(
             req.unit_id, req.query_id, salt=cfg.experiment_salt, rollout_percentage=cfg.rollout_percentage
         )
         arm = "control" if cfg.shadow_mode else decision.arm
         n = len(req.ids)
         if arm == "treatment":
-            out = await self._score(self.down.score, req, cfg.timeout_ms / 1000, "scorer")
+            out = await self._score(self.down.score, req, cfg.timeout_ms / 1000, "scorer", tm)
         elif self.down.score_control is not None:
-            out = await self._score(self.down.score_control, req, cfg.timeout_ms / 1000, "control_scorer")
+            out = await self._score(self.down.score_control, req, cfg.timeout_ms / 1000, "control_scorer", tm)
         else:
             out = _Outcome(upstream_order(n))
         results = build_results(
@@ -377,7 +428,7 @@ class RerankService:
         self._record(request_id, req, decision, arm, cfg, out, latency_ms)
         if cfg.shadow_mode:
             self._spawn_shadow(request_id, req, out.order, cfg)
-        return {
+        payload = {
             "request_id": request_id,
             "model_version": out.model_version,
             "arm": arm,
@@ -386,6 +437,8 @@ class RerankService:
             "calibrated": out.probabilities is not None,
             "results": results,
         }
+        tm.total = (time.perf_counter() - t0) * 1000
+        return payload
 
     def note_rejected(self, e: RequestError) -> None:
         """Count a request refused before `rerank` saw it (e.g. an oversized body)."""
@@ -396,7 +449,9 @@ class RerankService:
         self.stats.rejected[e.code] += 1
         self.metrics.rejected(e.code)
 
-    async def _score(self, score: Call, req: ParsedRequest, timeout_s: float, who: str) -> _Outcome:
+    async def _score(
+        self, score: Call, req: ParsedRequest, timeout_s: float, who: str, timings: StageTimings
+    ) -> _Outcome:
         """Scorer then calibrator within one budget; upstream order on any scorer failure."""
         start = time.perf_counter()
         n = len(req.ids)
@@ -406,11 +461,15 @@ class RerankService:
             return self._fallback(n, f"{who}_timeout")
         except Exception as e:  # any downstream failure: serve the upstream order, flagged
             return self._fallback(n, f"{who}_error:{exception_name(e)}")
+        scored = time.perf_counter()
+        timings.score = (scored - start) * 1000
+        timings.model = result.compute_ms
         if who == "scorer":
             self._model_version = result.model_version
         out = _Outcome(model_order(result.logits, n), logits=result.logits, model_version=result.model_version)
-        remaining = timeout_s - (time.perf_counter() - start)
+        remaining = timeout_s - (scored - start)
         reason = None
+        cal_ms = None  # stays None in fused mode (no calibrator call)
         try:
             if result.probabilities is not None or self.down.calibrate is None:  # fused: calibrated by the scorer
                 if result.probabilities is None:
@@ -420,12 +479,15 @@ class RerankService:
                 if remaining <= 0:
                     raise TimeoutError
                 cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+                t_cal = time.perf_counter()
                 probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
+                cal_ms = (time.perf_counter() - t_cal) * 1000
             if probs.shape != (req.window,) or not (
                 np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()
             ):
                 raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
             out.probabilities = probs
+            timings.calibrate = cal_ms
         except TimeoutError:
             reason = "calibrator_timeout"
         except Exception as e:  # ordered by the scorer anyway; probabilities are null

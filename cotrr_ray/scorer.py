@@ -55,6 +55,11 @@ class ScoreResult:
     model_version: str
     bundle_path: str
     probabilities: np.ndarray | None = None  # (window,) float64, set only in fused mode (calibrated by the scorer)
+    # Wall time (ms) of the `ScorerCore.score` call that produced it: the forward pass of the whole
+    # batch plus the per-result work. Every window of a batch carries the batch's time, so this is
+    # what this window waited on for compute, not its share of the CPU (the router's Server-Timing
+    # `model` stage).
+    compute_ms: float | None = None
 
 
 @dataclass
@@ -146,6 +151,7 @@ class ScorerCore:
         `calibrate=True` (fused mode) also sets each result's probabilities from the same bundle's
         isotonic calibrator, exactly what `CalibratorCore.transform` computes for that bundle id.
         """
+        t0 = time.perf_counter()
         bundle = self.bundle  # one read: a concurrent swap never mixes bundles within a batch
         logits = bundle.score(lists, amp=self.amp)
         self.batches += 1
@@ -156,6 +162,9 @@ class ScorerCore:
             x = np.array(x, dtype=np.float32)
             probs = bundle.calibrator.predict(x.astype(np.float64)) if calibrate else None
             out.append(ScoreResult(x, bundle.bundle_id, path, probs))
+        compute_ms = (time.perf_counter() - t0) * 1000
+        for r in out:  # the whole batch's time on each of its windows (see ScoreResult.compute_ms)
+            r.compute_ms = compute_ms
         return out
 
     def info(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from _bundles import TOP_M, modified, request_body
 
 from cotrr_ray.bundle import read_meta
 from cotrr_ray.config import AppArgs, RoutingConfig
+from cotrr_ray.router import parse_server_timing
 from cotrr_ray.routing import assign_arm, decide
 
 pytestmark = pytest.mark.integration
@@ -88,6 +89,8 @@ def test_contract_ordering_and_tail_passthrough(client, py_app, records, bundle_
     out = r.json()
     assert set(out) == {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
     assert out["request_id"] == r.headers["x-request-id"]
+    stages = parse_server_timing(r.headers["server-timing"])  # the Router's stages; model: the Scorer's batch
+    assert list(stages) == ["read", "parse", "score", "model", "calibrate", "total"] and stages["model"] > 0
     assert out["arm"] == "treatment" and out["fallback"] is None and out["calibrated"] and out["shadow"] is False
     assert out["model_version"] == read_meta(bundle_a).bundle_id
     res = out["results"]

@@ -29,7 +29,7 @@ import train_bench  # noqa: E402
 from cotrr_ray.api import RequestParser  # noqa: E402
 from cotrr_ray.bundle import read_meta  # noqa: E402
 from cotrr_ray.config import TrainConfig  # noqa: E402
-from cotrr_ray.router import Coalescer  # noqa: E402
+from cotrr_ray.router import Coalescer, parse_server_timing  # noqa: E402
 
 LEVEL_KEYS = {"rps", "p50_ms", "p95_ms", "p99_ms", "errors", "fallbacks", "requests", "duration_s"}
 
@@ -104,7 +104,13 @@ def test_peer_app_in_process(bundle_a, tiny_bodies) -> None:
         assert out.status_code == 200
         r = out.json()
         assert r["fallback"] is None and r["calibrated"] and len(r["results"]) == 12
+        # the same Server-Timing header as the Router's; `score` is an in-process call here
+        stages = parse_server_timing(out.headers["server-timing"])
+        assert list(stages) == ["read", "parse", "score", "model", "calibrate", "total"]
+        assert all(v >= 0 for v in stages.values()) and stages["total"] >= stages["parse"] and stages["model"] > 0
         assert client.get("/v1/stats").json()["served"] == 1
+        bad = client.post("/v1/rerank", content=b"{}", headers={"content-type": "application/json"})
+        assert bad.status_code == 422 and "server-timing" not in bad.headers
 
 
 def test_report_helpers_and_plot(tmp_path) -> None:
@@ -166,6 +172,61 @@ def test_report_helpers_and_plot(tmp_path) -> None:
     assert {"box_cores", "client_cores", "server_cores", "per_process"} <= set(d)
 
 
+def test_profile_summary_and_report() -> None:
+    # synthetic Server-Timing samples: graph (with calibrate), fused (none), one fallback (parse+total)
+    graph = [
+        {"client": 9.0 + i, "read": 0.1, "parse": 1.0, "score": 4.0, "model": 1.5, "calibrate": 1.5, "total": 7.0}
+        for i in range(3)
+    ]
+    fallback = {"client": 3.0, "read": 0.1, "parse": 1.0, "total": 1.2}
+    g = serve_bench.summarize_profile([*graph, fallback], errors=1, fallbacks=1)
+    assert (g["requests"], g["errors"], g["fallbacks"]) == (4, 1, 1)
+    m = g["median_ms"]
+    assert m["client"] == 9.5 and m["total"] == 7.0 and m["score"] == 4.0 and m["hop"] == 2.5
+    assert m["calibrate"] == 1.5 and m["outside"] == 2.5  # per request: 2, 3, 4 and 1.8
+    assert g["mean_ms"]["rest"] == pytest.approx((0.5 * 3 + 0.2) / 4)
+    mean = g["mean_ms"]  # means add up
+    assert mean["client"] == pytest.approx(mean["outside"] + mean["total"], abs=1e-3)
+    fused = serve_bench.summarize_profile([{k: v for k, v in s.items() if k != "calibrate"} for s in graph])
+    assert fused["median_ms"]["calibrate"] is None and fused["median_ms"]["rest"] == 2.0
+    peer = serve_bench.summarize_profile([{**s, "score": 1.6, "client": 4.0, "total": 4.5} for s in graph])
+    assert serve_bench.summarize_profile([])["median_ms"]["client"] is None
+
+    profile = {"requests": 4, "encoding": "json", "by_encoding": {"json": {"peer": peer, "graph": g, "fused": fused}}}
+    table = serve_bench.fmt_profile(profile)
+    lines = table.splitlines()
+    assert lines[1].split()[-4:] == ["peer", "graph", "fused", "graph-peer"]
+    score_row = next(line for line in lines if line.strip().startswith("score"))
+    assert score_row.split()[-4:] == ["1.600", "4.000", "4.000", "2.400"]
+    assert next(line for line in lines if "calibrate" in line).split()[-2] == "-"
+
+    def level(c, rps, per_process, requests, window=2.0):
+        return {
+            "encoding": "json",
+            "concurrency": c,
+            "rps": rps,
+            "errors": 0,
+            "requests": requests,
+            "duration_s": window,
+            "cpu": {"window_s": window, "per_process": per_process},
+        }
+
+    serve_row = level(
+        32, 300.0, {"Router": 0.9, "Scorer": 0.4, "client": 0.04, "bench-driver": 0.01, "peer": 0.001}, 600
+    )
+    peer_row = level(4, 250.0, {"peer": 1.0, "Router": 0.0, "client": 0.03}, 500)
+    assert serve_bench.cpu_ms_per_request(serve_row) == {"Router": 3.0, "Scorer": 1.333}
+    assert serve_bench.cpu_ms_per_request(peer_row, "peer") == {"peer": 4.0}
+    result = {
+        "settings": {"encodings": ["json"]},
+        "limit": {"by_encoding": {"json": {"rps": 500.0, "ms_per_request": 2.0, "cpu_cores": 1.0, "batch_size": 16}}},
+        "levels": [level(1, 100.0, {"Router": 0.5}, 200), serve_row],
+        "peer": {"levels": [peer_row]},
+    }
+    text = serve_bench.fmt_cpu_per_request(result)
+    assert "limit" in text and "Router" in text and "4.333" in text and "4.000" in text
+
+
 def test_bench_serve_configs_validate() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -183,8 +244,10 @@ def test_bench_serve_configs_validate() -> None:
 def test_cli_arguments() -> None:
     quick = serve_bench.parse_args(["--quick"])
     assert quick.concurrency == "1,16,64" and not quick.fused and not quick.scaleout and not quick.ablation
+    assert not quick.profile and serve_bench.parse_args(["--quick", "--profile"]).profile
     full = serve_bench.parse_args([])
     assert full.concurrency == "1,4,16,32,64" and full.fused and full.scaleout and full.mode == "opt"
+    assert full.profile and full.profile_requests == 300
     t = train_bench.parse_args(["--quick"])
     assert t.epochs == 3 and t.workers == [1]
 
@@ -366,6 +429,8 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
         "-1",
         "--no-hop-probe",
         "--no-ablation",
+        "--profile-requests",
+        "20",
         "--json",
         str(out),
     ]
@@ -379,6 +444,12 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
     assert result["settings"]["target"].startswith("router replica port")
     assert result["overload"]["status_503"] > 0
     assert out.with_suffix(".png").exists()
+    # the per-stage profile through the real graph: Server-Timing from the Router, the Scorer's compute
+    prof = result["profile"]["graph"]
+    assert prof["requests"] == 20 and prof["errors"] == 0 and set(result["profile"]) >= {"graph", "requests"}
+    m = prof["median_ms"]
+    assert m["model"] > 0 and m["score"] >= m["model"] and m["calibrate"] > 0 and m["client"] >= m["total"] > 0
+    assert "per-stage profile" in proc.stdout and "server CPU ms per request" in proc.stdout
 
 
 @pytest.mark.integration

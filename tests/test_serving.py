@@ -19,7 +19,14 @@ from _bundles import TOP_M, make_bundle, request_body
 from cotrr_ray.bundle import Bundle, BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.errors import RequestError
-from cotrr_ray.router import Downstream, ExposureLog, RerankService, exception_name
+from cotrr_ray.router import (
+    Downstream,
+    ExposureLog,
+    RerankService,
+    StageTimings,
+    exception_name,
+    parse_server_timing,
+)
 from cotrr_ray.routing import decide
 from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
 
@@ -349,6 +356,66 @@ def test_shadow_is_bounded_never_awaited_and_errors_are_swallowed(bundle_a, scor
 
     assert asyncio.run(go_failing())["fallback"] is None
     assert failing.stats_snapshot()["shadow"]["errors"] == 1
+
+
+# ----------------------------------------------------------------------------- Server-Timing stages
+
+
+def timed(service: RerankService, body: dict) -> tuple[dict, dict[str, float]]:
+    """The payload and the stages of its Server-Timing header (as a client parses them)."""
+    timings = StageTimings()
+    resp = asyncio.run(service.rerank(orjson.dumps(body), None, timings))
+    header = timings.header()
+    stages = parse_server_timing(header)
+    assert len(stages) == header.count(";dur=") and all(v >= 0 for v in stages.values())
+    assert stages["total"] >= stages["parse"] > 0
+    assert stages["total"] >= sum(stages.get(k, 0.0) for k in ("parse", "score", "calibrate"))
+    return resp, stages
+
+
+def test_server_timing_stages_of_a_reranked_response(service, records) -> None:
+    resp, stages = timed(service, request_body(records[141]))
+    assert resp["calibrated"] and set(resp) == RESPONSE_KEYS  # the body is unchanged
+    assert list(stages) == ["parse", "score", "model", "calibrate", "total"]
+    assert 0 < stages["model"] <= stages["score"]  # the model ran inside the scorer round trip
+
+
+def test_server_timing_stages_in_fused_mode_and_on_fallbacks(bundle_a, scorer_a, calibrators, records) -> None:
+    calibrate = Local(calibrators.transform)
+    fused = make_service(
+        bundle_a,
+        scorer_a,
+        calibrators,
+        score=Local(lambda cl: scorer_a.score([cl], calibrate=True)[0]),
+        calibrate=calibrate,
+    )
+    resp, stages = timed(fused, request_body(records[142]))
+    assert resp["calibrated"] and calibrate.calls == 0
+    assert list(stages) == ["parse", "score", "model", "total"]  # no calibrator hop
+
+    failing = make_service(bundle_a, scorer_a, calibrators, score=Local(error=RuntimeError("boom")))
+    resp, stages = timed(failing, request_body(records[142]))
+    assert resp["fallback"] == "scorer_error:RuntimeError" and list(stages) == ["parse", "total"]
+
+    upstream = make_service(bundle_a, scorer_a, calibrators, routing=RoutingConfig(rollout_percentage=0))
+    resp, stages = timed(upstream, request_body(records[142]))
+    assert resp["arm"] == "control" and list(stages) == ["parse", "total"]
+
+    bad_cal = make_service(bundle_a, scorer_a, calibrators, calibrate=Local(error=RuntimeError("x")))
+    resp, stages = timed(bad_cal, request_body(records[142]))
+    assert not resp["calibrated"] and list(stages) == ["parse", "score", "model", "total"]
+
+
+def test_server_timing_on_a_rejected_request_and_the_header_format(service, records) -> None:
+    timings = StageTimings(read=0.5)
+    with pytest.raises(RequestError):
+        asyncio.run(service.rerank(b"{not json", None, timings))
+    assert timings.total is None and timings.parse is None  # a 4xx carries no Server-Timing
+    assert StageTimings().header() == ""
+    t = StageTimings(read=0.0123, parse=1.2344, score=3.1, model=1.05, total=6.2)
+    assert t.header() == "read;dur=0.012, parse;dur=1.234, score;dur=3.100, model;dur=1.050, total;dur=6.200"
+    assert parse_server_timing(t.header()) == {"read": 0.012, "parse": 1.234, "score": 3.1, "model": 1.05, "total": 6.2}
+    assert parse_server_timing('cache;desc="Cache Read";dur=23.2, miss, db;dur=53') == {"cache": 23.2, "db": 53.0}
 
 
 # ----------------------------------------------------------------------------- health, info, config
