@@ -142,6 +142,35 @@ def _ray_worker_loop(config: dict[str, Any]) -> None:
 # ============================================================================ runs
 
 
+def foreign_during(fn, meter, window_s: float = 1.0) -> tuple[dict[str, Any], float]:
+    """`fn()` and the median cores used by processes not ours over 1-s windows while it ran.
+
+    Windows, not one delta over the run: Ray Train's worker processes exit when `fit` returns, and a
+    process gone by the closing snapshot takes its CPU time out of "ours", so a whole-run delta would
+    book the workers as foreign. Only the window a process exits in is affected; the median ignores it.
+    """
+    import threading
+
+    windows: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        a = meter.snapshot()
+        while not stop.wait(window_s):
+            b = meter.snapshot()
+            windows.append(type(meter).delta(a, b)["foreign_cores"])
+            a = b
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        t.join()
+    return out, (statistics.median(windows) if windows else 0.0)
+
+
 def calm_run(fn, *, max_foreign: float | None, max_wait_s: float = 180.0) -> dict[str, Any]:
     """Run `fn()` measuring the cores other people's processes used meanwhile (shared machines); if that
     exceeds `max_foreign`, wait for the box to calm down and run again (flagged `noisy` if it never does)."""
@@ -153,15 +182,14 @@ def calm_run(fn, *, max_foreign: float | None, max_wait_s: float = 180.0) -> dic
     deadline = time.monotonic() + max_wait_s
     retries = 0
     while True:
-        a = meter.snapshot()
-        out = fn()
-        out["foreign_cores"] = CpuMeter.delta(a, meter.snapshot())["foreign_cores"]
-        if max_foreign is None or out["foreign_cores"] <= max_foreign:
+        out, foreign = foreign_during(fn, meter)
+        out["foreign_cores"] = round(foreign, 3)
+        if max_foreign is None or foreign <= max_foreign:
             break
         if time.monotonic() > deadline:
             out["noisy"] = True
             break
-        say(f"  {out['foreign_cores']:.2f} cores used by other processes during the run: waiting, then again")
+        say(f"  {foreign:.2f} cores used by other processes during the run: waiting, then again")
         while time.monotonic() < deadline:
             b = meter.snapshot()
             time.sleep(2)

@@ -62,7 +62,12 @@ class ModelArgs(_Strict):
     top_m: int = Field(20, ge=1, description="Top-M window the model scores; the tail keeps upstream order.")
     d_model: int = Field(256, ge=8, description="Token width.")
     n_heads: int = Field(8, ge=1, description="Attention heads (must divide d_model).")
-    n_layers: int = Field(2, ge=1, description="Blocks of cross-attention + list self-attention + FFN.")
+    n_layers: int = Field(
+        2,
+        ge=0,
+        description="Blocks of cross-attention + list self-attention + FFN (0: no attention, each candidate "
+        "scored from its own features and context alone).",
+    )
     ffn_mult: int = Field(4, ge=1, description="FFN hidden width as a multiple of d_model.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and FFN.")
 

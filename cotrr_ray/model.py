@@ -28,7 +28,7 @@ class RerankerConfig:
     context_dim: int  # per-candidate scalar features computed upstream (score, z-score, 1/position, ...)
     d_model: int = 256
     n_heads: int = 8
-    n_layers: int = 2
+    n_layers: int = 2  # 0 = no attention: each candidate scored alone (an ablation, and for tiny data)
     ffn_mult: int = 4
     dropout: float = 0.1
     max_list_len: int = 20  # the Top-M window trained for; longer lists are refused, not silently scored
@@ -49,8 +49,10 @@ class RerankerConfig:
             problems.append(f"context_dim must be >= 0, got {self.context_dim}")
         if self.d_model < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
             problems.append(f"d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
-        if self.n_layers < 1 or self.ffn_mult < 1 or self.max_list_len < 1:
-            problems.append("n_layers, ffn_mult and max_list_len must be >= 1")
+        if self.n_layers < 0:
+            problems.append(f"n_layers must be >= 0, got {self.n_layers}")
+        if self.ffn_mult < 1 or self.max_list_len < 1:
+            problems.append("ffn_mult and max_list_len must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
@@ -214,7 +216,9 @@ class Reranker(nn.Module):
         self.config = config
         d = config.d_model
         self.candidate_encoder = CandidateEncoder(config)
-        self.query_encoder = QueryEncoder(config) if config.query_groups else None
+        # Only attention reads the query tokens; without blocks the query enters through the cosines
+        # alone, and an encoder nobody reads would leave parameters without gradients (DDP refuses).
+        self.query_encoder = QueryEncoder(config) if config.query_groups and config.n_layers else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.apply(self._init_weights)

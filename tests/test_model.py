@@ -111,6 +111,24 @@ def test_all_padded_list_gives_no_nan():
     assert torch.isfinite(logits).all()
 
 
+def test_zero_layers_scores_each_candidate_alone_and_trains_every_parameter():
+    model = make_model(n_layers=0)
+    assert model.query_encoder is None and len(model.blocks) == 0
+    candidate, query, context, mask = make_inputs(model.config, B=1, M=5)
+    ref = model(candidate, query, context, mask)
+    changed = {n: x.clone() for n, x in candidate.items()}
+    for x in changed.values():
+        x[:, 2] = torch.randn_like(x[:, 2]) * 3
+    out = model(changed, query, context, mask)
+    torch.testing.assert_close(out[:, [0, 1, 3, 4]], ref[:, [0, 1, 3, 4]], atol=1e-6, rtol=0)
+    assert (
+        model(candidate, {n: torch.randn_like(x) for n, x in query.items()}, context, mask) - ref
+    ).abs().max() > 1e-6
+    model.train()
+    model(candidate, query, context, mask).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # DDP needs no unused parameters
+
+
 def test_config_round_trip_and_validation():
     config = RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, n_layers=3, dropout=0.2)
     d = json.loads(json.dumps(config.to_dict()))
@@ -121,6 +139,8 @@ def test_config_round_trip_and_validation():
         RerankerConfig.from_dict({**d, "temperature": 1.0})
     with pytest.raises(ValueError, match="n_heads"):
         RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, d_model=100, n_heads=8)
+    with pytest.raises(ValueError, match="n_layers"):
+        RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, n_layers=-1)
 
 
 def test_rejects_mismatched_inputs():
