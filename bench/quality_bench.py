@@ -62,10 +62,9 @@ from cotrr_ray.crossfit import (  # noqa: E402
     train_in_process,
     window_logits,
 )
-from cotrr_ray.data import letor_spec, read_letor, split_by_query  # noqa: E402
+from cotrr_ray.data import file_fingerprint, letor_spec, read_letor, split_by_query  # noqa: E402
 from cotrr_ray.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
 from cotrr_ray.features import CandidateList, FeatureNormalizer  # noqa: E402
-from cotrr_ray.job import file_fingerprint  # noqa: E402
 from cotrr_ray.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -188,6 +189,15 @@ def split_of(query_id: str, fractions: dict[str, float], salt: str = "cotrr-spli
         if u < acc:
             return name
     return list(fractions)[-1]  # float rounding at the top end
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a data file: recorded in the bundle, so evaluation can tell a training file apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
 
 
 def split_by_query(

@@ -1,6 +1,9 @@
 """Held-out evaluation of a bundle: ranking quality and calibration, with bootstrap intervals.
 
-    python -m cotrr_ray.evaluate --bundle DIR --data FILE [--format letor|jsonl] [--json OUT]
+    python -m cotrr_ray.evaluate --bundle DIR --data FILE [--format letor|jsonl] [--json OUT] [--all-queries]
+
+When FILE is the very file the bundle was trained on (same sha256 as the bundle's data fingerprint),
+only the queries of its test split are scored: the others trained the model or its calibrator.
 
 Ranking metrics are over each query's FULL list after reranking (the Top-M window reordered by
 the model, the tail kept in upstream order), gain 2^rel - 1, log2 discount; queries without a
@@ -107,6 +110,28 @@ def format_report(report: dict[str, Any], title: str = "held-out test queries") 
     return "\n".join(lines)
 
 
+def held_out_only(lists: list[CandidateList], data_path: str | Path, manifest: dict[str, Any]) -> tuple[list, str]:
+    """The lists that may be scored, and what they are.
+
+    A file whose sha256 is the bundle's training data fingerprint trained this bundle: only its test
+    split (recomputed from the bundle's own split fractions and salt) is held out, so only that is
+    scored. Any other file is taken as given: the bundle cannot know whether it shares queries.
+    """
+    from cotrr_ray.data import file_fingerprint, split_by_query
+
+    if file_fingerprint(data_path) != manifest.get("data_fingerprint"):
+        return lists, "all queries of a file other than the bundle's training data"
+    data_cfg = manifest["train_config"]["data"]
+    fractions = {k: v for k, v in data_cfg["splits"].items() if v > 0}
+    if "test" not in fractions:
+        raise SystemExit(
+            f"{data_path} is the file this bundle was trained on and its config had no test split: "
+            "no query of it is held out (pass --all-queries to score it anyway, not as a held-out estimate)"
+        )
+    test = split_by_query(lists, fractions, data_cfg["split_salt"])["test"]
+    return test, f"the {len(test)} held-out test queries of the bundle's own training file"
+
+
 def main(argv: list[str] | None = None) -> None:
     from cotrr_ray.bundle import Bundle
     from cotrr_ray.data import read_jsonl, read_letor
@@ -117,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", choices=["jsonl", "letor"], default=None, help="default: by file extension")
     p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument(
+        "--all-queries",
+        action="store_true",
+        help="score every query even when --data is the bundle's training file (not a held-out estimate)",
+    )
     args = p.parse_args(argv)
     bundle = Bundle.load(args.bundle)
     fmt = args.format or ("jsonl" if str(args.data).endswith((".jsonl", ".json")) else "letor")
@@ -132,12 +162,18 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         lists = read_jsonl(args.data, bundle.spec, window=bundle.top_m)
+    if args.all_queries:
+        scope = "ALL queries, including any the bundle was trained on (not a held-out estimate)"
+    else:
+        lists, scope = held_out_only(lists, args.data, bundle.manifest)
     logits = []
     for start in range(0, len(lists), 256):
         logits += bundle.score(lists[start : start + 256])
     report = evaluate_lists(
         lists, logits, bundle.calibrator, relevance_threshold=bundle.relevance_threshold, n_boot=args.bootstrap
     )
+    report["scope"] = scope
+    print(f"scored: {scope}")
     print(format_report(report, title=f"{args.data} with bundle {bundle.bundle_id}"))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")

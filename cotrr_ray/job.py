@@ -11,7 +11,6 @@ Phases, in order (`run`):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 from cotrr_ray.bundle import Bundle
 from cotrr_ray.calibration import IsotonicCalibrator
 from cotrr_ray.config import TrainConfig
+from cotrr_ray.data import file_fingerprint
 from cotrr_ray.evaluate import evaluate_lists, format_report
 from cotrr_ray.features import CandidateList
 from cotrr_ray.model import Reranker, RerankerConfig
@@ -180,14 +180,6 @@ def _window_logits(model: Reranker, lists: list[CandidateList], data: PreparedDa
 
 def _labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
     return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
-
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:

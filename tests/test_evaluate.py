@@ -168,3 +168,40 @@ def test_format_report_renders_every_metric() -> None:
     assert f"{report['ndcg@10']['model']:.4f}" in text
     assert "raw sigmoid" in text and "calibrated" in text
     assert f"{report['calibration']['calibrated']['brier']:.4f}" in text
+
+
+# --------------------------------------------------------------------------- the CLI never scores training queries
+
+
+def _manifest(fingerprint: str, splits: dict[str, float], salt: str = "s") -> dict:
+    return {"data_fingerprint": fingerprint, "train_config": {"data": {"splits": splits, "split_salt": salt}}}
+
+
+def test_training_file_is_scored_on_its_test_split_only(test_data) -> None:
+    from cotrr_ray.data import file_fingerprint, read_jsonl, split_by_query
+    from cotrr_ray.evaluate import held_out_only
+    from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+
+    lists = read_jsonl(test_data, IMAGE_SEARCH_SPEC, window=8)
+    splits = {"train": 0.6, "validation": 0.1, "calibration": 0.1, "test": 0.2}
+    kept, scope = held_out_only(lists, test_data, _manifest(file_fingerprint(test_data), splits))
+    expected = split_by_query(lists, splits, "s")["test"]
+    assert [cl.query_id for cl in kept] == [cl.query_id for cl in expected]
+    assert 0 < len(kept) < len(lists) and "held-out test queries" in scope
+
+    other, scope = held_out_only(lists, test_data, _manifest("sha256:another-file", splits))
+    assert other is lists and "other than" in scope
+
+    with pytest.raises(SystemExit, match="no test split"):
+        held_out_only(lists, test_data, _manifest(file_fingerprint(test_data), {"train": 0.8, "validation": 0.2}))
+
+
+def test_cli_reports_its_scope(bundle_a, test_data, tmp_path, capsys) -> None:
+    from cotrr_ray.evaluate import main
+
+    out = tmp_path / "report.json"
+    main(["--bundle", str(bundle_a), "--data", str(test_data), "--json", str(out), "--bootstrap", "50"])
+    report = json.loads(out.read_text())
+    assert "other than the bundle's training data" in report["scope"]  # the test bundle records "test-0"
+    assert report["queries"] + report["skipped"] == 150
+    assert "scored:" in capsys.readouterr().out
