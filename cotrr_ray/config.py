@@ -218,6 +218,11 @@ class RoutingConfig(_Strict):
             "(no timer) and leave together when one returns. >= the number of Scorer replicas."
         ),
     )
+    server_timing: bool = Field(
+        True,
+        description="Send the Server-Timing response header (stage times of each rerank); off for "
+        "deployments that must not reveal internal timings to clients.",
+    )
 
 
 class ScorerConfig(_Strict):

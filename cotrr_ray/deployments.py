@@ -213,7 +213,8 @@ class Router:
             payload = await self.service.rerank(body, request.headers.get("x-request-id"), timings)
         except RequestError as e:  # already counted by the service
             return _error(e)
-        return Response(orjson.dumps(payload), media_type="application/json", headers={SERVER_TIMING: timings.header()})
+        headers = {SERVER_TIMING: timings.header()} if self.service.config.server_timing else None
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
     @api.get("/v1/model", summary="Served model, feature spec, Top-M limits and routing config")
     async def model(self) -> Response:

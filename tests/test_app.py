@@ -324,9 +324,11 @@ def test_live_user_config_change_without_replica_restart(client, cfg_app, record
     )
     assert -1 <= shadow["mean_kendall_tau"] <= 1 and 0 <= shadow["mean_overlap_at_10"] <= 1
 
-    cfg_app.deploy(routing={"rollout_percentage": 100, "shadow_mode": False, "top_m": TOP_M})
-    out = post(client, "/cfg/v1/rerank", body).json()
+    cfg_app.deploy(routing={"rollout_percentage": 100, "shadow_mode": False, "top_m": TOP_M, "server_timing": False})
+    r = post(client, "/cfg/v1/rerank", body)
+    out = r.json()
     assert out["arm"] == "treatment" and out["results"][0]["reranked"] and out["calibrated"]
+    assert "server-timing" not in r.headers  # stage times hidden from clients on request
     assert cfg_app.replica_ids() == ids
 
 
