@@ -258,6 +258,12 @@ class Scorer:
         self._lists_metric = Counter("cotrr_scorer_lists", description="Top-M windows scored by the model.")
         self._batches_metric = Counter("cotrr_scorer_batches", description="Model forward passes (batches).")
 
+    async def check_health(self) -> None:
+        """Serve's periodic replica check (`health_check_period_s`): a real forward pass on a synthetic
+        list, ~1 ms on the event loop; an exception makes Serve replace the replica. Injected faults
+        (ScorerConfig.fault) act on scoring calls only, so they never fail this check."""
+        self.core.health_check()
+
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ScorerConfig.model_validate(user_config)
         self._score_batch.set_max_batch_size(config.max_batch_size)
@@ -322,6 +328,10 @@ class Calibrator:
         self.core = CalibratorCore()
         for uri in bundle_uris:
             self.core.add(uri)  # fails closed like the scorer
+
+    async def check_health(self) -> None:
+        """Serve's periodic replica check: every loaded calibrator maps logits into [0, 1]."""
+        self.core.health_check()
 
     async def transform(self, item: CalibrationInput) -> Any:
         value = (await self.transform_many([item]))[0]

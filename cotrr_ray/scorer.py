@@ -119,6 +119,11 @@ class ScorerCore:
             raise RuntimeError(f"bundle {bundle.bundle_id} produced non-finite logits on the warm-up list")
         return (time.perf_counter() - t0) * 1000
 
+    def health_check(self) -> float:
+        """A real forward pass of the served bundle on a synthetic list; raises if it fails or gives
+        non-finite logits (a lost GPU, corrupted weights in memory). Returns its wall time in ms."""
+        return self.warm_up(self.bundle)
+
     def load_replacement(self, path: str) -> Any:
         """Load a bundle for a hot swap and check it can serve this app's requests (blocking)."""
         from cotrr_ray.bundle import Bundle
@@ -223,6 +228,16 @@ class CalibratorCore:
         if calibrator is None:
             raise KeyError(f"no calibrator loaded for bundle {item.bundle_id}")
         return calibrator.predict(np.asarray(item.logits, dtype=np.float64))
+
+    def health_check(self) -> None:
+        """Every loaded calibrator maps a grid of logits to finite probabilities in [0, 1]."""
+        if not self._by_id:
+            raise RuntimeError("no calibrator loaded")
+        grid = np.linspace(-10.0, 10.0, 21)
+        for bundle_id, calibrator in self._by_id.items():
+            p = np.asarray(calibrator.predict(grid))
+            if p.shape != grid.shape or not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+                raise RuntimeError(f"calibrator of bundle {bundle_id} returned invalid probabilities")
 
     @property
     def bundle_ids(self) -> list[str]:

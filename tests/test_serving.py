@@ -501,3 +501,33 @@ def test_bundle_paths_and_meta(bundle_a, tmp_path, monkeypatch) -> None:
     assert resolve_uri("file:///abs/dir", "/base") == "/abs/dir"
     with pytest.raises(BundleError, match="only local"):
         resolve_uri("s3://bucket/b", "/base")
+
+
+# --------------------------------------------------------------------------- replica health checks (Serve's check_health)
+
+
+def test_scorer_health_check_runs_the_model_and_fails_on_broken_weights(bundle_a) -> None:
+    import torch
+
+    core = ScorerCore.load(str(bundle_a))  # its own copy: the weights are broken below
+    assert core.health_check() > 0  # ms of a real forward pass
+    with torch.no_grad():
+        next(core.bundle.model.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite logits"):
+        core.health_check()
+
+
+def test_calibrator_health_check(bundle_a, calibrators) -> None:
+    calibrators.health_check()
+    with pytest.raises(RuntimeError, match="no calibrator loaded"):
+        CalibratorCore().health_check()
+
+    class Broken:
+        def predict(self, x):
+            return np.full_like(x, 1.5)
+
+    core = CalibratorCore()
+    core.add(str(bundle_a))
+    core._by_id["broken"] = Broken()
+    with pytest.raises(RuntimeError, match="broken"):
+        core.health_check()
