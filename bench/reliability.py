@@ -99,19 +99,13 @@ class Body:
 
 def make_bodies(top_m: int, *, n_bodies: int = 32, n_candidates: int = 40, seed: int = 20_000) -> list[Body]:
     """Synthetic rerank requests (labels removed): the first top_m candidates carry base64 features."""
-    from cotrr_ray.data import generate_query
+    from cotrr_ray.data import generate_query, request_from_record
 
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n_bodies):
         rec = generate_query(rng, f"rel-q{k}", n=n_candidates, top_m=top_m, encoding="base64")
-        for c in rec["candidates"]:
-            c.pop("label", None)
-        body = {
-            "query": {"id": rec["id"], "features": rec["features"]},
-            "unit_id": f"u{k}",
-            "candidates": rec["candidates"],
-        }
+        body, _ = request_from_record(rec, unit_id=f"u{k}")
         out.append(Body(orjson.dumps(body), [c["id"] for c in rec["candidates"]], min(top_m, n_candidates)))
     return out
 

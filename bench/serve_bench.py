@@ -211,6 +211,12 @@ class CpuMeter:
         self_cpu = sum(os.times()[:2])
         return {"t": time.monotonic(), "busy": busy, "total": total, "procs": procs, "self": self_cpu}
 
+    def foreign_now(self, window_s: float = 2.0) -> float:
+        """Cores that processes outside our tree use over the next `window_s` seconds."""
+        a = self.snapshot()
+        time.sleep(window_s)
+        return self.delta(a, self.snapshot())["foreign_cores"]
+
     @staticmethod
     def delta(a: dict[str, Any], b: dict[str, Any], client_cpu_s: float | None = None) -> dict[str, Any]:
         wall = b["t"] - a["t"]
@@ -245,7 +251,7 @@ def make_bodies(
 ) -> list[bytes]:
     """`n_bodies` distinct rerank requests: `n_candidates` in upstream order, the first `top_m` with
     features (lists of floats for "json", base64 little-endian float32 for "base64"), the rest ids only."""
-    from cotrr_ray.data import generate_query
+    from cotrr_ray.data import generate_query, request_from_record
 
     out = []
     for k in range(n_bodies):
@@ -253,14 +259,7 @@ def make_bodies(
         rec = generate_query(
             rng, f"bench-q{k}", n=n_candidates, top_m=top_m, encoding="base64" if encoding == "base64" else "list"
         )
-        for c in rec["candidates"]:
-            c.pop("label", None)
-        body = {
-            "query": {"id": rec["id"], "features": rec["features"]},
-            "unit_id": f"bench-user-{k}",
-            "candidates": rec["candidates"],
-        }
-        out.append(orjson.dumps(body))
+        out.append(orjson.dumps(request_from_record(rec, unit_id=f"bench-user-{k}")[0]))
     return out
 
 
@@ -1037,31 +1036,21 @@ class Bench:
     max_wait_s: float = 180.0  # per level, waiting for the box to calm down before giving up (then flagged)
     wait_budget_s: float = 900.0  # the whole run's waiting, at most
 
-    def foreign_now(self, window_s: float = 2.0) -> float:
-        a = self.meter.snapshot()
-        time.sleep(window_s)
-        return CpuMeter.delta(a, self.meter.snapshot())["foreign_cores"]
-
     def level(
         self,
         gen: LoadGen,
         url: str,
         concurrency: int,
-        *,
-        warmup_s: float,
-        duration_s: float,
-        scrape=None,
-        server: str = "serve",
+        **measure: Any,
     ) -> dict[str, Any]:
-        """One level; on a shared box, re-measured once other people's processes calm down if they used
-        more than `max_foreign` cores during it (`retries`, `noisy` in the row say what happened)."""
+        """One level (`measure`: `_level`'s keywords); on a shared box, re-measured once other people's
+        processes calm down if they used more than `max_foreign` cores during it (`retries`, `noisy` in
+        the row say what happened)."""
         t_start = time.monotonic()
         t_end = t_start + min(self.max_wait_s, max(0.0, self.wait_budget_s))
         retries = 0
         while True:
-            row = self._level(
-                gen, url, concurrency, warmup_s=warmup_s, duration_s=duration_s, scrape=scrape, server=server
-            )
+            row = self._level(gen, url, concurrency, **measure)
             if self.max_foreign is None or row["cpu"]["foreign_cores"] <= self.max_foreign:
                 break
             if time.monotonic() > t_end:
@@ -1071,7 +1060,7 @@ class Bench:
                 f"  level c={concurrency}: {row['cpu']['foreign_cores']:.2f} cores used by other processes; "
                 "waiting for the box to calm down, then measuring again"
             )
-            while time.monotonic() < t_end and self.foreign_now() > self.max_foreign:
+            while time.monotonic() < t_end and self.meter.foreign_now() > self.max_foreign:
                 pass
             retries += 1
         self.wait_budget_s -= time.monotonic() - t_start if retries else 0.0

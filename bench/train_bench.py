@@ -158,7 +158,7 @@ def foreign_during(fn, meter, window_s: float = 1.0) -> tuple[dict[str, Any], fl
         a = meter.snapshot()
         while not stop.wait(window_s):
             b = meter.snapshot()
-            windows.append(type(meter).delta(a, b)["foreign_cores"])
+            windows.append(meter.delta(a, b)["foreign_cores"])
             a = b
 
     t = threading.Thread(target=sample, daemon=True)
@@ -190,11 +190,8 @@ def calm_run(fn, *, max_foreign: float | None, max_wait_s: float = 180.0) -> dic
             out["noisy"] = True
             break
         say(f"  {foreign:.2f} cores used by other processes during the run: waiting, then again")
-        while time.monotonic() < deadline:
-            b = meter.snapshot()
-            time.sleep(2)
-            if CpuMeter.delta(b, meter.snapshot())["foreign_cores"] <= max_foreign:
-                break
+        while time.monotonic() < deadline and meter.foreign_now() > max_foreign:
+            pass
         retries += 1
     out["retries"] = retries
     return out
@@ -280,41 +277,31 @@ def run_plain(cfg: TrainConfig, data: PreparedData, *, use_gpu: bool = False) ->
 
 
 def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: int) -> dict[str, Any]:
-    """The TorchTrainer of `cotrr_ray.job.run_ray_train` (same scaling/run/checkpoint config), timed."""
+    """The TorchTrainer of `cotrr_ray.job.run_ray_train` (`cotrr_ray.job.make_trainer`), timed."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cotrr_ray.train import VAL_METRIC
+    from cotrr_ray.job import make_trainer
 
     mod = sys.modules[_ray_worker_loop.__module__]
     if mod.__name__ != "__main__":  # imported (tests): ship the loop by value, workers cannot import bench/
         ray.cloudpickle.register_pickle_by_value(mod)
-    s = cfg.scaling.model_copy(update={"num_workers": num_workers})
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": num_workers})})
     log = workdir / f"ray-{num_workers}w-{time.time_ns()}.jsonl"
     train, val = ray.put(data.padded["train"]), ray.put(data.padded["validation"])
-    trainer = TorchTrainer(
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "model_config": data.model_config.to_dict(),
+        "train": train,
+        "validation": val,
+        "timing_log": str(log),
+    }
+    trainer = make_trainer(
+        cfg,
         _ray_worker_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "model_config": data.model_config.to_dict(),
-            "train": train,
-            "validation": val,
-            "timing_log": str(log),
-        },
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=f"train-bench-{num_workers}w-{time.time_ns()}",
-            storage_path=str(workdir / "ray_results"),
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
-            ),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
-        ),
+        loop_config,
+        name=f"train-bench-{num_workers}w-{time.time_ns()}",
+        storage_path=workdir / "ray_results",
+        max_failures=0,
     )
     t0 = time.time()
     result = trainer.fit()

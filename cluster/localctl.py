@@ -178,7 +178,7 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any, fl
 def send_requests(port: int, bundle: Path, n: int) -> None:
     import numpy as np
 
-    from cotrr_ray.data import generate_query
+    from cotrr_ray.data import generate_query, request_from_record
 
     base = f"http://127.0.0.1:{port}"
     expected = json.loads((bundle / "manifest.json").read_text())["bundle_id"]
@@ -193,13 +193,7 @@ def send_requests(port: int, bundle: Path, n: int) -> None:
     for k in range(n):
         encoding = "base64" if k % 2 else "list"
         rec = generate_query(np.random.default_rng(20_000 + k), f"local-q{k}", n=30, top_m=20, encoding=encoding)
-        labels = {c["id"]: c.pop("label") for c in rec["candidates"]}  # hidden truth, not sent
-        body = {
-            "query": {"id": rec["id"], "features": rec["features"]},
-            "unit_id": f"user-{k}",
-            "candidates": rec["candidates"],
-            "top_n": 5,
-        }
+        body, labels = request_from_record(rec, unit_id=f"user-{k}", top_n=5)  # labels: hidden truth, not sent
         status, r, ms = _http("POST", f"{base}/v1/rerank", body)
         print(
             f"POST /v1/rerank query={rec['id']} ({len(body['candidates'])} candidates, {encoding}) -> {status} in {ms:.0f} ms"

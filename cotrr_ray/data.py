@@ -223,6 +223,19 @@ def _b64(x: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode()
 
 
+def request_from_record(rec: dict, *, unit_id: str | None = None, **extra: object) -> tuple[dict, dict[str, float]]:
+    """A rerank request body (dict) from a record, and the labels it leaves out, by candidate id.
+
+    `extra` (e.g. `top_n`) is added to the body as given.
+    """
+    labels = {c["id"]: c["label"] for c in rec["candidates"] if "label" in c}
+    body: dict = {"query": {"id": rec["id"], "features": rec["features"]}}
+    if unit_id is not None:
+        body["unit_id"] = unit_id
+    body["candidates"] = [{k: v for k, v in c.items() if k != "label"} for c in rec["candidates"]]
+    return {**body, **extra}, labels
+
+
 def generate_query(rng: np.random.Generator, qid: str, *, n: int, top_m: int, encoding: str = "base64") -> dict:
     """One synthetic query record (see the module docstring for the generative story)."""
     dim = IMAGE_SEARCH_SPEC.query["text_embedding"]

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.data import generate_query
+from cotrr_ray.data import generate_query, request_from_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,14 +48,7 @@ def _request_body(k: int, encoding: str) -> tuple[dict, dict[str, float]]:
     # Seeds far from the training data's (seed 0): these queries were never seen in training.
     rng = np.random.default_rng(10_000 + k)
     rec = generate_query(rng, f"demo-q{k}", n=40, top_m=20, encoding=encoding)
-    labels = {c["id"]: c.pop("label") for c in rec["candidates"]}
-    body = {
-        "query": {"id": rec["id"], "features": rec["features"]},
-        "unit_id": f"user-{k}",
-        "candidates": rec["candidates"],
-        "top_n": 8,
-    }
-    return body, labels
+    return request_from_record(rec, unit_id=f"user-{k}", top_n=8)
 
 
 def _show(resp: httpx.Response, labels: dict[str, float], latency_ms: float) -> None:

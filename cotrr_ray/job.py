@@ -104,11 +104,44 @@ def _worker_loop(config: dict[str, Any]) -> None:
     fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), ctx)
 
 
+def make_trainer(
+    cfg: TrainConfig,
+    train_loop: Callable[[dict[str, Any]], None],
+    train_loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str | Path,
+    max_failures: int,
+) -> Any:
+    """The job's `TorchTrainer`: scaling, DDP backend, checkpoint policy and worker env from `cfg`.
+    bench/train_bench.py times this same trainer around its own timing loop."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=train_loop_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
+        ),
+    )
+
+
 def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path) -> dict[str, Any]:
     """Fit through Ray Train and return the best checkpoint's state (by validation nDCG@10)."""
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import Checkpoint
 
     s = cfg.scaling
     train, val = data.padded["train"], data.padded["validation"]
@@ -117,28 +150,15 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
         train, val = ray.put(train), ray.put(val)
     run_name = s.run_name or f"cotrr-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     local_dir = Path(storage_path) / run_name / "local_checkpoints" if s.num_workers == 0 else None
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "model_config": data.model_config.to_dict(),
-            "train": train,
-            "validation": val,
-            "local_dir": str(local_dir) if local_dir else None,
-        },
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
-            ),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(s.torch_threads)}},
-        ),
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "model_config": data.model_config.to_dict(),
+        "train": train,
+        "validation": val,
+        "local_dir": str(local_dir) if local_dir else None,
+    }
+    trainer = make_trainer(
+        cfg, _worker_loop, loop_config, name=run_name, storage_path=storage_path, max_failures=s.max_failures
     )
     result = trainer.fit()
     if result.error:
