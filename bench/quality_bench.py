@@ -1,13 +1,16 @@
 """Quality bench on LETOR data: cotrr-ray vs the upstream order, ridge and LightGBM LambdaMART.
 
-    python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE]
+    python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE] [--repeats R]
                                   [--config configs/mslr.yaml] [--set key.path=value ...]
 
 Protocol (identical query splits for every method, all scored by `cotrr_ray.metrics` through the
 same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
 
 * splits: grouped 5-fold CV by query over the file (each query is tested exactly once; results
-  pooled over the folds), and one fixed 70/30 split by a hash of the query id;
+  pooled over the folds), repeated 3 times with different fold assignments (`--repeats`): on a few
+  dozen queries which queries share a fold moves every method by a few points, so the headline
+  averages each query's metrics over the repeats (the bootstrap still resamples queries) and each
+  repeat is also reported alone; and one fixed 70/30 split by a hash of the query id;
 * inside each split only the training queries are used for any choice: every tuned method picks its
   hyper-parameters by inner grouped K-fold CV (K = `calibration.folds` of the config) over the
   training queries, then refits on all of them and scores the test queries once;
@@ -85,6 +88,7 @@ CROSSFIT_SALT = "cotrr-crossfit"  # = cotrr_ray.crossfit.cross_fit's default: in
 @dataclass
 class Settings:
     outer_folds: int = 5
+    cv_repeats: int = 3  # repeated grouped CV: each repeat deals the queries into folds with its own salt
     fixed_split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "test": 0.3})
     max_epochs: int = 24  # cotrr-ray epoch grid: 1..max_epochs
     smooth: int = 3  # moving-average window over the inner-CV epoch curve
@@ -115,6 +119,7 @@ class Settings:
 def quick_settings() -> Settings:
     return Settings(
         outer_folds=3,
+        cv_repeats=2,
         max_epochs=3,
         smooth=1,
         ridge_alphas=(1.0, 100.0),
@@ -346,13 +351,25 @@ def cotrr_method(
 def make_splits(
     lists: list[CandidateList], s: Settings
 ) -> dict[str, list[tuple[list[CandidateList], list[CandidateList]]]]:
-    fold = assign_folds([cl.query_id for cl in lists], s.outer_folds, CV_SALT)
-    cv = [
-        ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i])
-        for i in range(s.outer_folds)
-    ]
+    splits = {}
+    for r in range(s.cv_repeats):
+        # Repeat 1 keeps the original salt, so its folds are those of earlier single-repeat results.
+        fold = assign_folds([cl.query_id for cl in lists], s.outer_folds, CV_SALT if r == 0 else f"{CV_SALT}-{r + 1}")
+        splits[cv_name(s, r)] = [
+            ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i])
+            for i in range(s.outer_folds)
+        ]
     fixed = split_by_query(lists, s.fixed_split, FIXED_SALT)
-    return {f"cv{s.outer_folds}": cv, "fixed": [(fixed["train"], fixed["test"])]}
+    splits["fixed"] = [(fixed["train"], fixed["test"])]
+    return splits
+
+
+def cv_name(s: Settings, repeat: int) -> str:
+    return f"cv{s.outer_folds}" + (f"-r{repeat + 1}" if repeat else "")
+
+
+def repeated_name(s: Settings) -> str:
+    return f"cv{s.outer_folds}x{s.cv_repeats}"
 
 
 def _summary(values: dict[str, dict[str, np.ndarray]], n_boot: int) -> tuple[dict, dict]:
@@ -399,6 +416,7 @@ def run_part(task: dict[str, Any]) -> dict[str, Any]:
     unaligned = ours.pop("calibrator_unaligned")
     info[OURS] = ours
     values = {m: per_query(test, scores[m], thr) for m in METHODS}
+    used = ranking_report([(np.zeros(len(cl)), cl.labels) for cl in test], relevant_threshold=thr)["used_index"]
     # The per-query path is evaluate_lists' own: check it on this part (model and upstream variants).
     rep = (
         evaluate_lists(test, scores[OURS], calibrator, relevance_threshold=thr, n_boot=100)
@@ -419,7 +437,58 @@ def run_part(task: dict[str, Any]) -> dict[str, Any]:
     }
     info["ndcg@10"] = {m: float(v["ndcg@10"].mean()) if v["ndcg@10"].size else None for m, v in values.items()}
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    return {"values": values, "cal": cal, "info": info}
+    return {"values": values, "query_ids": [test[i].query_id for i in used], "cal": cal, "info": info}
+
+
+CALIBRATION_KEYS = {  # run_part's "cal" key -> report name
+    "calibrated": "cross_fit_isotonic",
+    "unaligned": "cross_fit_unaligned",
+    "raw": "raw_sigmoid",
+    "base_rate": "base_rate",
+}
+CURVES = {"raw sigmoid": "raw", "cross-fit isotonic": "calibrated", "base rate": "base_rate"}  # reliability diagram
+
+
+def _calibration(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    cal = {key: np.concatenate([r["cal"][key] for r in parts]) for key in parts[0]["cal"]}
+    return {name: calibration_report(cal[key], cal["y"]) for key, name in CALIBRATION_KEYS.items()}
+
+
+def _split_result(parts: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
+    """One split's parts pooled: each test query once."""
+    pooled = {m: {k: np.concatenate([r["values"][m][k] for r in parts]) for k in RANKING_METRICS} for m in METHODS}
+    methods, paired = _summary(pooled, n_boot)
+    return {
+        "queries": int(pooled[OURS]["ndcg@10"].size),
+        "methods": methods,
+        "paired": paired,
+        "calibration": _calibration(parts),
+        "per_part": [r["info"] for r in parts],
+        "seconds": round(sum(r["info"]["seconds"] for r in parts), 1),
+    }
+
+
+def _repeated_result(parts: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """Repeated CV: each query's metrics averaged over the repeats (one test per repeat), so the
+    bootstrap still resamples queries, the unit that is independent; calibration pools every row."""
+    acc: dict[str, dict[str, dict[str, list[float]]]] = {m: {k: {} for k in RANKING_METRICS} for m in METHODS}
+    for r in parts:
+        for m in METHODS:
+            for k in RANKING_METRICS:
+                for q, v in zip(r["query_ids"], r["values"][m][k], strict=True):
+                    acc[m][k].setdefault(q, []).append(float(v))
+    qids = sorted(acc[OURS]["ndcg@10"])
+    assert all(len(acc[OURS]["ndcg@10"][q]) == s.cv_repeats for q in qids), "each query is tested once per repeat"
+    averaged = {m: {k: np.array([np.mean(acc[m][k][q]) for q in qids]) for k in RANKING_METRICS} for m in METHODS}
+    methods, paired = _summary(averaged, s.n_boot)
+    return {
+        "queries": len(qids),
+        "repeats": s.cv_repeats,
+        "methods": methods,
+        "paired": paired,
+        "calibration": _calibration(parts),
+        "seconds": round(sum(r["info"]["seconds"] for r in parts), 1),
+    }
 
 
 def run_bench(
@@ -489,49 +558,30 @@ def run_bench(
             log(t["key"], done[t["key"]])
 
     results: dict[str, Any] = {"splits": {}}
-    calib_curves = calib_metrics = None
+    cv_parts = []  # every CV part of every repeat
     for split_name, parts in splits.items():
         rs = [done[(split_name, i)] for i in range(len(parts))]
-        pooled = {m: {k2: np.concatenate([r["values"][m][k2] for r in rs]) for k2 in RANKING_METRICS} for m in METHODS}
-        methods, paired = _summary(pooled, s.n_boot)
-        cal = {key: np.concatenate([r["cal"][key] for r in rs]) for key in rs[0]["cal"]}
-        y = cal["y"]
-        calibration = {
-            name: calibration_report(cal[key], y)
-            for name, key in (
-                ("cross_fit_isotonic", "calibrated"),
-                ("cross_fit_unaligned", "unaligned"),
-                ("raw_sigmoid", "raw"),
-                ("base_rate", "base_rate"),
-            )
-        }
-        results["splits"][split_name] = {
-            "queries": int(pooled[OURS]["ndcg@10"].size),
-            "skipped": sum(len(t) for _, t in parts) - int(pooled[OURS]["ndcg@10"].size),
-            "methods": methods,
-            "paired": paired,
-            "calibration": calibration,
-            "per_part": [r["info"] for r in rs],
-            "seconds": round(sum(r["info"]["seconds"] for r in rs), 1),
-        }
-        if split_name.startswith("cv"):
-            calib_curves = {
-                "raw sigmoid": (cal["raw"], y),
-                "cross-fit isotonic": (cal["calibrated"], y),
-                "base rate": (cal["base_rate"], y),
-            }
-            calib_metrics = {
-                "raw sigmoid": calibration["raw_sigmoid"],
-                "cross-fit isotonic": calibration["cross_fit_isotonic"],
-                "base rate": calibration["base_rate"],
-            }
+        if split_name != "fixed":
+            cv_parts += rs
+        results["splits"][split_name] = _split_result(rs, s.n_boot)
+        results["splits"][split_name]["skipped"] = (
+            sum(len(t) for _, t in parts) - results["splits"][split_name]["queries"]
+        )
+    if s.cv_repeats > 1:
+        rep = _repeated_result(cv_parts, s)
+        rep["skipped"] = results["splits"][cv_name(s, 0)]["skipped"]  # the skip rule depends on labels only
+        results["splits"] = {repeated_name(s): rep, **results["splits"]}
+    cv = results["splits"][repeated_name(s) if s.cv_repeats > 1 else cv_name(s, 0)]
+    cal = {key: np.concatenate([r["cal"][key] for r in cv_parts]) for key in cv_parts[0]["cal"]}
+    calib_curves = {name: (cal[key], cal["y"]) for name, key in CURVES.items()}
+    calib_metrics = {name: cv["calibration"][CALIBRATION_KEYS[key]] for name, key in CURVES.items()}
     if png is not None and calib_curves is not None:
         from cotrr_ray.plots import reliability_diagram
 
         reliability_diagram(
             calib_curves,
             png,
-            title=f"cotrr-ray, {s.outer_folds}-fold CV test queries, P(label >= {thr:g})",
+            title=f"cotrr-ray, {s.outer_folds}-fold CV x {s.cv_repeats}, test queries, P(label >= {thr:g})",
             metrics=calib_metrics,
         )
     results.update(
@@ -568,12 +618,26 @@ def format_table(res: dict[str, Any]) -> str:
         f"quality bench: {res['data']} ({res['queries']} queries, {res['rows']} rows), "
         f"relevance = label >= {res['relevance_threshold']:g}, wall {res['wall_s']:.0f} s"
     ]
+    s = res["settings"]
+    repeated = s["cv_repeats"] > 1
+    rep_name = f"cv{s['outer_folds']}x{s['cv_repeats']}"
     for split, r in res["splits"].items():
-        title = (
-            f"{split}: grouped {split[2:]}-fold CV by query, pooled over folds"
-            if split.startswith("cv")
-            else "fixed split: 70/30 by query-id hash"
-        )
+        if repeated and split.startswith("cv") and split != rep_name:
+            if split == f"cv{s['outer_folds']}":
+                lines += ["", "each repeat alone (nDCG@10, pooled over its folds):"]
+            row = ", ".join(f"{m} {e['ndcg@10']:.4f}" for m, e in r["methods"].items())
+            epochs = [p[OURS]["epochs"] for p in r["per_part"]]
+            lines.append(f"  {split}: {row}; epochs {epochs}")
+            continue
+        if split == rep_name:
+            title = (
+                f"{split}: grouped {s['outer_folds']}-fold CV by query, repeated {r['repeats']} times with different "
+                f"folds; each query's metrics averaged over the repeats"
+            )
+        elif split.startswith("cv"):
+            title = f"{split}: grouped {split[2:]}-fold CV by query, pooled over folds"
+        else:
+            title = "fixed split: 70/30 by query-id hash"
         lines += ["", f"{title}; {r['queries']} queries with a relevant candidate ({r['skipped']} skipped)"]
         lines.append(
             f"{'method':<24}{'nDCG@1':>8}{'nDCG@5':>8}{'nDCG@10':>8}{'MRR':>8}   {'nDCG@10 95% CI':<17}"
@@ -599,13 +663,16 @@ def format_table(res: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<24}{x['ece_equal_width']:>10.4f}{x['ece_equal_mass']:>10.4f}{x['brier']:>8.4f}{x['log_loss']:>9.4f}"
             )
-        epochs = [p[OURS]["epochs"] for p in r["per_part"]]
-        lines.append(f"epochs chosen by inner CV: {epochs}; compute {r['seconds']:.0f} s")
+        if "per_part" in r:
+            epochs = [p[OURS]["epochs"] for p in r["per_part"]]
+            lines.append(f"epochs chosen by inner CV: {epochs}; compute {r['seconds']:.0f} s")
+        else:
+            lines.append(f"compute {r['seconds']:.0f} s")
     lines.append("")
     lines.append(f"LambdaMART fixed: {json.dumps(res['lambdamart_fixed_params'])}")
     lines.append(
         f"LambdaMART CV grid: {len(res['lambdamart_grid'])} settings x trees {res['settings']['lgb_rounds']}; "
-        f"cotrr-ray: epochs 1..{res['settings']['max_epochs']}; ridge alphas {res['settings']['ridge_alphas']}"
+        f"cotrr-ray: epochs 1..{s['max_epochs']}; ridge alphas {s['ridge_alphas']}"
     )
     m = res["machine"]
     lines.append(
@@ -634,8 +701,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--png", default=None, help="reliability diagram (default: next to --json, .png)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="TrainConfig override key.path=value")
     p.add_argument("--jobs", type=int, default=None, help="processes, one split each (default: 2, --quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="CV repeats with different folds (default: 3, --quick: 2)")
     args = p.parse_args(argv)
     settings = quick_settings() if args.quick else Settings()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            p.error("--repeats must be >= 1")
+        settings.cv_repeats = args.repeats
     png = args.png or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     jobs = args.jobs or (1 if args.quick else 2)
     res = _jsonable(

@@ -178,7 +178,9 @@ class CandidateEncoder(nn.Module):
         # them matter and lets the model down-weight an uninformative group per candidate.
         self.gate = nn.Linear(d, 1)
         self.ln_fuse = nn.LayerNorm(d)
-        self.fuse = MLP(d, d, d)
+        # Dropout here and in the head, not only in the blocks: with n_layers 0 they are the whole
+        # network, and config.dropout must still regularise it.
+        self.fuse = MLP(d, d, d, config.dropout)
 
     def forward(self, groups: list[Tensor], context: Tensor | None) -> Tensor:
         tokens = [proj(x) for proj, x in zip(self.group_proj, groups)]  # each (B, M, d)
@@ -220,7 +222,9 @@ class Reranker(nn.Module):
         # alone, and an encoder nobody reads would leave parameters without gradients (DDP refuses).
         self.query_encoder = QueryEncoder(config) if config.query_groups and config.n_layers else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.head = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, 1)
+        )
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by depth, so the stream's
         # variance does not grow with n_layers at init.

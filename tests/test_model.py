@@ -129,6 +129,18 @@ def test_zero_layers_scores_each_candidate_alone_and_trains_every_parameter():
     assert all(p.grad is not None for p in model.parameters())  # DDP needs no unused parameters
 
 
+@pytest.mark.parametrize("n_layers", [0, 1])
+def test_dropout_is_active_in_training_even_without_attention(n_layers):
+    # With n_layers 0 the encoder and head are the whole network; config.dropout must reach them.
+    model = make_model(n_layers=n_layers, dropout=0.3)
+    inputs = make_inputs(model.config)
+    torch.testing.assert_close(model(*inputs), model(*inputs))  # eval: deterministic
+    model.train()
+    assert (model(*inputs) - model(*inputs)).abs().max() > 1e-4
+    no_dropout = make_model(n_layers=n_layers, dropout=0.0).train()
+    torch.testing.assert_close(no_dropout(*inputs), no_dropout(*inputs))
+
+
 def test_config_round_trip_and_validation():
     config = RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, n_layers=3, dropout=0.2)
     d = json.loads(json.dumps(config.to_dict()))

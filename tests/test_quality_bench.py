@@ -68,7 +68,7 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
     assert saved == json.loads(json.dumps(res))  # what was printed is what was written
     assert Path(saved["reliability_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["queries"] == 12 and saved["wall_s"] > 0
-    assert set(saved["splits"]) == {"cv3", "fixed"}
+    assert set(saved["splits"]) == {"cv3x2", "cv3", "cv3-r2", "fixed"}  # --quick: 3-fold CV repeated twice
     metrics = {"ndcg@1", "ndcg@5", "ndcg@10", "mrr"}
     for split in saved["splits"].values():
         assert set(split["methods"]) == set(bench.METHODS)
@@ -83,11 +83,20 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
         assert set(split["calibration"]) == {"cross_fit_isotonic", "cross_fit_unaligned", "raw_sigmoid", "base_rate"}
         for c in split["calibration"].values():
             assert {"ece_equal_width", "ece_equal_mass", "brier", "log_loss", "n"} <= set(c)
-        for part in split["per_part"]:
+        for part in split.get("per_part", []):
             assert 1 <= part["cotrr-ray"]["epochs"] <= saved["settings"]["max_epochs"]
             assert part["train_queries"] + part["test_queries"] <= 12
-    # Every query is tested exactly once across the CV folds.
-    cv = saved["splits"]["cv3"]
-    assert sum(p["test_queries"] for p in cv["per_part"]) == 12
-    assert cv["queries"] + cv["skipped"] == 12
+    # Every query is tested exactly once across the CV folds of each repeat, with different folds.
+    repeats = [saved["splits"]["cv3"], saved["splits"]["cv3-r2"]]
+    for cv in repeats:
+        assert sum(p["test_queries"] for p in cv["per_part"]) == 12
+        assert cv["queries"] + cv["skipped"] == 12
+    assert [p["test_queries"] for p in repeats[0]["per_part"]] == [4, 4, 4]
+    # The repeated summary averages each query over the repeats; the mean of those averages is the
+    # mean of the repeats' means (every query is in every repeat).
+    both = saved["splits"]["cv3x2"]
+    assert both["queries"] == repeats[0]["queries"] and both["repeats"] == 2
+    for m in bench.METHODS:
+        expected = np.mean([cv["methods"][m]["ndcg@10"] for cv in repeats])
+        assert abs(both["methods"][m]["ndcg@10"] - expected) < 1e-9
     assert saved["lambdamart_fixed_params"]["objective"] == "lambdarank"
