@@ -69,7 +69,13 @@ class ModelArgs(_Strict):
         "scored from its own features and context alone).",
     )
     ffn_mult: int = Field(4, ge=1, description="FFN hidden width as a multiple of d_model.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention and FFN.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in attention, FFN, candidate encoder and head.")
+    group_norm: bool = Field(
+        True,
+        description="LayerNorm on each candidate feature group's projection. True suits embeddings, whose norm "
+        "carries no meaning; false keeps the magnitude, which is the signal in dense relevance features (LETOR: "
+        "+0.02 nDCG@10 in inner CV on the MSLR sample).",
+    )
 
 
 class OptimConfig(_Strict):

@@ -31,6 +31,7 @@ class RerankerConfig:
     n_layers: int = 2  # 0 = no attention: each candidate scored alone (an ablation, and for tiny data)
     ffn_mult: int = 4
     dropout: float = 0.1
+    group_norm: bool = True  # LayerNorm on each candidate group's projection (False: keep its magnitude)
     max_list_len: int = 20  # the Top-M window trained for; longer lists are refused, not silently scored
 
     def __post_init__(self) -> None:
@@ -163,8 +164,12 @@ class CandidateEncoder(nn.Module):
         super().__init__()
         d = config.d_model
         # ModuleList, not ModuleDict: spec group names may contain '.', which ModuleDict rejects.
+        # The LayerNorm makes a token blind to its group's overall magnitude: right for an embedding,
+        # wrong for dense relevance features (BM25, click rates...) where a larger value means more
+        # relevant, so it is a per-model choice.
         self.group_proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, d), nn.LayerNorm(d)) for _, dim in config.candidate_groups
+            nn.Sequential(nn.Linear(dim, d), nn.LayerNorm(d) if config.group_norm else nn.Identity())
+            for _, dim in config.candidate_groups
         )
         self.n_context_in = config.context_dim + len(config.similarity_pairs)
         if self.n_context_in:

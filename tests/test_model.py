@@ -141,11 +141,31 @@ def test_dropout_is_active_in_training_even_without_attention(n_layers):
     torch.testing.assert_close(no_dropout(*inputs), no_dropout(*inputs))
 
 
+def test_group_norm_decides_whether_a_groups_magnitude_reaches_the_score():
+    # The LayerNorm on a group's projection makes its token blind to the group's overall scale (the
+    # embedding case); without it a larger feature vector can mean a more relevant candidate.
+    for group_norm, scale_invariant in ((True, True), (False, False)):
+        model = make_model(n_layers=0, group_norm=group_norm, dropout=0.0)
+        assert (
+            any(isinstance(m, torch.nn.LayerNorm) for m in model.candidate_encoder.group_proj.modules()) == group_norm
+        )
+        with torch.no_grad():
+            for proj in model.candidate_encoder.group_proj:
+                proj[0].bias.zero_()
+        candidate, query, context, mask = make_inputs(model.config, B=1, M=4)
+        ref = model(candidate, query, context, mask)
+        scaled = dict(candidate, visual=candidate["visual"] * 3.0)
+        same = torch.allclose(model(scaled, query, context, mask), ref, atol=1e-4)
+        assert same == scale_invariant, group_norm
+
+
 def test_config_round_trip_and_validation():
-    config = RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, n_layers=3, dropout=0.2)
+    config = RerankerConfig.from_spec(IMAGE_SEARCH_SPEC, context_dim=3, n_layers=3, dropout=0.2, group_norm=False)
     d = json.loads(json.dumps(config.to_dict()))
     back = RerankerConfig.from_dict(d)
     assert back == config
+    # Bundles written before group_norm existed had the LayerNorm: a missing key means True.
+    assert RerankerConfig.from_dict({k: v for k, v in d.items() if k != "group_norm"}).group_norm is True
     assert back.to_dict() == config.to_dict()
     with pytest.raises(ValueError, match="unknown"):
         RerankerConfig.from_dict({**d, "temperature": 1.0})
