@@ -627,7 +627,8 @@ def format_table(res: dict[str, Any]) -> str:
                 lines += ["", "each repeat alone (nDCG@10, pooled over its folds):"]
             row = ", ".join(f"{m} {e['ndcg@10']:.4f}" for m, e in r["methods"].items())
             epochs = [p[OURS]["epochs"] for p in r["per_part"]]
-            lines.append(f"  {split}: {row}; epochs {epochs}")
+            inner = np.mean([p[OURS]["inner_ndcg@10"] for p in r["per_part"]])
+            lines.append(f"  {split}: {row}; epochs {epochs}, {OURS} inner CV {inner:.4f}")
             continue
         if split == rep_name:
             title = (
@@ -665,7 +666,11 @@ def format_table(res: dict[str, Any]) -> str:
             )
         if "per_part" in r:
             epochs = [p[OURS]["epochs"] for p in r["per_part"]]
-            lines.append(f"epochs chosen by inner CV: {epochs}; compute {r['seconds']:.0f} s")
+            inner = np.mean([p[OURS]["inner_ndcg@10"] for p in r["per_part"]])
+            lines.append(
+                f"epochs chosen by inner CV: {epochs} (inner-CV nDCG@10 there, mean over parts: {inner:.4f}); "
+                f"compute {r['seconds']:.0f} s"
+            )
         else:
             lines.append(f"compute {r['seconds']:.0f} s")
     lines.append("")
