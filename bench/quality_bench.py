@@ -355,7 +355,7 @@ def make_splits(
     for r in range(s.cv_repeats):
         # Repeat 1 keeps the original salt, so its folds are those of earlier single-repeat results.
         fold = assign_folds([cl.query_id for cl in lists], s.outer_folds, CV_SALT if r == 0 else f"{CV_SALT}-{r + 1}")
-        splits[cv_name(s, r)] = [
+        splits[cv_name(s.outer_folds, r)] = [
             ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i])
             for i in range(s.outer_folds)
         ]
@@ -364,12 +364,12 @@ def make_splits(
     return splits
 
 
-def cv_name(s: Settings, repeat: int) -> str:
-    return f"cv{s.outer_folds}" + (f"-r{repeat + 1}" if repeat else "")
+def cv_name(folds: int, repeat: int) -> str:
+    return f"cv{folds}" + (f"-r{repeat + 1}" if repeat else "")
 
 
-def repeated_name(s: Settings) -> str:
-    return f"cv{s.outer_folds}x{s.cv_repeats}"
+def repeated_name(folds: int, repeats: int) -> str:
+    return f"cv{folds}x{repeats}"
 
 
 def _summary(values: dict[str, dict[str, np.ndarray]], n_boot: int) -> tuple[dict, dict]:
@@ -449,8 +449,12 @@ CALIBRATION_KEYS = {  # run_part's "cal" key -> report name
 CURVES = {"raw sigmoid": "raw", "cross-fit isotonic": "calibrated", "base rate": "base_rate"}  # reliability diagram
 
 
+def _pooled_cal(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([r["cal"][key] for r in parts]) for key in parts[0]["cal"]}
+
+
 def _calibration(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    cal = {key: np.concatenate([r["cal"][key] for r in parts]) for key in parts[0]["cal"]}
+    cal = _pooled_cal(parts)
     return {name: calibration_report(cal[key], cal["y"]) for key, name in CALIBRATION_KEYS.items()}
 
 
@@ -569,17 +573,17 @@ def run_bench(
         )
     if s.cv_repeats > 1:
         rep = _repeated_result(cv_parts, s)
-        rep["skipped"] = results["splits"][cv_name(s, 0)]["skipped"]  # the skip rule depends on labels only
-        results["splits"] = {repeated_name(s): rep, **results["splits"]}
-    cv = results["splits"][repeated_name(s) if s.cv_repeats > 1 else cv_name(s, 0)]
-    cal = {key: np.concatenate([r["cal"][key] for r in cv_parts]) for key in cv_parts[0]["cal"]}
-    calib_curves = {name: (cal[key], cal["y"]) for name, key in CURVES.items()}
-    calib_metrics = {name: cv["calibration"][CALIBRATION_KEYS[key]] for name, key in CURVES.items()}
-    if png is not None and calib_curves is not None:
+        rep["skipped"] = results["splits"][cv_name(s.outer_folds, 0)]["skipped"]  # the skip rule depends on labels only
+        results["splits"] = {repeated_name(s.outer_folds, s.cv_repeats): rep, **results["splits"]}
+    if png is not None:
         from cotrr_ray.plots import reliability_diagram
 
+        cv_key = repeated_name(s.outer_folds, s.cv_repeats) if s.cv_repeats > 1 else cv_name(s.outer_folds, 0)
+        cv = results["splits"][cv_key]
+        cal = _pooled_cal(cv_parts)
+        calib_metrics = {name: cv["calibration"][CALIBRATION_KEYS[key]] for name, key in CURVES.items()}
         reliability_diagram(
-            calib_curves,
+            {name: (cal[key], cal["y"]) for name, key in CURVES.items()},
             png,
             title=f"cotrr-ray, {s.outer_folds}-fold CV x {s.cv_repeats}, test queries, P(label >= {thr:g})",
             metrics=calib_metrics,
@@ -620,10 +624,10 @@ def format_table(res: dict[str, Any]) -> str:
     ]
     s = res["settings"]
     repeated = s["cv_repeats"] > 1
-    rep_name = f"cv{s['outer_folds']}x{s['cv_repeats']}"
+    rep_name = repeated_name(s["outer_folds"], s["cv_repeats"])
     for split, r in res["splits"].items():
         if repeated and split.startswith("cv") and split != rep_name:
-            if split == f"cv{s['outer_folds']}":
+            if split == cv_name(s["outer_folds"], 0):
                 lines += ["", "each repeat alone (nDCG@10, pooled over its folds):"]
             row = ", ".join(f"{m} {e['ndcg@10']:.4f}" for m, e in r["methods"].items())
             epochs = [p[OURS]["epochs"] for p in r["per_part"]]

@@ -1353,7 +1353,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         say(f"idle: Serve's processes {result['serve_idle_cores']} cores, box {idle['box_cores']} cores")
 
-        def serve_level(name: str, enc: str, c: int) -> dict:
+        def measure(enc: str, c: int) -> dict:
             r = bench.level(
                 gens[enc],
                 cluster.url_base + "/v1/rerank",
@@ -1363,6 +1363,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 scrape=cluster.scrape,
             )
             r["encoding"] = enc
+            return r
+
+        def serve_level(name: str, enc: str, c: int) -> dict:
+            r = measure(enc, c)
             say(
                 f"{name} {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.1f} "
                 f"err {r['errors']} fb {r['fallbacks']} batch {r.get('scorer_batch_mean')} "
@@ -1489,15 +1493,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rows = []
             for enc in encodings:
                 c = one[enc]["concurrency"] if one[enc] else 32
-                r = bench.level(
-                    gens[enc],
-                    cluster.url_base + "/v1/rerank",
-                    c,
-                    warmup_s=args.warmup,
-                    duration_s=args.duration,
-                    scrape=cluster.scrape,
-                )
-                r["encoding"] = enc
+                r = measure(enc, c)
                 r["one_replica_rps"] = one[enc]["rps"] if one[enc] else None
                 r["ratio_2_vs_1"] = round(r["rps"] / one[enc]["rps"], 3) if one[enc] else None
                 rows.append(r)

@@ -24,6 +24,14 @@ def make_model(spec: FeatureSpec = IMAGE_SEARCH_SPEC, seed: int = 0, **overrides
     return model
 
 
+def with_candidate_replaced(candidate: dict, index: int) -> dict:
+    """A copy of the candidate features with one candidate's every group replaced by noise."""
+    changed = {n: x.clone() for n, x in candidate.items()}
+    for x in changed.values():
+        x[:, index] = torch.randn_like(x[:, index]) * 3
+    return changed
+
+
 def make_inputs(config: RerankerConfig, B: int = 2, M: int = 5, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     candidate = {n: torch.randn(B, M, d, generator=g) for n, d in config.candidate_groups}
@@ -70,9 +78,7 @@ def test_list_context_dependence():
     model = make_model()
     candidate, query, context, mask = make_inputs(model.config, B=1, M=5)
     ref = model(candidate, query, context, mask)
-    changed = {n: x.clone() for n, x in candidate.items()}
-    for x in changed.values():
-        x[:, 2] = torch.randn_like(x[:, 2]) * 3
+    changed = with_candidate_replaced(candidate, 2)
     out = model(changed, query, context, mask)
     assert (out[0, 0] - ref[0, 0]).abs() > 1e-6
     # A candidate masked out must not influence others, unlike a real one.
@@ -116,9 +122,7 @@ def test_zero_layers_scores_each_candidate_alone_and_trains_every_parameter():
     assert model.query_encoder is None and len(model.blocks) == 0
     candidate, query, context, mask = make_inputs(model.config, B=1, M=5)
     ref = model(candidate, query, context, mask)
-    changed = {n: x.clone() for n, x in candidate.items()}
-    for x in changed.values():
-        x[:, 2] = torch.randn_like(x[:, 2]) * 3
+    changed = with_candidate_replaced(candidate, 2)
     out = model(changed, query, context, mask)
     torch.testing.assert_close(out[:, [0, 1, 3, 4]], ref[:, [0, 1, 3, 4]], atol=1e-6, rtol=0)
     assert (
