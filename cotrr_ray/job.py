@@ -25,12 +25,12 @@ import torch
 from cotrr_ray.bundle import Bundle
 from cotrr_ray.calibration import IsotonicCalibrator
 from cotrr_ray.config import TrainConfig
+from cotrr_ray.crossfit import window_logits
 from cotrr_ray.data import file_fingerprint
 from cotrr_ray.evaluate import evaluate_lists, format_report
 from cotrr_ray.features import CandidateList
 from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.scoring import predict_logits
-from cotrr_ray.train import VAL_METRIC, PreparedData, fit, load_state, pad_split, prepare_data, save_state
+from cotrr_ray.train import VAL_METRIC, PreparedData, fit, load_state, prepare_data, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +192,6 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     return state
 
 
-def _window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
-    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
-    logits = predict_logits(model, padded)
-    return [logits[i, : cl.window] for i, cl in enumerate(lists)]
-
-
 def _labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
     return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
 
@@ -268,14 +262,14 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
         if not cal_lists:
             raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
         calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
-            np.concatenate(_window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
+            np.concatenate(window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
         )
         calibration_fit = {"method": "holdout", "rows": int(calibrator.n_samples_)}
 
     test_lists = data.lists.get("test", [])
     if not test_lists:
         raise ValueError("test split is empty")
-    test_logits = _window_logits(model, test_lists, data)
+    test_logits = window_logits(model, test_lists, data)
     report = evaluate_lists(test_lists, test_logits, calibrator, relevance_threshold=thr, n_boot=cfg.bootstrap_samples)
     say(format_report(report))
 

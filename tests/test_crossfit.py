@@ -207,16 +207,7 @@ def test_train_in_process_select_best_and_last(lists, tmp_path):
         train_in_process(cfg, data, select="median")
 
 
-def _job_wires_cross_fit() -> bool:
-    import inspect
-
-    from cotrr_ray import job
-
-    return "cross_fit_calibrator" in inspect.getsource(job.run)
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not _job_wires_cross_fit(), reason="job.run does not wire calibration.method=cross_fit yet")
 def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path):
     """train_job.py's path end to end: Ray Train V2 local mode (num_workers=0), cross-fitted calibrator."""
     from cotrr_ray.bundle import Bundle
