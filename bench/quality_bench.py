@@ -1,7 +1,7 @@
 """Quality bench on LETOR data: cotrr-ray vs the upstream order, ridge and LightGBM LambdaMART.
 
     python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE] [--repeats R]
-                                  [--config configs/mslr.yaml] [--set key.path=value ...]
+                                  [--test FILE] [--config configs/mslr.yaml] [--set key.path=value ...]
 
 Protocol (identical query splits for every method, all scored by `cotrr_ray.metrics` through the
 same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
@@ -10,7 +10,10 @@ same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
   pooled over the folds), repeated 3 times with different fold assignments (`--repeats`): on a few
   dozen queries which queries share a fold moves every method by a few points, so the headline
   averages each query's metrics over the repeats (the bootstrap still resamples queries) and each
-  repeat is also reported alone; and one fixed 70/30 split by a hash of the query id;
+  repeat is also reported alone; one fixed 70/30 split by a hash of the query id; and, with
+  `--test FILE`, a held-out file: every method trained on all queries of `--data` (choices again by
+  inner CV on them) and scored on the file's queries, which must not share an id with `--data`
+  (`bench/fetch_mslr_test.py` fetches 43 MSLR Fold-1 test queries for the sample);
 * inside each split only the training queries are used for any choice: every tuned method picks its
   hyper-parameters by inner grouped K-fold CV (K = `calibration.folds` of the config) over the
   training queries, then refits on all of them and scores the test queries once;
@@ -348,8 +351,11 @@ def cotrr_method(
 # --------------------------------------------------------------------------- driver
 
 
+TEST_FILE = "test-file"  # split name of --test FILE
+
+
 def make_splits(
-    lists: list[CandidateList], s: Settings
+    lists: list[CandidateList], s: Settings, test_lists: list[CandidateList] | None = None
 ) -> dict[str, list[tuple[list[CandidateList], list[CandidateList]]]]:
     splits = {}
     for r in range(s.cv_repeats):
@@ -361,6 +367,11 @@ def make_splits(
         ]
     fixed = split_by_query(lists, s.fixed_split, FIXED_SALT)
     splits["fixed"] = [(fixed["train"], fixed["test"])]
+    if test_lists is not None:
+        shared = sorted({cl.query_id for cl in lists} & {cl.query_id for cl in test_lists})
+        if shared:
+            raise ValueError(f"the test file shares {len(shared)} query ids with the training data, e.g. {shared[:3]}")
+        splits[TEST_FILE] = [(list(lists), list(test_lists))]
     return splits
 
 
@@ -503,6 +514,7 @@ def run_bench(
     overrides: list[str] | None = None,
     png: str | Path | None = None,
     jobs: int = 1,
+    test_path: str | Path | None = None,
     say=print,
 ) -> dict[str, Any]:
     s = settings or Settings()
@@ -513,16 +525,22 @@ def run_bench(
         raise ValueError("the quality bench reads LETOR files (data.format: letor)")
     d = cfg.data
     thr = d.relevance_threshold
-    lists = read_letor(
-        data_path, num_features=d.letor_num_features, upstream_feature=d.letor_upstream_feature, window=cfg.model.top_m
-    )
-    if s.max_queries is not None:
-        lists = lists[: s.max_queries]
+
+    def read(path: str | Path) -> list[CandidateList]:
+        ls = read_letor(
+            path, num_features=d.letor_num_features, upstream_feature=d.letor_upstream_feature, window=cfg.model.top_m
+        )
+        return ls if s.max_queries is None else ls[: s.max_queries]
+
+    lists = read(data_path)
+    test_lists = None if test_path is None else read(test_path)
     say(
         f"{data_path}: {len(lists)} queries, {sum(map(len, lists))} rows, lists {min(map(len, lists))}-"
         f"{max(map(len, lists))}, window top_m={cfg.model.top_m}; {jobs} process(es)"
     )
-    splits = make_splits(lists, s)
+    if test_lists is not None:
+        say(f"{test_path}: {len(test_lists)} held-out queries, {sum(map(len, test_lists))} rows")
+    splits = make_splits(lists, s, test_lists)
     tasks = [
         {
             "cfg": cfg.model_dump(mode="json"),
@@ -565,7 +583,7 @@ def run_bench(
     cv_parts = []  # every CV part of every repeat
     for split_name, parts in splits.items():
         rs = [done[(split_name, i)] for i in range(len(parts))]
-        if split_name != "fixed":
+        if split_name.startswith("cv"):
             cv_parts += rs
         results["splits"][split_name] = _split_result(rs, s.n_boot)
         results["splits"][split_name]["skipped"] = (
@@ -592,6 +610,8 @@ def run_bench(
         {
             "data": str(data_path),
             "data_fingerprint": file_fingerprint(data_path),
+            "test_data": None if test_path is None else str(test_path),
+            "test_data_fingerprint": None if test_path is None else file_fingerprint(test_path),
             "queries": len(lists),
             "rows": int(sum(map(len, lists))),
             "relevance_threshold": thr,
@@ -641,6 +661,8 @@ def format_table(res: dict[str, Any]) -> str:
             )
         elif split.startswith("cv"):
             title = f"{split}: grouped {split[2:]}-fold CV by query, pooled over folds"
+        elif split == TEST_FILE:
+            title = f"held-out file {res['test_data']}: trained on all {res['queries']} queries of the data"
         else:
             title = "fixed split: 70/30 by query-id hash"
         lines += ["", f"{title}; {r['queries']} queries with a relevant candidate ({r['skipped']} skipped)"]
@@ -711,6 +733,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="TrainConfig override key.path=value")
     p.add_argument("--jobs", type=int, default=None, help="processes, one split each (default: 2, --quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="CV repeats with different folds (default: 3, --quick: 2)")
+    p.add_argument("--test", default=None, help="LETOR file of held-out queries: train on all of --data, score these")
     args = p.parse_args(argv)
     settings = quick_settings() if args.quick else Settings()
     if args.repeats is not None:
@@ -720,7 +743,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     png = args.png or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     jobs = args.jobs or (1 if args.quick else 2)
     res = _jsonable(
-        run_bench(args.data, config=args.config, settings=settings, overrides=args.overrides, png=png, jobs=jobs)
+        run_bench(
+            args.data,
+            config=args.config,
+            settings=settings,
+            overrides=args.overrides,
+            png=png,
+            jobs=jobs,
+            test_path=args.test,
+        )
     )
     print(format_table(res), flush=True)
     if args.json_out:

@@ -28,7 +28,7 @@ def _load_bench():
     return module
 
 
-def _write_letor(path: Path, queries: int = 14, seed: int = 0) -> Path:
+def _write_letor(path: Path, queries: int = 14, seed: int = 0, first_qid: int = 7) -> Path:
     rng = np.random.default_rng(seed)
     lines = []
     for q in range(queries):
@@ -38,7 +38,9 @@ def _write_letor(path: Path, queries: int = 14, seed: int = 0) -> Path:
         labels = np.digitize(u, [0.3, 1.2, 2.0])
         labels[0] = max(labels[0], 1)  # every query has a relevant candidate
         for i in range(n):
-            lines.append(f"{labels[i]} qid:{7 + q} " + " ".join(f"{j + 1}:{x[i, j]:.4f}" for j in range(N_FEATURES)))
+            lines.append(
+                f"{labels[i]} qid:{first_qid + q} " + " ".join(f"{j + 1}:{x[i, j]:.4f}" for j in range(N_FEATURES))
+            )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -46,6 +48,7 @@ def _write_letor(path: Path, queries: int = 14, seed: int = 0) -> Path:
 def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
     bench = _load_bench()
     data = _write_letor(tmp_path / "tiny.txt")
+    held_out = _write_letor(tmp_path / "held_out.txt", queries=6, seed=1, first_qid=1000)
     out = tmp_path / "res.json"
     threads = torch.get_num_threads()
     try:
@@ -56,6 +59,8 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
                 str(data),
                 "--json",
                 str(out),
+                "--test",
+                str(held_out),
                 "--set",
                 f"data.letor_num_features={N_FEATURES}",
                 "--set",
@@ -68,9 +73,13 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
     assert saved == json.loads(json.dumps(res))  # what was printed is what was written
     assert Path(saved["reliability_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["queries"] == 12 and saved["wall_s"] > 0
-    assert set(saved["splits"]) == {"cv3x2", "cv3", "cv3-r2", "fixed"}  # --quick: 3-fold CV repeated twice
+    # --quick: 3-fold CV repeated twice, the fixed split, and the held-out file
+    assert set(saved["splits"]) == {"cv3x2", "cv3", "cv3-r2", "fixed", "test-file"}
+    (external,) = saved["splits"]["test-file"]["per_part"]
+    assert (external["train_queries"], external["test_queries"]) == (12, 6)  # all (quick-capped) data -> the file
+    assert saved["splits"]["test-file"]["queries"] == 6 and saved["test_data"] == str(held_out)
     metrics = {"ndcg@1", "ndcg@5", "ndcg@10", "mrr"}
-    for split in saved["splits"].values():
+    for name, split in saved["splits"].items():
         assert set(split["methods"]) == set(bench.METHODS)
         for entry in split["methods"].values():
             assert metrics <= set(entry) and all(0.0 <= entry[m] <= 1.0 for m in metrics)
@@ -85,7 +94,7 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
             assert {"ece_equal_width", "ece_equal_mass", "brier", "log_loss", "n"} <= set(c)
         for part in split.get("per_part", []):
             assert 1 <= part["cotrr-ray"]["epochs"] <= saved["settings"]["max_epochs"]
-            assert part["train_queries"] + part["test_queries"] <= 12
+            assert part["train_queries"] + part["test_queries"] <= (18 if name == "test-file" else 12)
     # Every query is tested exactly once across the CV folds of each repeat, with different folds.
     repeats = [saved["splits"]["cv3"], saved["splits"]["cv3-r2"]]
     for cv in repeats:
@@ -100,3 +109,37 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
         expected = np.mean([cv["methods"][m]["ndcg@10"] for cv in repeats])
         assert abs(both["methods"][m]["ndcg@10"] - expected) < 1e-9
     assert saved["lambdamart_fixed_params"]["objective"] == "lambdarank"
+
+
+def test_held_out_file_must_not_share_queries_with_the_data(tmp_path):
+    bench = _load_bench()
+    from cotrr_ray.data import read_letor
+
+    lists = read_letor(_write_letor(tmp_path / "a.txt"), num_features=N_FEATURES, upstream_feature=3, window=32)
+    with pytest.raises(ValueError, match="shares 4 query ids"):
+        bench.make_splits(lists, bench.Settings(), lists[10:])
+    splits = bench.make_splits(lists[:10], bench.Settings(), lists[10:])
+    assert splits["test-file"] == [(lists[:10], lists[10:])]
+
+
+def test_fetch_checks_the_archive_digest_and_extracts_one_file(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import fetch_mslr_test
+
+    buf = io.BytesIO()
+    payload = b"1 qid:5 1:0.5 2:1.0\n"
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo(fetch_mslr_test.MEMBER)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    archive = buf.getvalue()
+    out = tmp_path / "d" / "test.txt"
+    with pytest.raises(ValueError, match="sha256"):
+        fetch_mslr_test.extract(archive, out)  # not the pinned archive
+    assert not out.exists()
+    monkeypatch.setattr(fetch_mslr_test, "SHA256", hashlib.sha256(archive).hexdigest())
+    assert fetch_mslr_test.extract(archive, out).read_bytes() == payload
