@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 N_FEATURES = 8
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality_bench.py")
+def _load_bench(name: str = "quality_bench"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -127,9 +127,7 @@ def test_fetch_checks_the_archive_digest_and_extracts_one_file(tmp_path, monkeyp
     import io
     import tarfile
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import fetch_mslr_test
-
+    fetch_mslr_test = _load_bench("fetch_mslr_test")
     buf = io.BytesIO()
     payload = b"1 qid:5 1:0.5 2:1.0\n"
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
