@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.job import run
+from cotrr_ray.training.job import run
 
 
 def main() -> None:

@@ -3,12 +3,12 @@
 One FastAPI + uvicorn process holding the same bundle, with no Ray anywhere. It reuses the project's
 own code end to end, so the comparison measures the serving framework and nothing else:
 
-- request parsing and validation: `cotrr_ray.api.read_body` + `RequestParser` (inside `RerankService`);
-- arm assignment, fallback, ordering, exposure record, stats: `cotrr_ray.router.RerankService`;
-- scoring: `cotrr_ray.scorer.ScorerCore` (the same `Bundle.score`, one list per call, no batching);
-- calibration: `cotrr_ray.scorer.CalibratorCore` (the bundle's isotonic table);
-- ordering and the response body: `cotrr_ray.ranking` via `RerankService`, serialised with orjson;
-- the `Server-Timing` header (`cotrr_ray.router.StageTimings`), so the benchmark's per-stage profile
+- request parsing and validation: `cotrr_ray.serving.api.read_body` + `RequestParser` (inside `RerankService`);
+- arm assignment, fallback, ordering, exposure record, stats: `cotrr_ray.serving.service.RerankService`;
+- scoring: `cotrr_ray.serving.scorer.ScorerCore` (the same `Bundle.score`, one list per call, no batching);
+- calibration: `cotrr_ray.serving.scorer.CalibratorCore` (the bundle's isotonic table);
+- ordering and the response body: `cotrr_ray.core.ranking` via `RerankService`, serialised with orjson;
+- the `Server-Timing` header (`cotrr_ray.serving.timing.StageTimings`), so the benchmark's per-stage profile
   compares like with like (here `score` is an in-process call: `score - model` is ~0).
 
 The scorer and calibrator are plain in-process calls (blocking, on the event loop, one torch
@@ -35,12 +35,15 @@ import orjson  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-from cotrr_ray.api import read_body  # noqa: E402
-from cotrr_ray.bundle import read_meta, resolve_uri  # noqa: E402
+from cotrr_ray.bundles.bundle import read_meta, resolve_uri  # noqa: E402
 from cotrr_ray.config import AppArgs, RoutingConfig  # noqa: E402
-from cotrr_ray.errors import RequestError  # noqa: E402
-from cotrr_ray.router import SERVER_TIMING, Downstream, ExposureLog, RerankService, StageTimings  # noqa: E402
-from cotrr_ray.scorer import CalibratorCore, ScorerCore  # noqa: E402
+from cotrr_ray.serving.api import read_body  # noqa: E402
+from cotrr_ray.serving.coalescer import Downstream  # noqa: E402
+from cotrr_ray.serving.errors import RequestError  # noqa: E402
+from cotrr_ray.serving.observability import ExposureLog  # noqa: E402
+from cotrr_ray.serving.scorer import CalibratorCore, ScorerCore  # noqa: E402
+from cotrr_ray.serving.service import RerankService  # noqa: E402
+from cotrr_ray.serving.timing import SERVER_TIMING, StageTimings  # noqa: E402
 
 
 def routing_from_serve_config(path: str | Path) -> RoutingConfig:

@@ -3,8 +3,8 @@
     python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE] [--repeats R]
                                   [--test FILE] [--config configs/mslr.yaml] [--set key.path=value ...]
 
-Protocol (identical query splits for every method, all scored by `cotrr_ray.metrics` through the
-same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
+Protocol (identical query splits for every method, all scored by `cotrr_ray.core.metrics` through the
+same per-query path as `cotrr_ray.training.evaluate.evaluate_lists`):
 
 * splits: grouped 5-fold CV by query over the file (each query is tested exactly once; results
   pooled over the folds), repeated 3 times with different fold assignments (`--repeats`): on a few
@@ -23,11 +23,11 @@ same per-query path as `cotrr_ray.evaluate.evaluate_lists`):
 * LambdaMART (LightGBM, objective lambdarank): a fixed, stated parameter set, and a CV-tuned one
   (grid x number of trees by inner CV; a larger search than cotrr-ray gets);
 * cotrr-ray: the TrainConfig of `--config` (+ `--set` overrides) through the code that trains and
-  serves it: `prepare` (normaliser fitted on the training queries) -> `cotrr_ray.train.fit` (the
+  serves it: `prepare` (normaliser fitted on the training queries) -> `cotrr_ray.training.loop.fit` (the
   same loop Ray Train runs, here in-process) -> `Bundle.save` -> `Bundle.load` -> `Bundle.score`.
   The number of epochs is chosen by inner CV (argmax of the 3-epoch moving average of the pooled
   inner nDCG@10); the model keeps its last epoch. The calibrator is cross-fitted on out-of-fold
-  scores of the training queries (`cotrr_ray.crossfit`); because the config's learning rate is
+  scores of the training queries (`cotrr_ray.training.crossfit`); because the config's learning rate is
   constant, the inner-CV fold models at the chosen epoch are exactly the cross-fit fold models (an
   E-epoch run is the prefix of a longer one), so their held-out scores are reused (the identity is
   checked in tests/test_crossfit.py);
@@ -55,9 +55,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cotrr_ray.bundle import Bundle  # noqa: E402
+from cotrr_ray.bundles.bundle import Bundle  # noqa: E402
 from cotrr_ray.config import TrainConfig  # noqa: E402
-from cotrr_ray.crossfit import (  # noqa: E402
+from cotrr_ray.core.features import CandidateList, FeatureNormalizer  # noqa: E402
+from cotrr_ray.core.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid  # noqa: E402
+from cotrr_ray.data.readers import file_fingerprint, letor_spec, read_letor  # noqa: E402
+from cotrr_ray.data.splits import split_by_query  # noqa: E402
+from cotrr_ray.training.crossfit import (
     aligned_logits,
     assign_folds,
     fit_oof_calibrator,
@@ -68,10 +72,7 @@ from cotrr_ray.crossfit import (  # noqa: E402
     train_in_process,
     window_logits,
 )
-from cotrr_ray.data import file_fingerprint, letor_spec, read_letor, split_by_query  # noqa: E402
-from cotrr_ray.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
-from cotrr_ray.features import CandidateList, FeatureNormalizer  # noqa: E402
-from cotrr_ray.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid  # noqa: E402
+from cotrr_ray.training.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OURS = "cotrr-ray"
@@ -85,7 +86,7 @@ LABELS = {
 }
 CV_SALT = "quality-bench-cv"
 FIXED_SALT = "quality-bench-fixed"
-CROSSFIT_SALT = "cotrr-crossfit"  # = cotrr_ray.crossfit.cross_fit's default: inner folds == cross-fit folds
+CROSSFIT_SALT = "cotrr-crossfit"  # = cotrr_ray.training.crossfit.cross_fit's default: inner folds == cross-fit folds
 
 
 @dataclass
@@ -312,7 +313,7 @@ def cotrr_method(
     model = model_from_state(state, data.model_config)
 
     # Cross-fitted calibrator: out-of-fold scores of the fold models at the chosen epoch, mapped onto
-    # the final model's scale (cotrr_ray.crossfit.moment_alignment), as cross_fit(final_model=...) does.
+    # the final model's scale (cotrr_ray.training.crossfit.moment_alignment), as cross_fit(final_model=...) does.
     oof_lists = [cl for _, b in folds for cl in b]
     fold_of = np.concatenate([np.full(len(b), i) for i, (_, b) in enumerate(folds)])
     oof_logits = [z for per_epoch in held_logits for z in per_epoch[epochs - 1]]
@@ -594,7 +595,7 @@ def run_bench(
         rep["skipped"] = results["splits"][cv_name(s.outer_folds, 0)]["skipped"]  # the skip rule depends on labels only
         results["splits"] = {repeated_name(s.outer_folds, s.cv_repeats): rep, **results["splits"]}
     if png is not None:
-        from cotrr_ray.plots import reliability_diagram
+        from cotrr_ray.training.plots import reliability_diagram
 
         cv_key = repeated_name(s.outer_folds, s.cv_repeats) if s.cv_repeats > 1 else cv_name(s.outer_folds, 0)
         cv = results["splits"][cv_key]

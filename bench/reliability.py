@@ -99,7 +99,8 @@ class Body:
 
 def make_bodies(top_m: int, *, n_bodies: int = 32, n_candidates: int = 40, seed: int = 20_000) -> list[Body]:
     """Synthetic rerank requests (labels removed): the first top_m candidates carry base64 features."""
-    from cotrr_ray.data import generate_query, request_from_record
+    from cotrr_ray.data.synthetic import generate_query
+    from cotrr_ray.serving.client import request_from_record
 
     rng = np.random.default_rng(seed)
     out = []
@@ -477,7 +478,7 @@ def tamper(src: Path, dst: Path, kind: str) -> Path:
     - missing: normalizer.json deleted (still listed in the manifest);
     - spec: an internally consistent bundle for another feature spec (version renamed, fingerprints
       and checksums updated), which loads fine but must not replace the served one."""
-    from cotrr_ray.spec import FeatureSpec
+    from cotrr_ray.core.spec import FeatureSpec
 
     if dst.exists():
         shutil.rmtree(dst)
@@ -835,7 +836,7 @@ def kill_under_load(
 
 
 def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: bool, http_port: int) -> Report:
-    from cotrr_ray.bundle import read_meta
+    from cotrr_ray.bundles.bundle import read_meta
 
     rep = Report("faults")
     meta = read_meta(bundle)
@@ -1039,7 +1040,7 @@ def _get(url: str) -> bytes:
 
 
 def scenario_load(url: str, bundle: Path, *, n: int, concurrency: int, http_port: int) -> Report:
-    from cotrr_ray.bundle import read_meta
+    from cotrr_ray.bundles.bundle import read_meta
 
     rep = Report("load")
     meta = read_meta(bundle)
@@ -1110,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cotrr-rel-") as tmp:
         workdir = Path(tmp)
         bundle = prepare_bundle(args.bundle, workdir)
-        from cotrr_ray.bundle import read_meta
+        from cotrr_ray.bundles.bundle import read_meta
 
         meta = read_meta(bundle)
         out["bundle"] = {"bundle_id": meta.bundle_id, "top_m": meta.top_m}

@@ -251,7 +251,8 @@ def make_bodies(
 ) -> list[bytes]:
     """`n_bodies` distinct rerank requests: `n_candidates` in upstream order, the first `top_m` with
     features (lists of floats for "json", base64 little-endian float32 for "base64"), the rest ids only."""
-    from cotrr_ray.data import generate_query, request_from_record
+    from cotrr_ray.data.synthetic import generate_query
+    from cotrr_ray.serving.client import request_from_record
 
     out = []
     for k in range(n_bodies):
@@ -505,9 +506,9 @@ def run_limit(bundle_uri: str, bodies: list[bytes], *, batch_size: int, duration
     serialise each. Per-stage milliseconds per request are reported too."""
     import torch
 
-    from cotrr_ray.api import RequestParser
-    from cotrr_ray.ranking import build_results, model_order
-    from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore
+    from cotrr_ray.core.ranking import build_results, model_order
+    from cotrr_ray.serving.api import RequestParser
+    from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore
 
     torch.set_num_threads(1)
     core = ScorerCore.load(bundle_uri)
@@ -635,7 +636,7 @@ def serve_config_for_bench(path: Path, *, http_port: int, bundle_uri: str, varia
     - "fused": args.fused_calibration = true and no Calibrator deployment (one hop fewer);
     - "scaleout2": two fixed Scorer replicas (no autoscaling) at num_cpus 0.5 so both fit;
     - "nocoalesce": ablation, the Router sends one window per call (coalesce_max_lists 1)."""
-    from cotrr_ray.bundle import read_meta
+    from cotrr_ray.bundles.bundle import read_meta
 
     cfg = yaml.safe_load(path.read_text())
     cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
@@ -871,7 +872,7 @@ def profile_server(url: str, bodies: list[bytes], n: int, *, warmup: int = 10, t
     200, summarised by `summarize_profile`."""
     import http.client
 
-    from cotrr_ray.router import parse_server_timing
+    from cotrr_ray.serving.timing import parse_server_timing
 
     base, path = _split_url(url)
     host, _, port = base.split("//", 1)[1].partition(":")
@@ -1227,7 +1228,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from cotrr_ray.bundle import read_meta, resolve_uri
+    from cotrr_ray.bundles.bundle import read_meta, resolve_uri
 
     t_start = time.perf_counter()
     bundle_uri = resolve_uri(args.bundle, str(REPO))

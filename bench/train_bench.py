@@ -4,9 +4,9 @@
     python bench/train_bench.py [--quick] [--json OUT] [--png OUT] [--epochs N] [--gpu-only]
 
 CPU (always):
-- plain PyTorch: `cotrr_ray.train.fit` with `TorchContext` in this process (one torch thread, the
+- plain PyTorch: `cotrr_ray.training.loop.fit` with `TorchContext` in this process (one torch thread, the
   setting of a Ray worker), the training config of configs/demo.yaml (bf16 autocast);
-- the Ray Train job at 1 and 2 workers: the TorchTrainer of `cotrr_ray.job.run_ray_train` (same
+- the Ray Train job at 1 and 2 workers: the TorchTrainer of `cotrr_ray.training.job.run_ray_train` (same
   ScalingConfig / RunConfig / checkpoint per epoch / gloo), on a fresh local Ray
   (`ray.init(address="local")`, never someone else's cluster);
 - bf16 autocast on vs off (plain loop).
@@ -45,7 +45,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
-from cotrr_ray.train import PreparedData, TorchContext, fit, prepare_data  # noqa: E402
+from cotrr_ray.training.loop import fit  # noqa: E402
+from cotrr_ray.training.prepare import PreparedData, prepare_data  # noqa: E402
+from cotrr_ray.training.torchrun import TorchContext  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -104,11 +106,11 @@ class TimedTorchContext(TorchContext):
 
 
 def _ray_worker_loop(config: dict[str, Any]) -> None:
-    """`cotrr_ray.job._worker_loop` + time stamps: rank 0 appends one JSON line per epoch report."""
+    """`cotrr_ray.training.job._worker_loop` + time stamps: rank 0 appends one JSON line per epoch report."""
     import ray
 
-    from cotrr_ray.job import RayContext
-    from cotrr_ray.model import RerankerConfig
+    from cotrr_ray.core.model import RerankerConfig
+    from cotrr_ray.training.job import RayContext
 
     t_loop_start = time.time()
     log = Path(config["timing_log"])
@@ -258,7 +260,7 @@ def bench_cfg(
 
 
 def run_plain(cfg: TrainConfig, data: PreparedData, *, use_gpu: bool = False) -> dict[str, Any]:
-    """`cotrr_ray.train.fit` in this process (TorchContext), no Ray."""
+    """`cotrr_ray.training.loop.fit` in this process (TorchContext), no Ray."""
     with tempfile.TemporaryDirectory(prefix="train-bench-plain-") as d:
         ctx = TimedTorchContext(d, use_gpu=use_gpu)
         threads = torch.get_num_threads()
@@ -277,10 +279,10 @@ def run_plain(cfg: TrainConfig, data: PreparedData, *, use_gpu: bool = False) ->
 
 
 def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: int) -> dict[str, Any]:
-    """The TorchTrainer of `cotrr_ray.job.run_ray_train` (`cotrr_ray.job.make_trainer`), timed."""
+    """The TorchTrainer of `cotrr_ray.training.job.run_ray_train` (`cotrr_ray.training.job.make_trainer`), timed."""
     import ray
 
-    from cotrr_ray.job import make_trainer
+    from cotrr_ray.training.job import make_trainer
 
     mod = sys.modules[_ray_worker_loop.__module__]
     if mod.__name__ != "__main__":  # imported (tests): ship the loop by value, workers cannot import bench/
@@ -443,7 +445,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def load_data(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData]:
-    from cotrr_ray.job import resolve_data_path
+    from cotrr_ray.training.job import resolve_data_path
 
     overrides = list(args.override or [])
     if args.queries:

@@ -178,7 +178,8 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any, fl
 def send_requests(port: int, bundle: Path, n: int) -> None:
     import numpy as np
 
-    from cotrr_ray.data import generate_query, request_from_record
+    from cotrr_ray.data.synthetic import generate_query
+    from cotrr_ray.serving.client import request_from_record
 
     base = f"http://127.0.0.1:{port}"
     expected = json.loads((bundle / "manifest.json").read_text())["bundle_id"]

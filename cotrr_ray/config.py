@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC, FeatureSpec
 
 
 class _Strict(BaseModel):
@@ -79,7 +79,7 @@ class ModelArgs(_Strict):
 
 
 class OptimConfig(_Strict):
-    loss: Literal["lambda", "listnet"] = Field("lambda", description="Listwise loss (see cotrr_ray.losses).")
+    loss: Literal["lambda", "listnet"] = Field("lambda", description="Listwise loss (see cotrr_ray.core.losses).")
     ranknet_weight: float = Field(0.0, ge=0, description="Weight of an extra pairwise RankNet term.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
@@ -168,7 +168,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 # =============================================================================== serving
-# Settings of the Serve application (`cotrr_ray.app:build_app`, issue 3). `AppArgs` is the
+# Settings of the Serve application (`cotrr_ray.serving.app:build_app`, issue 3). `AppArgs` is the
 # builder's `args` (a change rebuilds the app and restarts replicas); `RoutingConfig` and
 # `ScorerConfig` are deployments' `user_config`, applied live by `reconfigure` (no restart) when
 # `serve deploy serve_config.yaml` changes them.
@@ -183,7 +183,7 @@ class RoutingConfig(_Strict):
         le=100,
         description=(
             "Share of units (0-100) assigned to the treatment arm: treatment iff "
-            "bucket(experiment_salt, unit) <= rollout_percentage (see cotrr_ray.routing)."
+            "bucket(experiment_salt, unit) <= rollout_percentage (see cotrr_ray.experiments.assignment)."
         ),
     )
     shadow_mode: bool = Field(
@@ -263,7 +263,7 @@ class ScorerConfig(_Strict):
 
 
 class AppArgs(_Strict):
-    """`args` of `cotrr_ray.app:build_app` (serve_config.yaml)."""
+    """`args` of `cotrr_ray.serving.app:build_app` (serve_config.yaml)."""
 
     bundle_uri: str = Field(
         "artifacts/bundles/demo",

@@ -25,7 +25,8 @@ import httpx
 import numpy as np
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.data import generate_query, request_from_record
+from cotrr_ray.data.synthetic import generate_query
+from cotrr_ray.serving.client import request_from_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from cotrr_ray.job import run
+    from cotrr_ray.training.job import run
 
     os.chdir(REPO)  # configs name repo-relative paths (the bundle location serve_config.yaml reads)
     print("== 1. local Ray")

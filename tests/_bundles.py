@@ -16,14 +16,15 @@ import numpy as np
 import orjson
 import torch
 
-from cotrr_ray.bundle import Bundle
-from cotrr_ray.calibration import IsotonicCalibrator
-from cotrr_ray.data import generate, read_jsonl
-from cotrr_ray.features import CONTEXT_FEATURES, FeatureNormalizer, pad_lists
-from cotrr_ray.losses import ranking_loss
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.scoring import predict_logits, to_tensors
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.bundles.bundle import Bundle
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import CONTEXT_FEATURES, FeatureNormalizer, pad_lists
+from cotrr_ray.core.losses import ranking_loss
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.scoring import predict_logits, to_tensors
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.data.readers import read_jsonl
+from cotrr_ray.data.synthetic import generate
 
 TOP_M = 8
 

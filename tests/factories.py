@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.data import generate_query
-from cotrr_ray.features import CONTEXT_FEATURES, CandidateList, to_candidate_list
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.schema import QueryRecord
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, to_candidate_list
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.schema import QueryRecord
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+from cotrr_ray.data.synthetic import generate_query
 
 TINY_SPEC = FeatureSpec(version="tiny-v1", candidate={"a": 3, "b": 2}, query={"q": 2})
 """A hand-sized spec for validation tests: two candidate groups and one query group."""

@@ -12,9 +12,9 @@ from _bundles import TOP_M, modified, request_body
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from cotrr_ray.api import RequestParser, RerankRequest, install_openapi, read_body
-from cotrr_ray.errors import STATUS, RequestError, from_validation_error
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.serving.api import RequestParser, RerankRequest, install_openapi, read_body
+from cotrr_ray.serving.errors import STATUS, RequestError, from_validation_error
 
 MAX_CANDIDATES = 20
 

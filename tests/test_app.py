@@ -22,10 +22,10 @@ import pytest
 import yaml
 from _bundles import TOP_M, modified, request_body
 
-from cotrr_ray.bundle import read_meta
+from cotrr_ray.bundles.bundle import read_meta
 from cotrr_ray.config import AppArgs, RoutingConfig
-from cotrr_ray.router import parse_server_timing
-from cotrr_ray.routing import assign_arm, decide
+from cotrr_ray.experiments.assignment import assign_arm, decide
+from cotrr_ray.serving.timing import parse_server_timing
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def unit_in(arm: str, rollout: float, salt: str = SALT) -> str:
 def py_app(serve_session, bundle_a, bundle_b, tmp_path_factory):
     from ray import serve
 
-    from cotrr_ray.app import build_app
+    from cotrr_ray.serving.app import build_app
 
     exposure = tmp_path_factory.mktemp("exposure") / "exposure.jsonl"
     args = AppArgs(

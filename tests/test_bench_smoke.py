@@ -26,10 +26,11 @@ import peer_app  # noqa: E402
 import serve_bench  # noqa: E402
 import train_bench  # noqa: E402
 
-from cotrr_ray.api import RequestParser  # noqa: E402
-from cotrr_ray.bundle import read_meta  # noqa: E402
+from cotrr_ray.bundles.bundle import read_meta  # noqa: E402
 from cotrr_ray.config import TrainConfig  # noqa: E402
-from cotrr_ray.router import Coalescer, parse_server_timing  # noqa: E402
+from cotrr_ray.serving.api import RequestParser  # noqa: E402
+from cotrr_ray.serving.coalescer import Coalescer  # noqa: E402
+from cotrr_ray.serving.timing import parse_server_timing  # noqa: E402
 
 LEVEL_KEYS = {"rps", "p50_ms", "p95_ms", "p99_ms", "errors", "fallbacks", "requests", "duration_s"}
 
@@ -267,7 +268,7 @@ def _tiny_train_cfg(test_data: Path) -> TrainConfig:
 
 
 def test_train_bench_plain_loop(test_data, tmp_path) -> None:
-    from cotrr_ray.train import prepare_data
+    from cotrr_ray.training.prepare import prepare_data
 
     base = _tiny_train_cfg(test_data)
     data = prepare_data(base, test_data)
@@ -329,7 +330,7 @@ def test_coalescer_merges_concurrent_items_without_a_timer() -> None:
 
 
 def test_coalescer_errors_timeouts_and_cancellation() -> None:
-    from cotrr_ray.router import call_with_timeout
+    from cotrr_ray.serving.coalescer import call_with_timeout
 
     responses: list[_Resp] = []
 
@@ -369,8 +370,9 @@ def test_fused_mode_answers_exactly_like_the_three_deployment_graph(bundle_a, ti
     """The fused variant the benchmark measures (calibration inside the scorer, no calibrator hop)
     returns the same response as the default graph, byte for byte apart from the request id."""
     from cotrr_ray.config import AppArgs, RoutingConfig
-    from cotrr_ray.router import Downstream, RerankService
-    from cotrr_ray.scorer import CalibratorCore, ScorerCore
+    from cotrr_ray.serving.coalescer import Downstream
+    from cotrr_ray.serving.scorer import CalibratorCore, ScorerCore
+    from cotrr_ray.serving.service import RerankService
 
     core = ScorerCore.load(str(bundle_a))
     cal = CalibratorCore()
@@ -454,7 +456,7 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
 
 @pytest.mark.integration
 def test_train_bench_ray_one_worker(serve_session, test_data, tmp_path) -> None:
-    from cotrr_ray.train import prepare_data
+    from cotrr_ray.training.prepare import prepare_data
 
     base = _tiny_train_cfg(test_data)
     data = prepare_data(base, test_data)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from factories import generated_lists, tiny_model, tiny_model_config
 
-from cotrr_ray.bundle import MANIFEST, REQUIRED_FILES, Bundle, BundleError, read_meta
-from cotrr_ray.calibration import IsotonicCalibrator
-from cotrr_ray.features import FeatureNormalizer
-from cotrr_ray.scoring import predict_logits
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
-from cotrr_ray.train import pad_split
+from cotrr_ray.bundles.bundle import MANIFEST, REQUIRED_FILES, Bundle, BundleError, read_meta
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import FeatureNormalizer
+from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.training.prepare import pad_split
 
 TOP_M = 8
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.isotonic import IsotonicRegression
 
-from cotrr_ray.calibration import IsotonicCalibrator
-from cotrr_ray.metrics import ece, sigmoid
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.metrics import ece, sigmoid
 
 
 def _sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +123,7 @@ def test_from_dict_rejects_corrupted_state(fitted) -> None:
 
 def test_warns_and_logs_below_min_samples(caplog) -> None:
     x, y = _sample(100, seed=4)
-    with caplog.at_level(logging.WARNING, logger="cotrr_ray.calibration"):
+    with caplog.at_level(logging.WARNING, logger="cotrr_ray.core.calibration"):
         with pytest.warns(UserWarning, match="only 100 rows"):
             cal = IsotonicCalibrator().fit(x, y)
     assert any("only 100 rows" in r.getMessage() for r in caplog.records)

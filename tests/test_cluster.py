@@ -134,7 +134,7 @@ def test_rayservice_differs_from_serve_config_only_by_the_k8s_overrides() -> Non
     assert diff_paths(serve_cfg, v2) == set(gen_rayservice.K8S_OVERRIDES)
     assert v2 == gen_rayservice.k8s_serve_config(serve_cfg)
     app = _named(v2["applications"])["rerank"]
-    assert app["import_path"] == "cotrr_ray.app:build_app"
+    assert app["import_path"] == "cotrr_ray.serving.app:build_app"
     assert app["args"]["bundle_uri"] == gen_rayservice.K8S_BUNDLE_URI
     assert app["args"]["bundle_uri"].startswith(SHARED + "/")
     assert _named(app["deployments"])["Scorer"]["ray_actor_options"]["num_gpus"] == 1

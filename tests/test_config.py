@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from cotrr_ray.config import TrainConfig, apply_override
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cotrr_ray.app import build_app
-from cotrr_ray.bundle import BundleError
+from cotrr_ray.bundles.bundle import BundleError
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig, TrainConfig
+from cotrr_ray.serving.app import build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = sorted(ROOT.glob("serve_config*.yaml"))
@@ -34,7 +34,7 @@ def test_serve_config_validates(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(raw)
     for app in schema.applications:
-        assert app.import_path == "cotrr_ray.app:build_app"
+        assert app.import_path == "cotrr_ray.serving.app:build_app"
         args = AppArgs.model_validate(app.args)
         names = {d.name for d in app.deployments}
         assert names <= {"Router", "Scorer", "Calibrator", "ScorerControl"}, names
@@ -90,7 +90,7 @@ def test_annotations_are_real_classes_for_serve_and_fastapi() -> None:
 
     from fastapi import Request
 
-    from cotrr_ray.deployments import Router
+    from cotrr_ray.serving.deployments import Router
 
     assert inspect.signature(build_app).parameters["args"].annotation is AppArgs
     user_class = Router.func_or_class.__bases__[0]

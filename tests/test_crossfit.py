@@ -1,4 +1,4 @@
-"""Cross-fitted calibration (cotrr_ray.crossfit): Ray-free, on a tiny synthetic LETOR file."""
+"""Cross-fitted calibration (cotrr_ray.training.crossfit): Ray-free, on a tiny synthetic LETOR file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.crossfit import (
+from cotrr_ray.core.features import FeatureNormalizer
+from cotrr_ray.core.metrics import ece, sigmoid
+from cotrr_ray.data.readers import letor_spec, read_letor
+from cotrr_ray.data.splits import split_of
+from cotrr_ray.training.crossfit import (
     CrossFitResult,
     _fold_config,
     assign_folds,
@@ -23,9 +27,6 @@ from cotrr_ray.crossfit import (
     train_in_process,
     window_logits,
 )
-from cotrr_ray.data import letor_spec, read_letor, split_of
-from cotrr_ray.features import FeatureNormalizer
-from cotrr_ray.metrics import ece, sigmoid
 
 N_FEATURES = 8
 
@@ -210,8 +211,8 @@ def test_train_in_process_select_best_and_last(lists, tmp_path):
 @pytest.mark.integration
 def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path):
     """train_job.py's path end to end: Ray Train V2 local mode (num_workers=0), cross-fitted calibrator."""
-    from cotrr_ray.bundle import Bundle
-    from cotrr_ray.job import run
+    from cotrr_ray.bundles.bundle import Bundle
+    from cotrr_ray.training.job import run
 
     data = write_letor(tmp_path / "train.txt", queries=30)
     cfg = tiny_cfg(tmp_path, epochs=2).model_dump(mode="json")

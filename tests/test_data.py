@@ -8,18 +8,12 @@ import orjson
 import pytest
 from factories import TINY_SPEC, tiny_record
 
-from cotrr_ray.data import (
-    DataError,
-    generate,
-    generate_query,
-    read_jsonl,
-    read_letor,
-    split_by_query,
-    split_of,
-)
-from cotrr_ray.features import CandidateList
-from cotrr_ray.metrics import ndcg_at_k
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.core.features import CandidateList
+from cotrr_ray.core.metrics import ndcg_at_k
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.data.readers import DataError, read_jsonl, read_letor
+from cotrr_ray.data.splits import split_by_query, split_of
+from cotrr_ray.data.synthetic import generate, generate_query
 
 # --------------------------------------------------------------------------- JSONL
 

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from cotrr_ray.calibration import IsotonicCalibrator
-from cotrr_ray.evaluate import RANKING_METRICS, evaluate_lists, final_order, format_report
-from cotrr_ray.features import CandidateList
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import CandidateList
+from cotrr_ray.training.evaluate import RANKING_METRICS, evaluate_lists, final_order, format_report
 
 CAL_KEYS = {"ece_equal_width", "ece_equal_mass", "brier", "log_loss"}
 
@@ -178,9 +178,10 @@ def _manifest(fingerprint: str, splits: dict[str, float], salt: str = "s") -> di
 
 
 def test_training_file_is_scored_on_its_test_split_only(test_data) -> None:
-    from cotrr_ray.data import file_fingerprint, read_jsonl, split_by_query
-    from cotrr_ray.evaluate import held_out_only
-    from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+    from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+    from cotrr_ray.data.readers import file_fingerprint, read_jsonl
+    from cotrr_ray.data.splits import split_by_query
+    from cotrr_ray.training.evaluate import held_out_only
 
     lists = read_jsonl(test_data, IMAGE_SEARCH_SPEC, window=8)
     splits = {"train": 0.6, "validation": 0.1, "calibration": 0.1, "test": 0.2}
@@ -197,7 +198,7 @@ def test_training_file_is_scored_on_its_test_split_only(test_data) -> None:
 
 
 def test_cli_reports_its_scope(bundle_a, test_data, tmp_path, capsys) -> None:
-    from cotrr_ray.evaluate import main
+    from cotrr_ray.training.evaluate import main
 
     out = tmp_path / "report.json"
     main(["--bundle", str(bundle_a), "--data", str(test_data), "--json", str(out), "--bootstrap", "50"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from factories import TINY_SPEC, b64, record, tiny_record
 
-from cotrr_ray.features import (
+from cotrr_ray.core.features import (
     CONTEXT_FEATURES,
     FeatureNormalizer,
     RecordError,
@@ -16,7 +16,7 @@ from cotrr_ray.features import (
     pad_lists,
     to_candidate_list,
 )
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.spec import FeatureSpec
 
 
 def _error(d: dict, spec: FeatureSpec = TINY_SPEC, **kw) -> RecordError:

@@ -35,9 +35,9 @@ from factories import TINY_SPEC, tiny_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cotrr_ray.api import ParsedRequest, RequestParser
-from cotrr_ray.errors import STATUS, RequestError
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.serving.api import ParsedRequest, RequestParser
+from cotrr_ray.serving.errors import STATUS, RequestError
 
 FULL = os.environ.get("COTRR_FULL_RELIABILITY") == "1"
 PARSER_EXAMPLES = 10_000 if FULL else 1_500  # across the parser properties below (Ray-free, cheap)
@@ -353,9 +353,9 @@ def fuzz_app(serve_session, bundle_a):
     import httpx
     from ray import serve
 
-    from cotrr_ray.app import build_app
-    from cotrr_ray.bundle import read_meta
+    from cotrr_ray.bundles.bundle import read_meta
     from cotrr_ray.config import AppArgs, RoutingConfig
+    from cotrr_ray.serving.app import build_app
 
     args = AppArgs(
         bundle_uri=str(bundle_a),

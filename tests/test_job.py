@@ -48,8 +48,8 @@ def _retried_after_injected_failure(ray, run_name: str) -> bool:
 
 
 def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path) -> None:
-    from cotrr_ray.bundle import Bundle
-    from cotrr_ray.job import run
+    from cotrr_ray.bundles.bundle import Bundle
+    from cotrr_ray.training.job import run
 
     run_name = f"cotrr-test-resume-{tmp_path.name}"
     cfg = tiny_train_config(

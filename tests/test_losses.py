@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from cotrr_ray.losses import lambda_loss, listnet_loss, ranking_loss, ranknet_loss
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.losses import lambda_loss, listnet_loss, ranking_loss, ranknet_loss
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.spec import FeatureSpec
 
 LOSSES = {
     "lambda": lambda_loss,

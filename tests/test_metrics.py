@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cotrr_ray.metrics import (
+from cotrr_ray.core.metrics import (
     bootstrap_ci,
     brier,
     calibration_report,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC, FeatureSpec
 
 LETOR_SPEC = FeatureSpec(version="letor-test", candidate={"letor": 136})
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cotrr_ray.metrics import calibration_report, sigmoid
-from cotrr_ray.plots import reliability_diagram
+from cotrr_ray.core.metrics import calibration_report, sigmoid
+from cotrr_ray.training.plots import reliability_diagram
 
 
 def test_reliability_diagram_writes_png(tmp_path) -> None:

@@ -113,7 +113,7 @@ def test_quick_bench_writes_results_of_the_documented_shape(tmp_path):
 
 def test_held_out_file_must_not_share_queries_with_the_data(tmp_path):
     bench = _load_bench()
-    from cotrr_ray.data import read_letor
+    from cotrr_ray.data.readers import read_letor
 
     lists = read_letor(_write_letor(tmp_path / "a.txt"), num_features=N_FEATURES, upstream_feature=3, window=32)
     with pytest.raises(ValueError, match="shares 4 query ids"):

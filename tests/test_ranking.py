@@ -1,4 +1,4 @@
-"""Ordering and merging rules of the rerank response (cotrr_ray.ranking)."""
+"""Ordering and merging rules of the rerank response (cotrr_ray.core.ranking)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cotrr_ray.ranking import agreement, build_results, model_order, upstream_order
+from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
 
 IDS = [f"c{i}" for i in range(10)]
 

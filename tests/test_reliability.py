@@ -31,11 +31,11 @@ import orjson
 import pytest
 from _bundles import TOP_M, make_bundle
 
-from cotrr_ray.api import RequestParser, RerankRequest
-from cotrr_ray.bundle import Bundle, BundleError, read_meta, resolve_uri, sha256_file
-from cotrr_ray.errors import RequestError
-from cotrr_ray.schema import CandidateRecord
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri, sha256_file
+from cotrr_ray.core.schema import CandidateRecord
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.serving.api import RequestParser, RerankRequest
+from cotrr_ray.serving.errors import RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = os.environ.get("COTRR_FULL_RELIABILITY") == "1"

@@ -1,4 +1,4 @@
-"""Tests for deterministic A/B routing (cotrr_ray.routing)."""
+"""Tests for deterministic A/B routing (cotrr_ray.experiments.assignment)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cotrr_ray.routing import RoutingDecision, assign_arm, bucket, decide, unit_for
+from cotrr_ray.experiments.assignment import RoutingDecision, assign_arm, bucket, decide, unit_for
 
 N_UNITS = 20_000
 UNITS = [f"user-{i}" for i in range(N_UNITS)]

@@ -1,4 +1,4 @@
-"""The router, scorer and calibrator logic without Ray (cotrr_ray.router, cotrr_ray.scorer), on real tiny bundles.
+"""The router, scorer and calibrator logic without Ray (cotrr_ray.router, cotrr_ray.serving.scorer), on real tiny bundles.
 
 Downstream deployments are replaced by local async callables that return awaitables with a
 `cancel()` method, like Serve's DeploymentResponse.
@@ -16,19 +16,15 @@ import orjson
 import pytest
 from _bundles import TOP_M, make_bundle, request_body
 
-from cotrr_ray.bundle import Bundle, BundleError, read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
-from cotrr_ray.errors import RequestError
-from cotrr_ray.router import (
-    Downstream,
-    ExposureLog,
-    RerankService,
-    StageTimings,
-    exception_name,
-    parse_server_timing,
-)
-from cotrr_ray.routing import decide
-from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
+from cotrr_ray.experiments.assignment import decide
+from cotrr_ray.serving.coalescer import Downstream, exception_name
+from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.observability import ExposureLog
+from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
+from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.timing import StageTimings, parse_server_timing
 
 RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
 RESULT_KEYS = {"id", "index", "rank", "score", "probability", "reranked"}

@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cotrr_ray.spec import IMAGE_SEARCH_SPEC, FeatureSpec
+from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC, FeatureSpec
 
 
 def _spec(**kw) -> FeatureSpec:

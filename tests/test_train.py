@@ -1,4 +1,4 @@
-"""The training loop without Ray: `cotrr_ray.train.fit` under a single-process `TorchContext`."""
+"""The training loop without Ray: `cotrr_ray.training.loop.fit` under a single-process `TorchContext`."""
 
 from __future__ import annotations
 
@@ -11,19 +11,13 @@ import pytest
 import torch
 from factories import tiny_train_config
 
-from cotrr_ray.data import generate
-from cotrr_ray.model import Reranker
-from cotrr_ray.scoring import predict_logits
-from cotrr_ray.train import (
-    VAL_METRIC,
-    PreparedData,
-    TorchContext,
-    fit,
-    load_state,
-    prepare_data,
-    warmup_cosine,
-    window_ndcg,
-)
+from cotrr_ray.core.model import Reranker
+from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.data.synthetic import generate
+from cotrr_ray.training.checkpoints import load_state
+from cotrr_ray.training.loop import VAL_METRIC, fit, warmup_cosine, window_ndcg
+from cotrr_ray.training.prepare import PreparedData, prepare_data
+from cotrr_ray.training.torchrun import TorchContext
 
 SPLITS = "data.splits={train: 0.7, validation: 0.3, test: 0.0}"
 

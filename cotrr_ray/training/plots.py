@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cotrr_ray.metrics import reliability_curve
+from cotrr_ray.core.metrics import reliability_curve
 
 
 def _legend_label(name: str, metrics: dict[str, dict] | None) -> str:

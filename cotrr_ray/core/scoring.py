@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import torch
 
-from cotrr_ray.features import PaddedLists
+from cotrr_ray.core.features import PaddedLists
 
 
 def to_tensors(batch: PaddedLists, device: torch.device | str) -> dict[str, object]:

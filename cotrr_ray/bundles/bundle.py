@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import cotrr_ray
-from cotrr_ray.calibration import IsotonicCalibrator
-from cotrr_ray.features import CandidateList, FeatureNormalizer, PaddedLists, pad_lists
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import CandidateList, FeatureNormalizer, PaddedLists, pad_lists
+from cotrr_ray.core.spec import FeatureSpec
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, not by light readers
     import torch
 
-    from cotrr_ray.model import Reranker, RerankerConfig
+    from cotrr_ray.core.model import Reranker, RerankerConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -132,7 +132,7 @@ class Bundle:
 
     def score(self, lists: list[CandidateList], *, amp: str = "none") -> list[np.ndarray]:
         """Raw logits of each list's window, as a list of (window,) float32 arrays."""
-        from cotrr_ray.scoring import predict_logits
+        from cotrr_ray.core.scoring import predict_logits
 
         padded = self.featurize(lists)
         logits = predict_logits(self.model, padded, device=self.device, batch_size=len(lists), amp=amp)
@@ -200,7 +200,7 @@ class Bundle:
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
         import torch
 
-        from cotrr_ray.model import Reranker, RerankerConfig
+        from cotrr_ray.core.model import Reranker, RerankerConfig
 
         path = Path(path)
         if not path.is_dir():

@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin shells around `cotrr_ray.router` and `cotrr_ray.scorer`.
+"""Ray Serve deployments: thin shells around `cotrr_ray.serving.service` and `cotrr_ray.serving.scorer`.
 
     Router (FastAPI ingress) --score_many--> Scorer [, ScorerControl]   (@serve.batch, torch)
                              --transform_many--> Calibrator              (isotonic)
@@ -7,7 +7,7 @@ Each hop carries the Top-M windows of all concurrent requests of a router replic
 one hop's fixed cost per batch, not per request. Fused mode (`AppArgs.fused_calibration`): the
 Scorer calibrates and there is no Calibrator.
 
-Nothing is bound here; `cotrr_ray.app.build_app` wires the graph. Decorator options are the
+Nothing is bound here; `cotrr_ray.serving.app.build_app` wires the graph. Decorator options are the
 defaults for apps built from Python; serve_config.yaml overrides them per deployment.
 """
 
@@ -27,13 +27,16 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cotrr_ray
-from cotrr_ray.api import ErrorResponse, RerankResponse, install_openapi, read_body
-from cotrr_ray.bundle import read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
-from cotrr_ray.errors import RequestError
-from cotrr_ray.features import CandidateList
-from cotrr_ray.router import SERVER_TIMING, Coalescer, Downstream, ExposureLog, RerankService, StageTimings
-from cotrr_ray.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
+from cotrr_ray.core.features import CandidateList
+from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi, read_body
+from cotrr_ray.serving.coalescer import Coalescer, Downstream
+from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.observability import ExposureLog
+from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
+from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.timing import SERVER_TIMING, StageTimings
 
 logger = logging.getLogger("ray.serve")
 

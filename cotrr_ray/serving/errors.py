@@ -3,7 +3,7 @@
 Bad input is always a 4xx with the body ``{"error": {"code", "message", "field"}}``; `field` is a
 JSON path into the request (``candidates[3].features.visual``) or null. Downstream failures are
 never errors for the client: the router answers 200 with the upstream order and a `fallback`
-reason (see `cotrr_ray.router`).
+reason (see `cotrr_ray.serving.service`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cotrr_ray.features import RecordError
+from cotrr_ray.core.features import RecordError
 
 STATUS = {
     "invalid_json": 422,  # body is not JSON

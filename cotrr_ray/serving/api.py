@@ -1,6 +1,6 @@
 """The HTTP contract of `POST /v1/rerank` as pydantic models (request, response, error body).
 
-The request reuses the canonical record (`cotrr_ray.schema`): the query is ``{id, features}`` and
+The request reuses the canonical record (`cotrr_ray.core.schema`): the query is ``{id, features}`` and
 each candidate a `CandidateRecord`, so an HTTP candidate featurises exactly like a training row.
 Dimensions and group names depend on the served bundle and are checked after parsing by
 `features.to_candidate_list` (see `RequestParser` below). Response models document
@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from cotrr_ray.errors import RequestError, from_record_error, from_validation_error
-from cotrr_ray.features import CandidateList, RecordError, to_candidate_list
-from cotrr_ray.schema import CandidateRecord, QueryRecord, Vector
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.features import CandidateList, RecordError, to_candidate_list
+from cotrr_ray.core.schema import CandidateRecord, QueryRecord, Vector
+from cotrr_ray.core.spec import FeatureSpec
+from cotrr_ray.serving.errors import RequestError, from_record_error, from_validation_error
 
 
 class QueryIn(BaseModel):

@@ -6,7 +6,7 @@ noisy. Cross-fitting uses every training query instead:
 
 1. the training (+ calibration) queries are dealt into K folds by query (`assign_folds`);
 2. for each fold a *fold model* is trained on the other K-1 folds with the same `TrainConfig` and
-   the same `cotrr_ray.train.fit` loop as the final model (through `train_fn`: Ray Train in
+   the same `cotrr_ray.training.loop.fit` loop as the final model (through `train_fn`: Ray Train in
    `job.run`, or the in-process `train_in_process` below), with the normaliser refitted on those
    K-1 folds, exactly as `prepare_data` fits it on the training split;
 3. the fold model scores only its held-out fold, so every row gets an out-of-fold (OOF) raw score
@@ -40,19 +40,20 @@ import mmh3
 import numpy as np
 import torch
 
-from cotrr_ray.calibration import IsotonicCalibrator
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.scoring import predict_logits
-from cotrr_ray.spec import FeatureSpec
-from cotrr_ray.train import VAL_METRIC, PreparedData, fit, pad_split
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.spec import FeatureSpec
+from cotrr_ray.training.loop import VAL_METRIC, fit
+from cotrr_ray.training.prepare import PreparedData, pad_split
 
 logger = logging.getLogger(__name__)
 
 TrainFn = Callable[[TrainConfig, PreparedData], dict[str, Any]]
 """Trains one model: (config, prepared data) -> state dict with at least ``"model"`` (a state_dict),
-as returned by `cotrr_ray.job.run_ray_train` or `train_in_process`."""
+as returned by `cotrr_ray.training.job.run_ray_train` or `train_in_process`."""
 
 
 # --------------------------------------------------------------------------- folds and data
@@ -74,7 +75,7 @@ def assign_folds(query_ids: Sequence[str], k: int, salt: str = "cotrr-crossfit")
 
 
 def prepare_splits(cfg: TrainConfig, spec: FeatureSpec, splits: dict[str, list[CandidateList]]) -> PreparedData:
-    """`PreparedData` for given query splits: the part of `cotrr_ray.train.prepare_data` after the split.
+    """`PreparedData` for given query splits: the part of `cotrr_ray.training.prepare.prepare_data` after the split.
 
     Fits the normaliser on ``splits["train"]`` only and pads every non-empty split to ``top_m``.
     """
@@ -157,7 +158,7 @@ def train_in_process(
     select: str = "best",
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `cotrr_ray.train.fit` in this process and return the kept state.
+    """Run `cotrr_ray.training.loop.fit` in this process and return the kept state.
 
     ``select="best"`` returns the epoch with the best validation nDCG@10 (what `run_ray_train`
     returns); ``select="last"`` the last epoch trained (fixed epochs, e.g. chosen by cross-validation).

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cotrr_ray.schema import QueryRecord, Vector
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.schema import QueryRecord, Vector
+from cotrr_ray.core.spec import FeatureSpec
 
 NORMALIZED_LIMIT = 1e4
 """Normalised inputs are clipped to +-this many training standard deviations."""

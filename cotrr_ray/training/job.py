@@ -2,7 +2,7 @@
 
 Phases, in order (`run`):
 1. prepare: load (or generate) the data, split by query, fit the input normaliser on train;
-2. fit: `ray.train.torch.TorchTrainer` runs `cotrr_ray.train.fit` on every worker (gloo on CPU,
+2. fit: `ray.train.torch.TorchTrainer` runs `cotrr_ray.training.loop.fit` on every worker (gloo on CPU,
    NCCL on GPU), checkpointing each epoch, restarting failed worker groups from the latest one;
 3. calibrate: score the calibration split with the best checkpoint, fit the isotonic calibrator;
 4. evaluate: test split only (never data the model or the calibrator was fitted on);
@@ -22,15 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cotrr_ray.bundle import Bundle
-from cotrr_ray.calibration import IsotonicCalibrator
+from cotrr_ray.bundles.bundle import Bundle
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.crossfit import window_logits
-from cotrr_ray.data import file_fingerprint
-from cotrr_ray.evaluate import evaluate_lists, format_report
-from cotrr_ray.features import CandidateList
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.train import VAL_METRIC, PreparedData, fit, load_state, prepare_data, save_state
+from cotrr_ray.core.calibration import IsotonicCalibrator
+from cotrr_ray.core.features import CandidateList
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.data.readers import file_fingerprint
+from cotrr_ray.training.checkpoints import load_state, save_state
+from cotrr_ray.training.crossfit import window_logits
+from cotrr_ray.training.evaluate import evaluate_lists, format_report
+from cotrr_ray.training.loop import VAL_METRIC, fit
+from cotrr_ray.training.prepare import PreparedData, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +201,7 @@ def _labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
 def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
     if cfg.data.path is not None:
         return Path(cfg.data.path)
-    from cotrr_ray.data import generate
+    from cotrr_ray.data.synthetic import generate
 
     g = cfg.data.generate
     path = Path(cfg.data.cache_dir) / (
@@ -247,7 +249,7 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
     cal_lists = data.lists.get("calibration", [])
     t_cal = time.perf_counter()
     if cfg.calibration.method == "cross_fit":
-        from cotrr_ray.crossfit import cross_fit_calibrator
+        from cotrr_ray.training.crossfit import cross_fit_calibrator
 
         # K fold models, each trained exactly like the final model (same config, same validation
         # split, same checkpoint rule) on K-1 folds of the training (+ calibration) queries.
@@ -287,8 +289,8 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
-        from cotrr_ray.metrics import sigmoid
-        from cotrr_ray.plots import reliability_diagram
+        from cotrr_ray.core.metrics import sigmoid
+        from cotrr_ray.training.plots import reliability_diagram
 
         y = _labels01(test_lists, thr)
         z = np.concatenate(test_logits)

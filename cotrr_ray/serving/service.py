@@ -1,4 +1,4 @@
-"""The router's logic as a plain object (no Ray): `cotrr_ray.deployments.Router` wraps it.
+"""The router's logic as a plain object (no Ray): `cotrr_ray.serving.deployments.Router` wraps it.
 
 `RerankService` assigns the arm, calls scorer and calibrator through injected async callables
 with a bounded budget, orders the list, falls back to upstream order on any downstream failure,
@@ -9,322 +9,27 @@ torch.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import orjson
 
-from cotrr_ray.api import ParsedRequest, RequestParser
-from cotrr_ray.bundle import BundleMeta
+from cotrr_ray.bundles.bundle import BundleMeta
 from cotrr_ray.config import AppArgs, RoutingConfig
-from cotrr_ray.errors import RequestError
-from cotrr_ray.ranking import agreement, build_results, model_order, upstream_order
-from cotrr_ray.routing import decide
-from cotrr_ray.scorer import CalibrationInput, ScoreResult, synthetic_list
+from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
+from cotrr_ray.experiments.assignment import decide
+from cotrr_ray.serving.api import ParsedRequest, RequestParser
+from cotrr_ray.serving.coalescer import Call, Downstream, InvalidOutput, call_with_timeout, exception_name
+from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, ServingStats
+from cotrr_ray.serving.scorer import CalibrationInput, ScoreResult, synthetic_list
+from cotrr_ray.serving.timing import StageTimings
 
 logger = logging.getLogger(__name__)
-
-
-Call = Callable[[Any], Awaitable[Any]]
-
-
-@dataclass
-class Downstream:
-    """How the router reaches the other deployments (handle calls in Serve, fakes in tests).
-
-    Each callable returns an awaitable; if it also has `cancel()` (a Serve `DeploymentResponse`),
-    it is cancelled when its budget runs out.
-    """
-
-    score: Call  # CandidateList -> ScoreResult
-    calibrate: Call | None  # CalibrationInput -> (window,) probabilities; None: the scorer calibrates (fused)
-    info: Call  # None -> dict
-    score_control: Call | None = None
-    info_control: Call | None = None
-
-
-async def call_with_timeout(fn: Call, arg: Any, timeout_s: float) -> Any:
-    """Await `fn(arg)` for at most `timeout_s`; cancel the downstream request on timeout.
-
-    `asyncio.timeout` (not `wait_for`): no extra task and no extra loop iteration per call.
-    """
-    response = fn(arg)
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await response
-    except TimeoutError:  # asyncio.TimeoutError is TimeoutError on Python >= 3.11
-        cancel = getattr(response, "cancel", None)
-        if callable(cancel):
-            cancel()
-        raise
-
-
-class Coalescer:
-    """Merges concurrent one-item downstream calls into one call that carries a list.
-
-    Every hop between deployments has a fixed cost (serialisation, the transport, Serve's request
-    bookkeeping on both sides) that dwarfs the per-item work of a batched scorer or an isotonic
-    table; coalescing pays it once per batch instead of once per request.
-
-    `send_many(items)` returns an awaitable (a Serve `DeploymentResponse`) of a list with one entry
-    per item; an entry that is an exception fails only its own item, an exception raised by the
-    call fails them all. Calling the coalescer with one item returns an `asyncio.Future` (awaitable,
-    with `cancel()`), so it drops in wherever a handle method was called per item.
-
-    Policy, no timer: items submitted in the same event-loop iteration travel together, and while
-    `max_in_flight` calls are outstanding new items wait and leave together (at most `max_items`
-    per call) as soon as one returns. A lone request is sent at once and pays no batching wait;
-    under load batches grow to what arrived during one downstream round trip. A cancelled item
-    (its caller timed out) is never sent; a call whose items were all cancelled is cancelled.
-    """
-
-    def __init__(self, send_many: Call, *, max_items: int = 16, max_in_flight: int = 2):
-        if max_items < 1 or max_in_flight < 1:
-            raise ValueError("max_items and max_in_flight must be >= 1")
-        self._send_many = send_many
-        self.max_items = max_items
-        self.max_in_flight = max_in_flight
-        self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
-        self._in_flight = 0
-        self._scheduled = False
-        self._tasks: set[asyncio.Task] = set()
-        self.calls = 0  # downstream calls made
-        self.items = 0  # items they carried
-
-    def configure(self, *, max_items: int, max_in_flight: int) -> None:
-        if max_items < 1 or max_in_flight < 1:
-            raise ValueError("max_items and max_in_flight must be >= 1")
-        self.max_items, self.max_in_flight = max_items, max_in_flight
-
-    def __call__(self, item: Any) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._pending.append((item, fut))
-        self._schedule(loop)
-        return fut
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "items": self.items,
-            "mean_items_per_call": round(self.items / self.calls, 3) if self.calls else None,
-            "in_flight": self._in_flight,
-            "pending": len(self._pending),
-            "max_items": self.max_items,
-            "max_in_flight": self.max_in_flight,
-        }
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        loop = asyncio.get_running_loop()
-        while self._pending and self._in_flight < self.max_in_flight:
-            batch = []
-            while self._pending and len(batch) < self.max_items:
-                item, fut = self._pending.popleft()
-                if not fut.done():  # cancelled while waiting: never sent
-                    batch.append((item, fut))
-            if batch:
-                self._in_flight += 1
-                task = loop.create_task(self._send(batch))
-                self._tasks.add(task)  # strong reference until done
-                task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        futures = [f for _, f in batch]
-        self.calls += 1
-        self.items += len(batch)
-        returned = False
-        try:
-            response = self._send_many([item for item, _ in batch])
-            cancel = getattr(response, "cancel", None)
-            if callable(cancel):
-
-                def cancel_if_abandoned(_: asyncio.Future) -> None:
-                    if not returned and all(f.done() for f in futures):
-                        cancel()
-
-                for f in futures:
-                    f.add_done_callback(cancel_if_abandoned)
-            results = await response
-            returned = True
-            if len(results) != len(batch):
-                raise InvalidOutput(f"{len(results)} results for a batch of {len(batch)}")
-        except asyncio.CancelledError:
-            returned = True
-            for f in futures:
-                f.cancel()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this task itself is being cancelled (shutdown)
-            # otherwise every caller gave up and we cancelled the call: nothing to deliver
-        except Exception as e:
-            returned = True
-            for f in futures:
-                if not f.done():
-                    f.set_exception(e)
-        else:
-            for f, r in zip(futures, results):
-                if f.done():
-                    continue
-                if isinstance(r, BaseException):
-                    f.set_exception(r)
-                else:
-                    f.set_result(r)
-        finally:
-            self._in_flight -= 1
-            if self._pending:
-                self._schedule(asyncio.get_running_loop())
-
-
-def exception_name(e: BaseException) -> str:
-    """The user-level exception type: Ray wraps remote errors (`RayTaskError(X)`, `.cause`)."""
-    cause = getattr(e, "cause", None)
-    return type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__
-
-
-@dataclass(slots=True)
-class StageTimings:
-    """Wall times (ms) of one rerank request's stages, as the router sees them; None: did not happen.
-
-    Filled by `RerankService.rerank` (and `read` by the HTTP layer before it) and sent back as the W3C
-    `Server-Timing` response header, so a client or a browser's devtools sees where a request's time
-    went. A stage is recorded only when it succeeded: a fallback carries `parse` and `total` only.
-
-    - read: the request body received from the ASGI stream (HTTP layer, before `total` starts);
-    - parse: body -> validated `ParsedRequest` (`RequestParser.parse`);
-    - score: the scorer call's round trip from the router (the coalescer's wait for a free call slot,
-      the handle hop, the @serve.batch queue, the model); an in-process call in the peer;
-    - model: the scorer's own compute for the batch that held this window (`ScoreResult.compute_ms`;
-      the whole batch's time, so `score - model` is transport and queueing);
-    - calibrate: the calibrator call's round trip (absent in fused mode: the scorer calibrates);
-    - total: the router's handling time, parse to response payload (exposure record and metrics included).
-    """
-
-    read: float | None = None
-    parse: float | None = None
-    score: float | None = None
-    model: float | None = None
-    calibrate: float | None = None
-    total: float | None = None
-
-    def header(self) -> str:
-        """The `Server-Timing` value: `parse;dur=1.234, score;dur=3.100, ..., total;dur=6.200`."""
-        return ", ".join(f"{name};dur={v:.3f}" for name in _STAGES if (v := getattr(self, name)) is not None)
-
-
-_STAGES = tuple(StageTimings.__dataclass_fields__)
-SERVER_TIMING = "Server-Timing"
-
-
-def parse_server_timing(value: str) -> dict[str, float]:
-    """`{name: dur}` of a `Server-Timing` header value (entries without a `dur` are left out)."""
-    out = {}
-    for entry in value.split(","):
-        name, *params = (part.strip() for part in entry.split(";"))
-        for param in params:
-            key, _, v = param.partition("=")
-            if key.strip().lower() == "dur" and name:
-                out[name] = float(v.strip().strip('"'))
-    return out
-
-
-class Metrics(Protocol):
-    def request(self, arm: str, outcome: str, latency_ms: float) -> None: ...
-    def rejected(self, code: str) -> None: ...
-    def fallback(self, reason: str) -> None: ...
-    def calibration_failure(self, reason: str) -> None: ...
-    def shadow(self, outcome: str, comparison: dict[str, float] | None, latency_ms: float | None) -> None: ...
-    def routing(self, config: RoutingConfig) -> None: ...
-
-
-class NullMetrics(Metrics):
-    """Records nothing: the protocol's methods, inherited as they are (outside Ray, in tests and the peer)."""
-
-
-class ExposureLog:
-    """One JSON line per decision: to a file (append) or through the Serve replica logger."""
-
-    def __init__(self, path: str | None = None, log: logging.Logger | None = None):
-        self._log = log or logging.getLogger("ray.serve")
-        self._file = None
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", buffering=1)  # line-buffered; O_APPEND lines do not interleave
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = orjson.dumps(record).decode()
-        if self._file is not None:
-            self._file.write(line + "\n")
-        else:
-            self._log.info(line)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-@dataclass
-class ServingStats:
-    """Counters of one router replica (GET /v1/stats)."""
-
-    requests: int = 0
-    served: int = 0
-    reranked: int = 0
-    by_arm: collections.Counter = field(default_factory=collections.Counter)
-    fallbacks: collections.Counter = field(default_factory=collections.Counter)
-    rejected: collections.Counter = field(default_factory=collections.Counter)
-    calibration_failures: collections.Counter = field(default_factory=collections.Counter)
-    shadow: collections.Counter = field(default_factory=collections.Counter)
-    shadow_tau_sum: float = 0.0
-    shadow_overlap_sum: float = 0.0
-    last_shadow: dict[str, Any] | None = None
-    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
-    shadow_latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
-
-    @staticmethod
-    def _percentiles(values: collections.deque) -> dict[str, float | None]:
-        if not values:
-            return {"p50": None, "p95": None, "p99": None}
-        p = np.percentile(np.fromiter(values, float), [50, 95, 99])
-        return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
-
-    def snapshot(self) -> dict[str, Any]:
-        ok = self.shadow["ok"]
-        return {
-            "requests": self.requests,
-            "served": self.served,
-            "reranked": self.reranked,
-            "by_arm": dict(self.by_arm),
-            "fallbacks": dict(self.fallbacks),
-            "rejected": dict(self.rejected),
-            "calibration_failures": dict(self.calibration_failures),
-            "error_rate": (sum(self.fallbacks.values()) / self.served) if self.served else 0.0,
-            "reject_rate": (sum(self.rejected.values()) / self.requests) if self.requests else 0.0,
-            "latency_ms": {**self._percentiles(self.latencies_ms), "window": len(self.latencies_ms)},
-            "shadow": {
-                "comparisons": ok,
-                "errors": self.shadow["error"],
-                "timeouts": self.shadow["timeout"],
-                "dropped": self.shadow["dropped"],
-                "mean_kendall_tau": self.shadow_tau_sum / ok if ok else None,
-                "mean_overlap_at_10": self.shadow_overlap_sum / ok if ok else None,
-                "latency_ms": self._percentiles(self.shadow_latencies_ms),
-                "last": self.last_shadow,
-            },
-        }
 
 
 @dataclass
@@ -334,10 +39,6 @@ class _Outcome:
     probabilities: np.ndarray | None = None
     model_version: str | None = None
     fallback: str | None = None
-
-
-class InvalidOutput(ValueError):
-    """A downstream deployment answered with something unusable (wrong shape, NaN, out of range)."""
 
 
 def _check_logits(result: Any, window: int) -> ScoreResult:

@@ -1,4 +1,4 @@
-"""The scorer and calibrator logic as plain objects (no Ray): `cotrr_ray.deployments` wraps them.
+"""The scorer and calibrator logic as plain objects (no Ray): `cotrr_ray.serving.deployments` wraps them.
 
 - `ScorerCore`: a loaded bundle that scores batches of Top-M windows, with a checked hot swap.
 - `CalibratorCore`: isotonic calibrators keyed by bundle id, so a probability always comes from the
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from cotrr_ray.bundle import load_calibrator
-from cotrr_ray.features import CandidateList
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.bundles.bundle import load_calibrator
+from cotrr_ray.core.features import CandidateList
+from cotrr_ray.core.spec import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ScorerCore:
     @classmethod
     def load(cls, path: str) -> ScorerCore:
         """Load and warm up a bundle; raises `BundleError` (fail closed, never a random model)."""
-        from cotrr_ray.bundle import Bundle
+        from cotrr_ray.bundles.bundle import Bundle
 
         device, amp = cls.device_and_amp()
         t0 = time.perf_counter()
@@ -126,7 +126,7 @@ class ScorerCore:
 
     def load_replacement(self, path: str) -> Any:
         """Load a bundle for a hot swap and check it can serve this app's requests (blocking)."""
-        from cotrr_ray.bundle import Bundle
+        from cotrr_ray.bundles.bundle import Bundle
 
         bundle = Bundle.load(path, device=self.bundle.device)
         if bundle.spec.fingerprint() != self.reference_fingerprint:

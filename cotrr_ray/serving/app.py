@@ -1,8 +1,8 @@
 """The Serve application; the only place deployments are bound.
 
-    serve run serve_config.yaml                 # import_path: cotrr_ray.app:build_app
+    serve run serve_config.yaml                 # import_path: cotrr_ray.serving.app:build_app
 
-    from cotrr_ray.app import build_app         # or from Python / tests
+    from cotrr_ray.serving.app import build_app         # or from Python / tests
     serve.run(build_app(AppArgs(bundle_uri="artifacts/bundles/demo")), route_prefix="/")
 
 Relative paths in `AppArgs` resolve against the working directory of the process that runs this
@@ -17,9 +17,9 @@ import os
 
 from ray.serve import Application
 
-from cotrr_ray.bundle import BundleError, read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs
-from cotrr_ray.deployments import Calibrator, Router, Scorer
+from cotrr_ray.serving.deployments import Calibrator, Router, Scorer
 
 
 def build_app(args: AppArgs) -> Application:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cotrr_ray.metrics import kendall_tau, overlap_at_k
+from cotrr_ray.core.metrics import kendall_tau, overlap_at_k
 
 
 def upstream_order(n: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from cotrr_ray.spec import FeatureSpec
+    from cotrr_ray.core.spec import FeatureSpec
 
 
 @dataclass(frozen=True)

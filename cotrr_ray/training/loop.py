@@ -2,25 +2,19 @@
 
 `fit()` is one loop for every launcher. What differs between launchers (rank, device, DDP wrapping,
 data sharding, checkpoint storage, metric reporting) sits behind a small `LoopContext`:
-`cotrr_ray.job.RayContext` for Ray Train workers, `TorchContext` below for a single process or
-`torchrun` (so the same step can be checked on a GPU machine without Ray):
+`cotrr_ray.training.job.RayContext` for Ray Train workers, `cotrr_ray.training.torchrun.TorchContext` for a
+single process or `torchrun` (so the same step can be checked on a GPU machine without Ray):
 
-    torchrun --nproc-per-node 2 -m cotrr_ray.train --config configs/demo.yaml scaling.use_gpu=true
+    torchrun --nproc-per-node 2 -m cotrr_ray.training.torchrun --config configs/demo.yaml scaling.use_gpu=true
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,73 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.data import read_jsonl, read_letor, split_by_query
-from cotrr_ray.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer, PaddedLists, pad_lists
-from cotrr_ray.losses import ranking_loss
-from cotrr_ray.metrics import ndcg_at_k
-from cotrr_ray.model import Reranker, RerankerConfig
-from cotrr_ray.scoring import autocast, predict_logits, to_tensors
-from cotrr_ray.spec import FeatureSpec
+from cotrr_ray.core.features import PaddedLists
+from cotrr_ray.core.losses import ranking_loss
+from cotrr_ray.core.metrics import ndcg_at_k
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.scoring import autocast, predict_logits, to_tensors
 
 logger = logging.getLogger(__name__)
 
+
 VAL_METRIC = "val_ndcg@10"
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class PreparedData:
-    """Everything the loop and the post-training steps need, built once in the driver."""
-
-    spec: FeatureSpec
-    normalizer: FeatureNormalizer
-    model_config: RerankerConfig
-    lists: dict[str, list[CandidateList]]  # split -> raw lists (full length, for evaluation)
-    padded: dict[str, PaddedLists]  # split -> normalised Top-M windows
-
-
-def load_lists(cfg: TrainConfig, data_path: str | Path) -> tuple[FeatureSpec, list[CandidateList]]:
-    d = cfg.data
-    if d.format == "letor":
-        from cotrr_ray.data import letor_spec
-
-        spec = letor_spec(d.letor_num_features)
-        lists = read_letor(
-            data_path,
-            num_features=d.letor_num_features,
-            upstream_feature=d.letor_upstream_feature,
-            window=cfg.model.top_m,
-        )
-        return spec, lists
-    return d.feature_spec, read_jsonl(data_path, d.feature_spec, window=cfg.model.top_m)
-
-
-def pad_split(lists: list[CandidateList], normalizer: FeatureNormalizer, m: int) -> PaddedLists:
-    return pad_lists([normalizer.transform(cl) for cl in lists], normalizer.spec, m, labels=[cl.labels for cl in lists])
-
-
-def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
-    """Load, split by query, fit the normaliser on the training split only, pad every split."""
-    spec, lists = load_lists(cfg, data_path)
-    splits = split_by_query(lists, cfg.data.splits, cfg.data.split_salt)
-    for name in ("train", "validation"):
-        if not splits[name]:
-            raise ValueError(f"split {name!r} is empty: {len(lists)} queries are too few for {cfg.data.splits}")
-    normalizer = FeatureNormalizer(spec).fit(splits["train"])
-    m = cfg.model.top_m
-    model_config = RerankerConfig.from_spec(
-        spec,
-        context_dim=len(CONTEXT_FEATURES),
-        max_list_len=m,
-        **cfg.model.model_dump(exclude={"top_m"}),
-    )
-    padded = {name: pad_split(ls, normalizer, m) for name, ls in splits.items() if ls}
-    return PreparedData(spec, normalizer, model_config, splits, padded)
-
-
-# --------------------------------------------------------------------------- loop
 
 
 class LoopContext(Protocol):
@@ -260,82 +197,3 @@ def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val:
             raise RuntimeError(f"injected failure after epoch {epoch} (scaling.fail_after_epoch)")
         if o.select == "best_val" and bad_epochs >= o.patience:
             break
-
-
-def save_state(state: dict[str, Any], directory: str | Path) -> None:
-    torch.save(state, Path(directory) / "state.pt")
-
-
-def load_state(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-
-
-# --------------------------------------------------------------------------- torchrun / single process
-
-
-class TorchContext:
-    """Single process, or one rank under `torchrun`; checkpoints go to `checkpoint_dir/epoch_NNN`."""
-
-    def __init__(self, checkpoint_dir: str | Path, use_gpu: bool = False):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = use_gpu and torch.cuda.is_available()
-        if use_gpu and not cuda:
-            raise RuntimeError("scaling.use_gpu=true but torch sees no CUDA device")
-        self.device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.history: list[dict[str, float]] = []
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.world_size == 1:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        if self.world_size == 1:
-            return loader
-        sampler = torch.utils.data.DistributedSampler(loader.dataset, self.world_size, self.rank, shuffle=True)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn)
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        done = sorted(self.checkpoint_dir.glob("epoch_*/state.pt"))
-        return load_state(done[-1].parent) if done else None
-
-    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        self.history.append(metrics)
-        if self.rank == 0 and state is not None:
-            d = self.checkpoint_dir / f"epoch_{int(metrics['epoch']):03d}"
-            tmp = d.with_suffix(".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_state(state, tmp)
-            shutil.rmtree(d, ignore_errors=True)
-            tmp.rename(d)  # atomic: a crash never leaves a half-written "latest" checkpoint
-            print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Run the training loop without Ray (single process or torchrun).")
-    p.add_argument("--config", required=True)
-    p.add_argument("--data", required=True, help="training data file (JSONL or LETOR per the config)")
-    p.add_argument("--checkpoint-dir", default="artifacts/torchrun_ckpt")
-    p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    cfg = TrainConfig.from_yaml(args.config, args.overrides)
-    data = prepare_data(cfg, args.data)
-    ctx = TorchContext(args.checkpoint_dir, use_gpu=cfg.scaling.use_gpu)
-    fit(cfg, data.model_config, data.padded["train"], data.padded["validation"], ctx)
-    if ctx.world_size > 1:
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Model bundles: save, verify, load."""

@@ -1,0 +1,1 @@
+"""Ray-free core: feature spec, request schema, features, model, losses, metrics, calibration, ranking."""

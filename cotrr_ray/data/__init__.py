@@ -1,0 +1,1 @@
+"""Datasets: readers (JSON Lines, LETOR), query-level splits, the synthetic generator."""

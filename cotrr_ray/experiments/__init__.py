@@ -1,0 +1,1 @@
+"""Online experiments (Ray-free): deterministic arm assignment."""
