@@ -18,6 +18,7 @@ there is no fallback to an untrained model anywhere.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -76,11 +77,9 @@ def _versions() -> dict[str, str]:
         "sklearn": sklearn.__version__,
         "python": platform.python_version(),
     }
-    try:  # Ray is not needed to build a bundle (e.g. under torchrun on a GPU box).
-        import ray
-
-        out["ray"] = ray.__version__
-    except ImportError:
+    try:  # Ray is not needed to build a bundle (e.g. under torchrun on a GPU box), and is not imported here.
+        out["ray"] = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return out
 
