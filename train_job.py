@@ -6,7 +6,8 @@ Locally this starts an embedded Ray (or attaches to a running `ray start` cluste
 
     ray job submit --working-dir . -- python train_job.py --config configs/demo.yaml
 
-The last line printed is the bundle directory.
+The last line printed is the bundle directory. `configs/demo.yaml` is a symlink to the packaged
+`cotrr_ray/configs/demo.yaml` (what `python -m cotrr_ray.demo` reads); either path works.
 """
 
 from __future__ import annotations

@@ -70,9 +70,9 @@ from cotrr_ray.training.crossfit import (
     moment_alignment,
     prepare_splits,
     train_in_process,
-    window_logits,
 )
 from cotrr_ray.training.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
+from cotrr_ray.training.prepare import window_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OURS = "cotrr-ray"

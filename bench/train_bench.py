@@ -211,7 +211,7 @@ def summarise(reports: list[dict[str, Any]], t_start: float, n_train: int, world
                 "train_loop_s": round(r["epoch_s"], 4),
                 "report_s": round(r["t_after_report"] - r["t_before_report"], 4),
                 "train_loss": round(r["train_loss"], 6),
-                "val_ndcg@10": round(r["val_ndcg@10"], 6),
+                "val_ndcg@10": round(r["val_window_ndcg@10"], 6),
             }
         )
         prev = r["t_after_report"]

@@ -88,7 +88,7 @@ class OptimConfig(_Strict):
     max_epochs: int = Field(20, ge=1, description="Upper bound on epochs (the cosine schedule spans these).")
     warmup_frac: float = Field(0.05, ge=0, lt=1, description="Fraction of optimizer steps of linear warm-up.")
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
-    patience: int = Field(4, ge=1, description="Early stopping: epochs without validation nDCG@10 gain.")
+    patience: int = Field(4, ge=1, description="Early stopping: epochs without validation window nDCG@10 gain.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     amp: Literal["bf16", "fp16", "none"] = Field(
         "bf16", description="Autocast dtype; fp16 (CUDA only) uses a GradScaler."
@@ -96,7 +96,8 @@ class OptimConfig(_Strict):
     input_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on normalised inputs (regulariser).")
     select: Literal["best_val", "last"] = Field(
         "best_val",
-        description="Which epoch becomes the model: the best validation nDCG@10 (early stopping with "
+        description="Which epoch becomes the model: the best validation nDCG@10 over the Top-M "
+        "window (`val_window_ndcg@10`; early stopping with "
         "`patience`), or the last of `max_epochs` (epochs chosen by cross-validation, for data too small "
         "for a validation split to select on; no early stopping).",
     )

@@ -3,17 +3,23 @@
     python -m cotrr_ray.demo
 
 1. starts a local Ray instance (its own; it never attaches to a running cluster);
-2. trains the demo bundle with Ray Train (`configs/demo.yaml`: synthetic image-search data,
+2. trains the demo bundle with Ray Train (`cotrr_ray/configs/demo.yaml`: synthetic image-search data,
    2 CPU workers) and prints the held-out test metrics;
 3. serves it with `serve run serve_config.yaml` on that Ray instance (port 8000);
 4. sends rerank requests for queries the model never saw, over HTTP, JSON and base64 bodies, plus
    one malformed request, and prints the reranked lists next to the true labels;
 5. stops Serve and Ray.
+
+The configs it needs ship inside the package (`cotrr_ray/configs/`, package data), so the demo runs
+from a wheel install too. In a checkout it works in the repo root (as before: `artifacts/` there);
+installed, in the current directory. `configs/demo.yaml` in the repo is a link to the packaged
+file; the packaged `serve_config.yaml` is a copy of the repo's, kept identical by tests/test_configs.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import signal
 import subprocess
@@ -28,7 +34,26 @@ from cotrr_ray.config import TrainConfig
 from cotrr_ray.data.synthetic import generate_query
 from cotrr_ray.serving.client import request_from_record
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout root, or site-packages when installed
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped in the package (`cotrr_ray/configs/<name>`): found from any cwd, checkout or wheel."""
+    path = Path(str(importlib.resources.files("cotrr_ray") / "configs" / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} is not shipped in {path.parent} (cotrr_ray package data)")
+    return path
+
+
+def work_dir() -> Path:
+    """Where the demo runs: the repo root of a checkout (configs name repo-relative paths, e.g. the bundle
+    location serve_config.yaml reads), else the current directory."""
+    return REPO if (REPO / "pyproject.toml").is_file() and (REPO / "serve_config.yaml").is_file() else Path.cwd()
+
+
+def default_serve_config() -> Path:
+    """The repo's serve_config.yaml in a checkout, else the packaged copy."""
+    return REPO / "serve_config.yaml" if work_dir() == REPO else packaged_config("serve_config.yaml")
 
 
 def _wait_healthy(client: httpx.Client, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -69,8 +94,8 @@ def _show(resp: httpx.Response, labels: dict[str, float], latency_ms: float) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train, serve and query cotrr-ray end to end on a local Ray.")
-    p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
-    p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"))
+    p.add_argument("--config", default=None, help="TrainConfig YAML (default: the packaged demo.yaml)")
+    p.add_argument("--serve-config", default=None, help="Serve config (default: serve_config.yaml)")
     p.add_argument("--requests", type=int, default=3)
     args = p.parse_args(argv)
 
@@ -78,17 +103,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from cotrr_ray.training.job import run
 
-    os.chdir(REPO)  # configs name repo-relative paths (the bundle location serve_config.yaml reads)
+    # Relative --config / --serve-config paths are read from the work dir, as before.
+    config = args.config or packaged_config("demo.yaml")
+    serve_config = str(args.serve_config or default_serve_config())
+    workdir = work_dir()
+    os.chdir(workdir)  # configs name relative paths (the bundle location serve_config.yaml reads)
     print("== 1. local Ray")
     ctx = ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve_proc = None
-    log_path = REPO / "artifacts/demo-serve.log"
+    log_path = workdir / "artifacts/demo-serve.log"
     try:
         print("== 2. training with Ray Train")
-        bundle = run(TrainConfig.from_yaml(args.config))
+        bundle = run(TrainConfig.from_yaml(config))
         print(f"bundle: {bundle}")
 
-        print(f"== 3. serve run {Path(args.serve_config).name} (log: {log_path})")
+        print(f"== 3. serve run {Path(serve_config).name} (log: {log_path})")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
         with open(log_path, "wb") as log:
@@ -98,14 +127,14 @@ def main(argv: list[str] | None = None) -> None:
                     "-m",
                     "ray.serve.scripts",
                     "run",
-                    args.serve_config,
+                    serve_config,
                     "--address",
                     ctx.address_info["gcs_address"],
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=REPO,
+                cwd=workdir,
             )
         with httpx.Client(base_url="http://127.0.0.1:8000", timeout=30) as client:
             t0 = time.monotonic()

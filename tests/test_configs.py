@@ -1,35 +1,93 @@
 """Every shipped YAML loads into its schema; build_app resolves paths and fails closed.
 
 serve_config.yaml -> ray.serve.schema.ServeDeploySchema, its args -> AppArgs, its user_configs ->
-RoutingConfig / ScorerConfig; every configs/**/*.yaml -> TrainConfig. No Ray cluster is started
-(binding a deployment graph does not need one).
+RoutingConfig / ScorerConfig; every configs/**/*.yaml and packaged cotrr_ray/configs/*.yaml -> TrainConfig.
+The packaged configs (what `python -m cotrr_ray.demo` reads) are found from outside the repo root. No
+Ray cluster is started (binding a deployment graph does not need one).
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from cotrr_ray import demo
 from cotrr_ray.bundles.bundle import BundleError
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig, TrainConfig
 from cotrr_ray.serving.app import build_app
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIGS = sorted(ROOT.glob("serve_config*.yaml"))
-TRAIN_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+PACKAGED = ROOT / "cotrr_ray" / "configs"  # package data: the configs the demo reads
+SERVE_CONFIGS = sorted(ROOT.glob("serve_config*.yaml")) + sorted(PACKAGED.glob("serve_config*.yaml"))
+TRAIN_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(
+    p for p in PACKAGED.glob("*.yaml") if not p.name.startswith("serve_config")
+)
 USER_CONFIG_SCHEMA = {"Router": RoutingConfig, "Scorer": ScorerConfig, "ScorerControl": ScorerConfig}
 
 
 def test_configs_are_found() -> None:
     assert ROOT / "serve_config.yaml" in SERVE_CONFIGS
     assert ROOT / "configs" / "demo.yaml" in TRAIN_CONFIGS
+    assert PACKAGED / "demo.yaml" in TRAIN_CONFIGS
+    assert PACKAGED / "serve_config.yaml" in SERVE_CONFIGS
 
 
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_repo_demo_config_is_the_packaged_file() -> None:
+    # One source of truth: configs/demo.yaml (README, cluster/, train_job.py usage) links to the package data.
+    assert (ROOT / "configs" / "demo.yaml").samefile(PACKAGED / "demo.yaml")
+
+
+def test_packaged_serve_config_is_a_copy_of_the_repo_one() -> None:
+    # serve_config.yaml stays at the repo root (serve run / cluster/ read it); the demo's packaged copy must match.
+    assert (PACKAGED / "serve_config.yaml").read_bytes() == (ROOT / "serve_config.yaml").read_bytes()
+
+
+def test_demo_finds_its_configs_outside_the_repo_root(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = demo.packaged_config("demo.yaml")
+    assert path.resolve() == (PACKAGED / "demo.yaml").resolve()
+    assert TrainConfig.from_yaml(path).output == "artifacts/bundles/demo"
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        demo.packaged_config("missing.yaml")
+
+
+def test_demo_config_lookup_from_an_installed_copy(tmp_path) -> None:
+    """What a wheel installs (the package's .py files plus pyproject's package-data), outside any checkout."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["cotrr_ray"]
+    site = tmp_path / "site"
+    src = ROOT / "cotrr_ray"
+    shipped = {p for p in src.rglob("*.py") if "__pycache__" not in p.parts}
+    shipped |= {p for pattern in patterns for p in src.glob(pattern)}
+    for p in shipped:
+        (site / "cotrr_ray" / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, site / "cotrr_ray" / p.relative_to(src))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    code = (
+        "from cotrr_ray import demo; from cotrr_ray.config import TrainConfig; "
+        "print(demo.__file__); print(demo.packaged_config('demo.yaml')); print(demo.default_serve_config()); "
+        "print(demo.work_dir()); TrainConfig.from_yaml(demo.packaged_config('demo.yaml'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env={"PYTHONPATH": str(site)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    module, config, serve_config, workdir = out.stdout.split()
+    assert Path(module).is_relative_to(site)
+    assert Path(config) == site / "cotrr_ray" / "configs" / "demo.yaml"
+    assert Path(serve_config) == site / "cotrr_ray" / "configs" / "serve_config.yaml"
+    assert Path(workdir) == cwd
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_serve_config_validates(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -51,7 +109,7 @@ def test_serve_config_validates(path: Path) -> None:
 def test_default_serve_config_reads_the_demo_bundle() -> None:
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     args = AppArgs.model_validate(raw["applications"][0]["args"])
-    assert args.bundle_uri == TrainConfig.from_yaml(ROOT / "configs" / "demo.yaml").output
+    assert args.bundle_uri == TrainConfig.from_yaml(PACKAGED / "demo.yaml").output
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

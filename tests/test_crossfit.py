@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from cotrr_ray.config import TrainConfig
-from cotrr_ray.core.features import FeatureNormalizer
+from cotrr_ray.core.features import FeatureNormalizer, labels01
 from cotrr_ray.core.metrics import ece, sigmoid
 from cotrr_ray.data.readers import letor_spec, read_letor
 from cotrr_ray.data.splits import split_of
+from cotrr_ray.training.checkpoints import model_from_state
 from cotrr_ray.training.crossfit import (
     CrossFitResult,
     _fold_config,
@@ -20,13 +21,10 @@ from cotrr_ray.training.crossfit import (
     cross_fit,
     cross_fit_calibrator,
     fold_run_base,
-    labels01,
-    model_from_state,
     moment_alignment,
-    prepare_splits,
     train_in_process,
-    window_logits,
 )
+from cotrr_ray.training.prepare import prepare_splits, window_logits
 
 N_FEATURES = 8
 
@@ -202,7 +200,7 @@ def test_train_in_process_select_best_and_last(lists, tmp_path):
     last = train_in_process(cfg, data, select="last")
     best = train_in_process(cfg, data, select="best")
     assert last["epoch"] == 2 and len(last["history"]) == 3
-    vals = [h["val_ndcg@10"] for h in best["history"]]
+    vals = [h["val_window_ndcg@10"] for h in best["history"]]
     assert best["epoch"] == int(np.argmax(vals))
     with pytest.raises(ValueError):
         train_in_process(cfg, data, select="median")

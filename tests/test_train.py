@@ -66,7 +66,7 @@ def test_loss_decreases_and_validation_beats_untrained(data: PreparedData, tmp_p
     assert losses[-1] < 0.6 * losses[0], losses
     # Measured: untrained ~0.61, trained ~0.85 (upstream order ~0.84) on these 30 validation queries.
     assert hist[-1][VAL_METRIC] > before + 0.1, (before, hist[-1][VAL_METRIC])
-    assert hist[-1]["best_val_ndcg@10"] == max(h[VAL_METRIC] for h in hist)
+    assert hist[-1]["best_val_window_ndcg@10"] == max(h[VAL_METRIC] for h in hist)
     # Every epoch left a complete, resumable checkpoint.
     state = load_state(tmp_path / "ckpt" / "epoch_005")
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "bad_epochs", "model_config"} <= set(state)
@@ -139,7 +139,7 @@ def test_resume_after_injected_failure_matches_uninterrupted_run(data: PreparedD
     assert resumed[-1]["epoch"] == a[-1]["epoch"] == 3
     assert resumed[-1][VAL_METRIC] == pytest.approx(a[-1][VAL_METRIC], abs=1e-6)
     assert resumed[-1]["train_loss"] == pytest.approx(a[-1]["train_loss"], rel=1e-6)
-    assert resumed[-1]["best_val_ndcg@10"] == pytest.approx(a[-1]["best_val_ndcg@10"], abs=1e-6)
+    assert resumed[-1]["best_val_window_ndcg@10"] == pytest.approx(a[-1]["best_val_window_ndcg@10"], abs=1e-6)
     # On CPU the replay is exact, down to the weights.
     wa, wb = load_state(tmp_path / "a" / "epoch_003")["model"], load_state(tmp_path / "b" / "epoch_003")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

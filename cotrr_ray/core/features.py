@@ -49,6 +49,12 @@ class CandidateList:
         return len(self.ids)
 
 
+def labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
+    """0/1 events ``label >= threshold`` of every list's window candidates, concatenated in list order:
+    the rows an isotonic calibrator is fitted and evaluated on (the ones that get a probability)."""
+    return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
+
+
 def decode_vector(value: Vector, dim: int, field: str) -> np.ndarray:
     """A JSON list or base64 little-endian float32 string -> finite (dim,) float32 array."""
     if isinstance(value, str):

@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from cotrr_ray.core.ranking import descending_order
+
 BinStrategy = Literal["uniform", "quantile"]
 
 # Rows of bootstrap indices drawn at once; caps memory at ~32 MiB of int64 for large query sets.
@@ -35,10 +37,9 @@ def _pair(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]
 
 
 def _ranked_labels(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    # lexsort sorts by the last key first: descending score, then lower original index on ties,
-    # so equal scores never reorder candidates nondeterministically.
-    order = np.lexsort((np.arange(scores.shape[0]), -scores))
-    return labels[order]
+    # The serving order rule (cotrr_ray.core.ranking): descending score, lower original index on
+    # ties, so equal scores never reorder candidates nondeterministically.
+    return labels[descending_order(scores)]
 
 
 # ----------------------------------------------------------------------------------- ranking

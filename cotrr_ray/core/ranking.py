@@ -7,7 +7,9 @@ Rules (the HTTP contract):
 - the control arm without a model, and every fallback, is the upstream order itself;
 - `top_n` truncates the final order, never the scoring.
 
-Orders are arrays of upstream indices (`order[rank] = index`).
+Orders are arrays of upstream indices (`order[rank] = index`). This module is the one definition of
+the ordering rule: `cotrr_ray.core.metrics` ranks by `descending_order`, and offline evaluation
+(`cotrr_ray.training.evaluate`) scores the `model_order` that serving returns.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from cotrr_ray.core.metrics import kendall_tau, overlap_at_k
+
+def descending_order(scores: np.ndarray) -> np.ndarray:
+    """Indices by score descending; equal scores keep the lower index first (a stable sort)."""
+    # A stable sort of the negated scores keeps equal scores in index (upstream) order.
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
 
 
 def upstream_order(n: int) -> np.ndarray:
@@ -32,9 +38,14 @@ def model_order(logits: np.ndarray, n: int) -> np.ndarray:
     window = len(logits)
     if window > n:
         raise ValueError(f"{window} logits for a list of {n} candidates")
-    # A stable sort of the negated logits keeps equal logits in upstream (index) order.
-    head = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")
-    return np.concatenate([head, np.arange(window, n)])
+    return np.concatenate([descending_order(logits), np.arange(window, n)])
+
+
+def order_scores(order: np.ndarray) -> np.ndarray:
+    """Scores whose `descending_order` is `order` (rank r gets -r): a final order as metric input."""
+    s = np.empty(len(order))
+    s[order] = -np.arange(len(order), dtype=np.float64)
+    return s
 
 
 def build_results(
@@ -76,6 +87,9 @@ def agreement(ids: list[str], order_a: np.ndarray, order_b: np.ndarray, window: 
     Both orders share the tail (upstream order), so tau is computed on the window only, where
     the two arms can differ; overlap@k is taken on what a user sees first.
     """
+    # Imported here: cotrr_ray.core.metrics ranks by `descending_order` from this module.
+    from cotrr_ray.core.metrics import kendall_tau, overlap_at_k
+
     a = [ids[i] for i in order_a.tolist()]
     b = [ids[i] for i in order_b.tolist()]
     return {"kendall_tau": kendall_tau(a[:window], b[:window]), f"overlap_at_{k}": overlap_at_k(a, b, k)}

@@ -42,12 +42,12 @@ import torch
 
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.calibration import IsotonicCalibrator
-from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer
-from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.features import CandidateList, labels01
+from cotrr_ray.core.model import Reranker
 from cotrr_ray.core.spec import FeatureSpec
+from cotrr_ray.training.checkpoints import model_from_state
 from cotrr_ray.training.loop import VAL_METRIC, fit
-from cotrr_ray.training.prepare import PreparedData, pad_split
+from cotrr_ray.training.prepare import PreparedData, prepare_splits, window_logits
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ TrainFn = Callable[[TrainConfig, PreparedData], dict[str, Any]]
 as returned by `cotrr_ray.training.job.run_ray_train` or `train_in_process`."""
 
 
-# --------------------------------------------------------------------------- folds and data
+# --------------------------------------------------------------------------- folds
 
 
 def assign_folds(query_ids: Sequence[str], k: int, salt: str = "cotrr-crossfit") -> np.ndarray:
@@ -72,41 +72,6 @@ def assign_folds(query_ids: Sequence[str], k: int, salt: str = "cotrr-crossfit")
         raise ValueError(f"{len(unique)} queries are too few for {k} folds")
     fold_of = {q: i % k for i, q in enumerate(unique)}
     return np.array([fold_of[q] for q in query_ids], dtype=np.int64)
-
-
-def prepare_splits(cfg: TrainConfig, spec: FeatureSpec, splits: dict[str, list[CandidateList]]) -> PreparedData:
-    """`PreparedData` for given query splits: the part of `cotrr_ray.training.prepare.prepare_data` after the split.
-
-    Fits the normaliser on ``splits["train"]`` only and pads every non-empty split to ``top_m``.
-    """
-    if not splits.get("train"):
-        raise ValueError("split 'train' is empty")
-    normalizer = FeatureNormalizer(spec).fit(splits["train"])
-    m = cfg.model.top_m
-    model_config = RerankerConfig.from_spec(
-        spec, context_dim=len(CONTEXT_FEATURES), max_list_len=m, **cfg.model.model_dump(exclude={"top_m"})
-    )
-    padded = {name: pad_split(ls, normalizer, m) for name, ls in splits.items() if ls}
-    return PreparedData(spec, normalizer, model_config, dict(splits), padded)
-
-
-def model_from_state(state: dict[str, Any], model_config: RerankerConfig) -> Reranker:
-    model = Reranker(model_config)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
-    """Raw logits of each list's window, featurised with `data`'s normaliser (as `job.run` does)."""
-    if not lists:
-        return []
-    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
-    logits = predict_logits(model, padded)
-    return [logits[i, : cl.window] for i, cl in enumerate(lists)]
-
-
-def labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
-    return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- in-process training
@@ -144,7 +109,7 @@ class InProcessContext:
         kept = {"model": {k: v.detach().clone() for k, v in state["model"].items()}}
         kept.update({k: copy.deepcopy(v) for k, v in state.items() if k not in ("model", "optimizer", "scheduler")})
         self.last_state = kept
-        # The same rule as fit's early stopping: a strictly better validation nDCG@10 (by 1e-6).
+        # The same rule as fit's early stopping: a strictly better VAL_METRIC (by 1e-6).
         if self.best_state is None or metrics[VAL_METRIC] > self.best_state["metrics"][VAL_METRIC] + 1e-6:
             self.best_state = kept
         if self.on_epoch is not None:
@@ -160,7 +125,7 @@ def train_in_process(
 ) -> dict[str, Any]:
     """Run `cotrr_ray.training.loop.fit` in this process and return the kept state.
 
-    ``select="best"`` returns the epoch with the best validation nDCG@10 (what `run_ray_train`
+    ``select="best"`` returns the epoch with the best `VAL_METRIC` (what `run_ray_train`
     returns); ``select="last"`` the last epoch trained (fixed epochs, e.g. chosen by cross-validation).
     The state has ``"model"``, ``"epoch"``, ``"metrics"`` and ``"history"`` (every epoch's metrics).
     """

@@ -22,24 +22,17 @@ from typing import Any
 import numpy as np
 
 from cotrr_ray.core.calibration import IsotonicCalibrator
-from cotrr_ray.core.features import CandidateList
+from cotrr_ray.core.features import CandidateList, labels01
 from cotrr_ray.core.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid
+from cotrr_ray.core.ranking import model_order, order_scores, upstream_order
 
 RANKING_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "mrr")
 
 
-def final_order(window_scores: np.ndarray, n: int) -> np.ndarray:
-    """Upstream indices in served order: window by score descending (ties: upstream index), then tail."""
-    m = len(window_scores)
-    head = np.lexsort((np.arange(m), -np.asarray(window_scores, dtype=np.float64)))
-    return np.concatenate([head, np.arange(m, n)])
-
-
-def _as_scores(order: np.ndarray) -> np.ndarray:
-    """Scores that reproduce `order` under a descending sort (for the metric functions)."""
-    s = np.empty(len(order))
-    s[order] = -np.arange(len(order), dtype=np.float64)
-    return s
+# The served order and its metric input are `cotrr_ray.core.ranking`'s; these names are kept for
+# callers of this module (tests, bench/quality_bench.py).
+final_order = model_order
+_as_scores = order_scores
 
 
 def evaluate_lists(
@@ -57,9 +50,9 @@ def evaluate_lists(
         if cl.labels is None:
             raise ValueError(f"query {cl.query_id!r} has no labels; evaluation needs labelled data")
         n = len(cl)
-        variants["model"].append((_as_scores(final_order(logits, n)), cl.labels))
-        variants["upstream"].append((-np.arange(n, dtype=np.float64), cl.labels))
-        variants["oracle"].append((_as_scores(final_order(cl.labels[: cl.window], n)), cl.labels))
+        variants["model"].append((order_scores(model_order(logits, n)), cl.labels))
+        variants["upstream"].append((order_scores(upstream_order(n)), cl.labels))
+        variants["oracle"].append((order_scores(model_order(cl.labels[: cl.window], n)), cl.labels))
     reports = {k: ranking_report(v, relevant_threshold=relevance_threshold) for k, v in variants.items()}
     out: dict[str, Any] = {"queries": reports["model"]["queries"], "skipped": reports["model"]["skipped"]}
     for metric in RANKING_METRICS:
@@ -72,7 +65,7 @@ def evaluate_lists(
         )
         out[metric] = entry
     logits = np.concatenate([np.asarray(x, np.float64) for x in window_logits])
-    y = np.concatenate([cl.labels[: cl.window] >= relevance_threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
+    y = labels01(lists, relevance_threshold)
     out["calibration"] = {"raw": calibration_report(sigmoid(logits), y)}
     if calibrator is not None:
         out["calibration"]["calibrated"] = calibration_report(calibrator.predict(logits), y)

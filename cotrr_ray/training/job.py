@@ -25,14 +25,13 @@ import torch
 from cotrr_ray.bundles.bundle import Bundle
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.calibration import IsotonicCalibrator
-from cotrr_ray.core.features import CandidateList
+from cotrr_ray.core.features import CandidateList, labels01
 from cotrr_ray.core.model import Reranker, RerankerConfig
 from cotrr_ray.data.readers import file_fingerprint
-from cotrr_ray.training.checkpoints import load_state, save_state
-from cotrr_ray.training.crossfit import window_logits
+from cotrr_ray.training.checkpoints import load_state, model_from_state, save_state
 from cotrr_ray.training.evaluate import evaluate_lists, format_report
 from cotrr_ray.training.loop import VAL_METRIC, fit
-from cotrr_ray.training.prepare import PreparedData, prepare_data
+from cotrr_ray.training.prepare import PreparedData, prepare_data, window_logits
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ def make_trainer(
 
 
 def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path) -> dict[str, Any]:
-    """Fit through Ray Train and return the best checkpoint's state (by validation nDCG@10)."""
+    """Fit through Ray Train and return the best checkpoint's state (by `VAL_METRIC`)."""
     import ray
     from ray.train import Checkpoint
 
@@ -194,10 +193,6 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     return state
 
 
-def _labels01(lists: list[CandidateList], threshold: float) -> np.ndarray:
-    return np.concatenate([cl.labels[: cl.window] >= threshold for cl in lists]).astype(np.float64)  # type: ignore[index]
-
-
 def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
     if cfg.data.path is not None:
         return Path(cfg.data.path)
@@ -229,24 +224,58 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
     t_start = time.perf_counter()
     data_path = resolve_data_path(cfg, say)
     data = prepare_data(cfg, data_path)
-    sizes = {k: len(v) for k, v in data.lists.items()}
-    say(f"splits by query: {sizes}; model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
-
+    say(
+        f"splits by query: {_split_sizes(data)}; "
+        f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers"
+    )
     if not ray.is_initialized() and cfg.scaling.num_workers > 0:
         ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
+    storage = _storage_path(cfg)
+    state, model, fit_s = _fit_best(cfg, data, storage, say)
+    calibrator, calibration_fit = _calibrate(cfg, data, model, storage, say)
+    test_lists, test_logits, report = _evaluate_test(cfg, data, model, calibrator, say)
+    metrics = {
+        "test": report,
+        "best_checkpoint": state["metrics"],
+        "final_epoch": state.get("final_metrics", {}),
+        "splits": _split_sizes(data),
+        "calibration_fit": calibration_fit,
+        "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
+        "headline": {
+            "test_ndcg@10_model": report["ndcg@10"]["model"],
+            "test_ndcg@10_upstream": report["ndcg@10"]["upstream"],
+            "test_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
+        },
+    }
+    return _export(cfg, data, data_path, model, calibrator, metrics, test_lists, test_logits)
+
+
+def _split_sizes(data: PreparedData) -> dict[str, int]:
+    return {k: len(v) for k, v in data.lists.items()}
+
+
+def _storage_path(cfg: TrainConfig) -> str:
+    """Ray Train's storage: URIs (s3://, gs://) as they are; local paths absolute (a job's cwd is temporary)."""
     sp = cfg.scaling.storage_path
-    # URIs (s3://, gs://) go to Ray as they are; local paths become absolute (a job's cwd is temporary).
-    storage = sp if sp and "://" in sp else str(Path(sp or Path(cfg.output).parent / "ray_results").resolve())
+    return sp if sp and "://" in sp else str(Path(sp or Path(cfg.output).parent / "ray_results").resolve())
+
+
+def _fit_best(
+    cfg: TrainConfig, data: PreparedData, storage: str, say: Callable[[str], None]
+) -> tuple[dict[str, Any], Reranker, float]:
+    """Phase fit: Ray Train; the selected checkpoint's state, its model (eval mode) and the fit seconds."""
     t_fit = time.perf_counter()
     state = run_ray_train(cfg, data, storage)
     fit_s = time.perf_counter() - t_fit
-    model = Reranker(data.model_config)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_from_state(state, data.model_config)
     say(f"best epoch {state['epoch']}: {VAL_METRIC} {state['metrics'][VAL_METRIC]:.4f} (fit {fit_s:.0f} s)")
+    return state, model, fit_s
 
-    thr = cfg.data.relevance_threshold
-    cal_lists = data.lists.get("calibration", [])
+
+def _calibrate(
+    cfg: TrainConfig, data: PreparedData, model: Reranker, storage: str, say: Callable[[str], None]
+) -> tuple[IsotonicCalibrator, dict[str, Any]]:
+    """Phase calibrate: the isotonic calibrator (cross-fitted, or on the calibration split) and how it was fit."""
     t_cal = time.perf_counter()
     if cfg.calibration.method == "cross_fit":
         from cotrr_ray.training.crossfit import cross_fit_calibrator
@@ -260,45 +289,62 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
             f"cross-fitted calibrator: {calibration_fit['folds']} folds, {calibration_fit['rows']} out-of-fold rows "
             f"({time.perf_counter() - t_cal:.0f} s)"
         )
-    else:
-        if not cal_lists:
-            raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
-        calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
-            np.concatenate(window_logits(model, cal_lists, data)), _labels01(cal_lists, thr)
-        )
-        calibration_fit = {"method": "holdout", "rows": int(calibrator.n_samples_)}
+        return calibrator, calibration_fit
+    cal_lists = data.lists.get("calibration", [])
+    if not cal_lists:
+        raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
+    calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
+        np.concatenate(window_logits(model, cal_lists, data)), labels01(cal_lists, cfg.data.relevance_threshold)
+    )
+    return calibrator, {"method": "holdout", "rows": int(calibrator.n_samples_)}
 
+
+def _evaluate_test(
+    cfg: TrainConfig,
+    data: PreparedData,
+    model: Reranker,
+    calibrator: IsotonicCalibrator,
+    say: Callable[[str], None],
+) -> tuple[list[CandidateList], list[np.ndarray], dict[str, Any]]:
+    """Phase evaluate: the test split only; its lists, window logits and report (printed)."""
     test_lists = data.lists.get("test", [])
     if not test_lists:
         raise ValueError("test split is empty")
     test_logits = window_logits(model, test_lists, data)
-    report = evaluate_lists(test_lists, test_logits, calibrator, relevance_threshold=thr, n_boot=cfg.bootstrap_samples)
+    report = evaluate_lists(
+        test_lists,
+        test_logits,
+        calibrator,
+        relevance_threshold=cfg.data.relevance_threshold,
+        n_boot=cfg.bootstrap_samples,
+    )
     say(format_report(report))
+    return test_lists, test_logits, report
 
-    metrics = {
-        "test": report,
-        "best_checkpoint": state["metrics"],
-        "final_epoch": state.get("final_metrics", {}),
-        "splits": sizes,
-        "calibration_fit": calibration_fit,
-        "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
-        "headline": {
-            "test_ndcg@10_model": report["ndcg@10"]["model"],
-            "test_ndcg@10_upstream": report["ndcg@10"]["upstream"],
-            "test_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
-        },
-    }
+
+def _export(
+    cfg: TrainConfig,
+    data: PreparedData,
+    data_path: Path,
+    model: Reranker,
+    calibrator: IsotonicCalibrator,
+    metrics: dict[str, Any],
+    test_lists: list[CandidateList],
+    test_logits: list[np.ndarray],
+) -> Path:
+    """Phase export: the bundle, with the test split's reliability diagram; its resolved directory."""
+    from cotrr_ray.core.metrics import sigmoid
+    from cotrr_ray.training.plots import reliability_diagram
+
+    thr = cfg.data.relevance_threshold
     with tempfile.TemporaryDirectory() as tmp:
-        from cotrr_ray.core.metrics import sigmoid
-        from cotrr_ray.training.plots import reliability_diagram
-
-        y = _labels01(test_lists, thr)
+        y = labels01(test_lists, thr)
         z = np.concatenate(test_logits)
         png = reliability_diagram(
             {"raw sigmoid": (sigmoid(z), y), "calibrated": (calibrator.predict(z), y)},
             Path(tmp) / "reliability.png",
             title=f"test split, P(label >= {thr:g})",
-            metrics=report["calibration"],
+            metrics=metrics["test"]["calibration"],
         )
         out = Bundle.save(
             cfg.output,

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,7 +32,11 @@ from cotrr_ray.core.scoring import autocast, predict_logits, to_tensors
 logger = logging.getLogger(__name__)
 
 
-VAL_METRIC = "val_ndcg@10"
+# nDCG@10 of the validation queries over their Top-M windows only (what the model reorders), not over
+# the full list as the test report's ndcg@10 (cotrr_ray.training.evaluate); early stopping and
+# checkpoint selection use it.
+VAL_METRIC = "val_window_ndcg@10"
+BEST_VAL_METRIC = "best_val_window_ndcg@10"
 
 
 class LoopContext(Protocol):
@@ -95,14 +100,35 @@ def _add_noise(inputs: dict[str, Any], std: float) -> None:
             inputs[scope][g] = t + std * torch.randn_like(t)
 
 
-def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val: PaddedLists, ctx: LoopContext) -> None:
-    """Train with early stopping on validation nDCG@10; every epoch reports a resumable checkpoint."""
+@dataclass
+class _Training:
+    """What one `fit` call trains with: the (wrapped) model, its optimiser state and the loader."""
+
+    model: torch.nn.Module  # as called: DDP-wrapped and/or compiled
+    raw_model: Reranker  # parameters and checkpoints
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+
+
+@dataclass
+class _Progress:
+    """Where early stopping stands; part of every checkpoint."""
+
+    start_epoch: int = 0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    resumed: bool = False
+
+
+def _setup(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, ctx: LoopContext) -> _Training:
+    """Model (seeded), AdamW, the launcher's loader, warm-up + cosine schedule and the AMP grad scaler."""
     o = cfg.optim
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(o.seed)
-    model = Reranker(model_config).to(ctx.device)
-    raw_model = model
-    model = ctx.prepare_model(model)
+    raw_model = Reranker(model_config).to(ctx.device)
+    model = ctx.prepare_model(raw_model)
     if o.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(_param_groups(raw_model, o.weight_decay), lr=o.lr, betas=(0.9, 0.98))
@@ -112,88 +138,120 @@ def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val:
     steps_per_epoch = math.ceil(len(loader) / o.grad_accum_steps)
     total = steps_per_epoch * o.max_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(o.warmup_frac * total), o.min_lr_ratio))
-    fp16 = o.amp == "fp16"
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=o.amp == "fp16")
+    return _Training(model, raw_model, opt, sched, scaler, loader)
 
-    start_epoch, best, bad_epochs, resumed = 0, -math.inf, 0, False
+
+def _resume(t: _Training, ctx: LoopContext) -> _Progress:
+    """Restore the launcher's latest checkpoint, if any, into `t`; where to go on from."""
     state = ctx.load_checkpoint()
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
-        resumed = True
-        logger.info("resumed from epoch %d (best %s %.4f)", state["epoch"], VAL_METRIC, best)
+    if state is None:
+        return _Progress()
+    t.raw_model.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    logger.info("resumed from epoch %d (best %s %.4f)", state["epoch"], VAL_METRIC, state["best"])
+    return _Progress(state["epoch"] + 1, state["best"], state["bad_epochs"], resumed=True)
 
-    if o.select == "best_val" and bad_epochs >= o.patience:
+
+def _train_epoch(cfg: TrainConfig, t: _Training, epoch: int, ctx: LoopContext) -> tuple[list[float], float]:
+    """One pass over the loader with gradient accumulation; the per-batch losses and the seconds it took."""
+    o = cfg.optim
+    # Seeding per epoch makes shuffling and dropout a function of (seed, epoch), so a run
+    # resumed from a checkpoint replays exactly what an undisturbed run would have done.
+    torch.manual_seed(o.seed * 100_003 + epoch)
+    loader, model = t.loader, t.model
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    model.train()
+    t0, losses = time.perf_counter(), []
+    for i, (inputs, labels) in enumerate(loader):
+        inputs = {  # no-op on CPU; prepare_data_loader already moved Ray's batches
+            "candidate": {g: x.to(ctx.device) for g, x in inputs["candidate"].items()},
+            "query": {g: x.to(ctx.device) for g, x in inputs["query"].items()},
+            "context": inputs["context"].to(ctx.device),
+            "mask": inputs["mask"].to(ctx.device),
+        }
+        labels = labels.to(ctx.device)
+        if o.input_noise_std:
+            _add_noise(inputs, o.input_noise_std)
+        step_now = (i + 1) % o.grad_accum_steps == 0 or i + 1 == len(loader)
+        # Skip the DDP all-reduce on micro-batches that only accumulate.
+        sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(ctx.device, o.amp):
+                logits = model(**inputs)
+            loss = ranking_loss(o.loss, logits.float(), labels, inputs["mask"], ranknet_weight=o.ranknet_weight)
+            t.scaler.scale(loss / o.grad_accum_steps).backward()
+        losses.append(loss.item())
+        if step_now:
+            _optimizer_step(t, o.grad_clip)
+    return losses, time.perf_counter() - t0
+
+
+def _optimizer_step(t: _Training, grad_clip: float) -> None:
+    t.scaler.unscale_(t.opt)
+    torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), grad_clip)
+    t.scaler.step(t.opt)
+    t.scaler.update()
+    t.opt.zero_grad(set_to_none=True)
+    t.sched.step()
+
+
+def _validate(cfg: TrainConfig, t: _Training, val: PaddedLists, ctx: LoopContext) -> float:
+    """The validation metric (`VAL_METRIC`: nDCG@10 over the Top-M windows) of the current weights."""
+    # Every rank scores the whole validation split with identical weights, so all ranks agree
+    # on early stopping without extra communication.
+    amp = "none" if cfg.optim.amp == "fp16" else cfg.optim.amp
+    return window_ndcg(predict_logits(t.raw_model, val, device=ctx.device, amp=amp), val)
+
+
+def _checkpoint(t: _Training, p: _Progress, epoch: int, model_config: RerankerConfig, metrics: dict) -> dict[str, Any]:
+    """The resumable state of the end of `epoch` (what `ctx.report` keeps on rank 0)."""
+    return {
+        "model": t.raw_model.state_dict(),
+        "optimizer": t.opt.state_dict(),
+        "scheduler": t.sched.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "epoch": epoch,
+        "best": p.best,
+        "bad_epochs": p.bad_epochs,
+        "model_config": model_config.to_dict(),
+        "metrics": metrics,
+    }
+
+
+def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val: PaddedLists, ctx: LoopContext) -> None:
+    """Train with early stopping on `VAL_METRIC`; every epoch reports a resumable checkpoint.
+
+    The recipe: set up, resume, then per epoch train, validate, report (metrics on every rank, the
+    checkpoint from rank 0), and stop early once `optim.patience` epochs in a row did not improve.
+    """
+    o = cfg.optim
+    t = _setup(cfg, model_config, train, ctx)
+    p = _resume(t, ctx)
+    stopping = o.select == "best_val"
+    if stopping and p.bad_epochs >= o.patience:
         return  # the checkpoint we resumed from had already triggered early stopping
-    for epoch in range(start_epoch, o.max_epochs):
-        # Seeding per epoch makes shuffling and dropout a function of (seed, epoch), so a run
-        # resumed from a checkpoint replays exactly what an undisturbed run would have done.
-        torch.manual_seed(o.seed * 100_003 + epoch)
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        t0, losses = time.perf_counter(), []
-        for i, (inputs, labels) in enumerate(loader):
-            inputs = {  # no-op on CPU; prepare_data_loader already moved Ray's batches
-                "candidate": {g: t.to(ctx.device) for g, t in inputs["candidate"].items()},
-                "query": {g: t.to(ctx.device) for g, t in inputs["query"].items()},
-                "context": inputs["context"].to(ctx.device),
-                "mask": inputs["mask"].to(ctx.device),
-            }
-            labels = labels.to(ctx.device)
-            if o.input_noise_std:
-                _add_noise(inputs, o.input_noise_std)
-            step_now = (i + 1) % o.grad_accum_steps == 0 or i + 1 == len(loader)
-            # Skip the DDP all-reduce on micro-batches that only accumulate.
-            sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast(ctx.device, o.amp):
-                    logits = model(**inputs)
-                loss = ranking_loss(o.loss, logits.float(), labels, inputs["mask"], ranknet_weight=o.ranknet_weight)
-                scaler.scale(loss / o.grad_accum_steps).backward()
-            losses.append(loss.item())
-            if step_now:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), o.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-        epoch_s = time.perf_counter() - t0
-        # Every rank scores the whole validation split with identical weights, so all ranks agree
-        # on early stopping without extra communication.
-        val_ndcg = window_ndcg(predict_logits(raw_model, val, device=ctx.device, amp="none" if fp16 else o.amp), val)
-        if val_ndcg > best + 1e-6:
-            best, bad_epochs = val_ndcg, 0
+    for epoch in range(p.start_epoch, o.max_epochs):
+        losses, epoch_s = _train_epoch(cfg, t, epoch, ctx)
+        val_metric = _validate(cfg, t, val, ctx)
+        if val_metric > p.best + 1e-6:
+            p.best, p.bad_epochs = val_metric, 0
         else:
-            bad_epochs += 1
+            p.bad_epochs += 1
         metrics = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
-            VAL_METRIC: val_ndcg,
-            "best_val_ndcg@10": best,
-            "lr": sched.get_last_lr()[0],
+            VAL_METRIC: val_metric,
+            BEST_VAL_METRIC: p.best,
+            "lr": t.sched.get_last_lr()[0],
             "epoch_s": epoch_s,
-            "train_samples_per_s": len(train) / ctx.world_size / epoch_s,
+            "train_samples_per_s_per_worker": len(train) / ctx.world_size / epoch_s,
         }
-        ckpt = None
-        if ctx.rank == 0:
-            ckpt = {
-                "model": raw_model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "model_config": model_config.to_dict(),
-                "metrics": metrics,
-            }
-        ctx.report(metrics, ckpt)
-        if cfg.scaling.fail_after_epoch == epoch and not resumed and ctx.rank == 0:
+        ctx.report(metrics, _checkpoint(t, p, epoch, model_config, metrics) if ctx.rank == 0 else None)
+        if cfg.scaling.fail_after_epoch == epoch and not p.resumed and ctx.rank == 0:
             raise RuntimeError(f"injected failure after epoch {epoch} (scaling.fail_after_epoch)")
-        if o.select == "best_val" and bad_epochs >= o.patience:
+        if stopping and p.bad_epochs >= o.patience:
             break

@@ -1,13 +1,21 @@
-"""Data preparation in the driver: read, split by query, fit the normaliser on train, pad the Top-M windows."""
+"""Data preparation in the driver: read, split by query, fit the normaliser on train, pad the Top-M windows.
+
+Also the one place that turns a `TrainConfig` and a feature spec into the model's `RerankerConfig`
+(`model_config`), and the one featurise-and-score path for raw lists (`window_logits`), used by
+`job.run`, cross-fitting and the quality bench alike.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer, PaddedLists, pad_lists
-from cotrr_ray.core.model import RerankerConfig
+from cotrr_ray.core.model import Reranker, RerankerConfig
+from cotrr_ray.core.scoring import predict_logits
 from cotrr_ray.core.spec import FeatureSpec
 from cotrr_ray.data.readers import read_jsonl, read_letor
 from cotrr_ray.data.splits import split_by_query
@@ -44,6 +52,29 @@ def pad_split(lists: list[CandidateList], normalizer: FeatureNormalizer, m: int)
     return pad_lists([normalizer.transform(cl) for cl in lists], normalizer.spec, m, labels=[cl.labels for cl in lists])
 
 
+def model_config(cfg: TrainConfig, spec: FeatureSpec) -> RerankerConfig:
+    """The model's config: input shapes from `spec`, window length `top_m`, the rest from ``cfg.model``."""
+    return RerankerConfig.from_spec(
+        spec,
+        context_dim=len(CONTEXT_FEATURES),
+        max_list_len=cfg.model.top_m,
+        **cfg.model.model_dump(exclude={"top_m"}),
+    )
+
+
+def prepare_splits(cfg: TrainConfig, spec: FeatureSpec, splits: dict[str, list[CandidateList]]) -> PreparedData:
+    """`PreparedData` for given query splits: the part of `prepare_data` after the split.
+
+    Fits the normaliser on ``splits["train"]`` only and pads every non-empty split to ``top_m``.
+    """
+    if not splits.get("train"):
+        raise ValueError("split 'train' is empty")
+    normalizer = FeatureNormalizer(spec).fit(splits["train"])
+    m = cfg.model.top_m
+    padded = {name: pad_split(ls, normalizer, m) for name, ls in splits.items() if ls}
+    return PreparedData(spec, normalizer, model_config(cfg, spec), dict(splits), padded)
+
+
 def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
     """Load, split by query, fit the normaliser on the training split only, pad every split."""
     spec, lists = load_lists(cfg, data_path)
@@ -51,13 +82,13 @@ def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
     for name in ("train", "validation"):
         if not splits[name]:
             raise ValueError(f"split {name!r} is empty: {len(lists)} queries are too few for {cfg.data.splits}")
-    normalizer = FeatureNormalizer(spec).fit(splits["train"])
-    m = cfg.model.top_m
-    model_config = RerankerConfig.from_spec(
-        spec,
-        context_dim=len(CONTEXT_FEATURES),
-        max_list_len=m,
-        **cfg.model.model_dump(exclude={"top_m"}),
-    )
-    padded = {name: pad_split(ls, normalizer, m) for name, ls in splits.items() if ls}
-    return PreparedData(spec, normalizer, model_config, splits, padded)
+    return prepare_splits(cfg, spec, splits)
+
+
+def window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
+    """Raw logits of each list's window, featurised with `data`'s normaliser (as the bundle does)."""
+    if not lists:
+        return []
+    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
+    logits = predict_logits(model, padded)
+    return [logits[i, : cl.window] for i, cl in enumerate(lists)]
