@@ -1,4 +1,4 @@
-"""The router, scorer and calibrator logic without Ray (cotrr_ray.router, cotrr_ray.serving.scorer), on real tiny bundles.
+"""The router, scorer and calibrator logic without Ray (cotrr_ray.serving.service, .scorer), on real tiny bundles.
 
 Downstream deployments are replaced by local async callables that return awaitables with a
 `cancel()` method, like Serve's DeploymentResponse.
@@ -19,8 +19,8 @@ from _bundles import TOP_M, make_bundle, request_body
 from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
-from cotrr_ray.serving.coalescer import Downstream, exception_name
-from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.coalescer import Downstream
+from cotrr_ray.serving.errors import RequestError, exception_name
 from cotrr_ray.serving.observability import ExposureLog
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
 from cotrr_ray.serving.service import RerankService
@@ -259,7 +259,59 @@ def test_scorer_failures_fall_back_to_upstream_order(bundle_a, scorer_a, calibra
     assert resp["model_version"] is None
     assert_upstream(resp, body)
     stats = service.stats_snapshot()
-    assert stats["fallbacks"] == {reason: 1} and stats["error_rate"] == 1.0 and stats["reranked"] == 0
+    assert stats["fallbacks"] == {reason: 1} and stats["fallback_rate"] == 1.0 and stats["reranked"] == 0
+
+
+class FakeHttpRequest:
+    """A Starlette request as `read_body` sees it: headers and an async body stream."""
+
+    def __init__(self, body: bytes, headers: dict[str, str] | None = None):
+        self.headers = {"content-length": str(len(body)), **(headers or {})}
+        self._body = body
+
+    async def stream(self):
+        yield self._body
+
+
+def test_a_fallback_counts_in_fallback_rate_not_error_rate(bundle_a, scorer_a, calibrators, records) -> None:
+    service = make_service(bundle_a, scorer_a, calibrators, score=Local(error=RuntimeError("boom")))
+    assert service.stats_snapshot()["fallback_rate"] == service.stats_snapshot()["error_rate"] == 0.0
+    rerank(service, request_body(records[126]))  # fallback: a 200 in upstream order
+    service.down.score = score_with(scorer_a)
+    for rec in records[127:130]:
+        assert rerank(service, request_body(rec))["fallback"] is None
+    stats = service.stats_snapshot()
+    assert stats["requests"] == stats["served"] == 4 and sum(stats["fallbacks"].values()) == 1
+    assert stats["fallback_rate"] == 0.25 and stats["error_rate"] == 0.0 and stats["internal_errors"] == 0
+
+
+def test_rejected_requests_count_in_error_rate(bundle_a, scorer_a, calibrators, records) -> None:
+    service = make_service(bundle_a, scorer_a, calibrators, max_body_bytes=100_000)
+    good = orjson.dumps(request_body(records[131]))
+    status, payload, timings = asyncio.run(service.handle_http(FakeHttpRequest(good, {"x-request-id": "r-1"})))
+    assert status == 200 and payload["request_id"] == "r-1" and timings.read is not None and timings.total > 0
+    status, payload, timings = asyncio.run(service.handle_http(FakeHttpRequest(b"{not json")))
+    assert status == 422 and payload["error"]["code"] == "invalid_json" and timings is None
+    status, payload, _ = asyncio.run(service.handle_http(FakeHttpRequest(b" " * 100_001)))  # refused before parsing
+    assert status == 413 and payload["error"]["code"] == "body_too_large"
+    stats = service.stats_snapshot()
+    assert stats["requests"] == 3 and stats["served"] == 1
+    assert stats["rejected"] == {"invalid_json": 1, "body_too_large": 1}
+    assert stats["error_rate"] == stats["reject_rate"] == 2 / 3 and stats["fallback_rate"] == 0.0
+
+
+def test_an_internal_error_counts_in_error_rate_and_propagates(bundle_a, scorer_a, calibrators, records) -> None:
+    service = make_service(bundle_a, scorer_a, calibrators)
+
+    def broken_write(record: dict) -> None:
+        raise OSError("disk full")
+
+    service.exposure.write = broken_write
+    with pytest.raises(OSError, match="disk full"):  # the HTTP layer answers 500
+        rerank(service, request_body(records[132]))
+    stats = service.stats_snapshot()
+    assert stats["requests"] == 1 and stats["internal_errors"] == 1 and stats["rejected"] == {}
+    assert stats["error_rate"] == 1.0 and stats["reject_rate"] == 0.0 and stats["fallback_rate"] == 0.0
 
 
 def test_scorer_timeout_falls_back_fast_and_cancels(bundle_a, scorer_a, calibrators, records) -> None:
@@ -486,6 +538,29 @@ def test_calibrator_by_bundle_id(bundle_a, bundle_b, scorer_a) -> None:
     assert "now holds bundle" in core.load_missing(core.missing([wrong]))["other-id"]
     with pytest.raises(KeyError):
         core.transform(wrong)
+
+
+def test_scorer_regroups_the_lists_of_several_calls(scorer_a) -> None:
+    lists = [synthetic_list(scorer_a.bundle.spec, n=6, window=4, seed=i) for i in range(5)]
+    grouped = scorer_a.score_calls([lists[:2], lists[2:3], lists[3:]])
+    assert [len(g) for g in grouped] == [2, 1, 2]
+    flat = scorer_a.score(lists)
+    for got, want in zip([r for g in grouped for r in g], flat):
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrator_transform_each_fails_only_the_bad_items(bundle_a, calibrators) -> None:
+    id_a = read_meta(bundle_a).bundle_id
+    logits = np.array([-1.0, 1.0])
+    items = [
+        CalibrationInput(id_a, str(bundle_a), logits),
+        CalibrationInput("unknown", "/nowhere", logits),
+        CalibrationInput("failed-load", "/nowhere", logits),
+    ]
+    out = calibrators.transform_each(items, {"failed-load": "OSError: gone"})
+    np.testing.assert_allclose(out[0], calibrators.transform(items[0]))
+    assert isinstance(out[1], RuntimeError) and "KeyError" in str(out[1])
+    assert isinstance(out[2], RuntimeError) and str(out[2]) == "OSError: gone"
 
 
 def test_bundle_paths_and_meta(bundle_a, tmp_path, monkeypatch) -> None:

@@ -1,5 +1,8 @@
-"""How the router reaches the other deployments: the `Downstream` callables, a per-call budget, and the
-`Coalescer` that gathers concurrent windows into one scorer call.
+"""How the router calls the other deployments: the `Downstream` callables it is given, a deadline
+per call (`call_with_timeout`), and the `Coalescer` that merges concurrent calls into one.
+
+Nothing here knows what is being scored: items are opaque, a call is any `DownstreamCall` (a Serve
+handle method in a deployment, a local coroutine in the peer and the tests).
 """
 
 from __future__ import annotations
@@ -10,11 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-Call = Callable[[Any], Awaitable[Any]]
+from cotrr_ray.serving.errors import InvalidOutput
 
-
-class InvalidOutput(ValueError):
-    """A downstream deployment answered with something unusable (wrong shape, NaN, out of range)."""
+DownstreamCall = Callable[[Any], Awaitable[Any]]
+"""One argument in, an awaitable out (a Serve `DeploymentResponse`, a coroutine, a future)."""
 
 
 @dataclass
@@ -25,14 +27,14 @@ class Downstream:
     it is cancelled when its budget runs out.
     """
 
-    score: Call  # CandidateList -> ScoreResult
-    calibrate: Call | None  # CalibrationInput -> (window,) probabilities; None: the scorer calibrates (fused)
-    info: Call  # None -> dict
-    score_control: Call | None = None
-    info_control: Call | None = None
+    score: DownstreamCall  # CandidateList -> ScoreResult
+    calibrate: DownstreamCall | None  # CalibrationInput -> (window,) probabilities; None: the scorer calibrates (fused)
+    info: DownstreamCall  # None -> dict
+    score_control: DownstreamCall | None = None
+    info_control: DownstreamCall | None = None
 
 
-async def call_with_timeout(fn: Call, arg: Any, timeout_s: float) -> Any:
+async def call_with_timeout(fn: DownstreamCall, arg: Any, timeout_s: float) -> Any:
     """Await `fn(arg)` for at most `timeout_s`; cancel the downstream request on timeout.
 
     `asyncio.timeout` (not `wait_for`): no extra task and no extra loop iteration per call.
@@ -67,12 +69,9 @@ class Coalescer:
     (its caller timed out) is never sent; a call whose items were all cancelled is cancelled.
     """
 
-    def __init__(self, send_many: Call, *, max_items: int = 16, max_in_flight: int = 2):
-        if max_items < 1 or max_in_flight < 1:
-            raise ValueError("max_items and max_in_flight must be >= 1")
+    def __init__(self, send_many: DownstreamCall, *, max_items: int = 16, max_in_flight: int = 2):
         self._send_many = send_many
-        self.max_items = max_items
-        self.max_in_flight = max_in_flight
+        self.configure(max_items=max_items, max_in_flight=max_in_flight)
         self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
         self._in_flight = 0
         self._scheduled = False
@@ -81,6 +80,7 @@ class Coalescer:
         self.items = 0  # items they carried
 
     def configure(self, *, max_items: int, max_in_flight: int) -> None:
+        """Set the batching limits (RoutingConfig.coalesce_max_lists / coalesce_max_in_flight); invalid: nothing changes."""
         if max_items < 1 or max_in_flight < 1:
             raise ValueError("max_items and max_in_flight must be >= 1")
         self.max_items, self.max_in_flight = max_items, max_in_flight
@@ -168,9 +168,3 @@ class Coalescer:
             self._in_flight -= 1
             if self._pending:
                 self._schedule(asyncio.get_running_loop())
-
-
-def exception_name(e: BaseException) -> str:
-    """The user-level exception type: Ray wraps remote errors (`RayTaskError(X)`, `.cause`)."""
-    cause = getattr(e, "cause", None)
-    return type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__

@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin shells around `cotrr_ray.serving.service` and `cotrr_ray.serving.scorer`.
+"""Ray Serve deployments: thin shells around the plain `service.RerankService` and `scorer` cores.
 
     Router (FastAPI ingress) --score_many--> Scorer [, ScorerControl]   (@serve.batch, torch)
                              --transform_many--> Calibrator              (isotonic)
@@ -15,7 +15,6 @@ defaults for apps built from Python; serve_config.yaml overrides them per deploy
 # the ingress methods (Serve rebinds them, and string annotations then fail to resolve).
 import asyncio
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -30,13 +29,13 @@ import cotrr_ray
 from cotrr_ray.bundles.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
-from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi, read_body
+from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
 from cotrr_ray.serving.coalescer import Coalescer, Downstream
-from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.errors import HTTP_CODES, error_body
 from cotrr_ray.serving.observability import ExposureLog
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
 from cotrr_ray.serving.service import RerankService
-from cotrr_ray.serving.timing import SERVER_TIMING, StageTimings
+from cotrr_ray.serving.timing import SERVER_TIMING
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,8 +45,6 @@ api = FastAPI(
     description="Listwise reranking of image-search candidates (Top-M reranked, tail in upstream order).",
 )
 install_openapi(api)
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 503: "not_ready"}
 
 
 def _route_package_logs_to_serve() -> None:
@@ -62,22 +59,16 @@ def _route_package_logs_to_serve() -> None:
     package.propagate = False
 
 
-def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    body = {"error": {"code": code, "message": str(exc.detail), "field": None}}
+    body = error_body(HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
     return JSONResponse(body, status_code=exc.status_code)
 
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error on %s (request %s)", request.url.path, request.headers.get("x-request-id"))
-    body = {"error": {"code": "internal", "message": f"{type(exc).__name__}", "field": None}}
-    return JSONResponse(body, status_code=500)
+    return JSONResponse(error_body("internal", type(exc).__name__), status_code=500)
 
 
 class ServeMetrics:
@@ -189,12 +180,14 @@ class Router:
             metrics=ServeMetrics(),
             exposure=ExposureLog(args.exposure_log_path),
         )
-        for c in self.coalescers.values():
-            c.configure(max_items=args.routing.coalesce_max_lists, max_in_flight=args.routing.coalesce_max_in_flight)
+        self._configure_coalescers(args.routing)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:  # on the event loop: no races
         config = RoutingConfig.model_validate(user_config)
         self.service.configure(config)
+        self._configure_coalescers(config)
+
+    def _configure_coalescers(self, config: RoutingConfig) -> None:
         for c in self.coalescers.values():
             c.configure(max_items=config.coalesce_max_lists, max_in_flight=config.coalesce_max_in_flight)
 
@@ -205,19 +198,11 @@ class Router:
         summary="Rerank the Top-M of an upstream candidate list",
     )
     async def rerank(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            body = await read_body(request, self.service.args.max_body_bytes)
-        except RequestError as e:
-            self.service.note_rejected(e)
-            return _error(e)
-        timings = StageTimings(read=(time.perf_counter() - t0) * 1000)
-        try:
-            payload = await self.service.rerank(body, request.headers.get("x-request-id"), timings)
-        except RequestError as e:  # already counted by the service
-            return _error(e)
-        headers = {SERVER_TIMING: timings.header()} if self.service.config.server_timing else None
-        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+        status, payload, timings = await self.service.handle_http(request)
+        headers = None
+        if timings is not None and self.service.config.server_timing:
+            headers = {SERVER_TIMING: timings.header()}
+        return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
     @api.get("/v1/model", summary="Served model, feature spec, Top-M limits and routing config")
     async def model(self) -> Response:
@@ -302,14 +287,9 @@ class Scorer:
             raise RuntimeError("injected scorer fault (ScorerConfig.fault='raise', testing only)")
         if self.config.fault == "slow":
             await asyncio.sleep(self.config.fault_delay_s)
-        flat = [cl for call in calls for cl in call]
-        results = self.core.score(flat, calibrate=self.calibrate)  # blocking on purpose (see class doc)
-        self._lists_metric.inc(len(flat))  # lists before batches: a scrape in between never shows a mean < 1
+        out = self.core.score_calls(calls, calibrate=self.calibrate)  # blocking on purpose (see class doc)
+        self._lists_metric.inc(sum(map(len, calls)))  # lists before batches: a scrape in between never shows a mean < 1
         self._batches_metric.inc()
-        out, i = [], 0
-        for call in calls:
-            out.append(results[i : i + len(call)])
-            i += len(call)
         return out
 
     async def info(self) -> dict[str, Any]:
@@ -346,13 +326,4 @@ class Calibrator:
         """One entry per item: its probabilities, or the exception that failed only that item."""
         missing = self.core.missing(items)
         errors = await asyncio.to_thread(self.core.load_missing, missing) if missing else {}
-        out: list[Any] = []
-        for item in items:  # one item's failure (unknown bundle) never fails the others
-            if item.bundle_id in errors:
-                out.append(RuntimeError(errors[item.bundle_id]))
-                continue
-            try:
-                out.append(self.core.transform(item))
-            except Exception as e:
-                out.append(RuntimeError(f"{type(e).__name__}: {e}"))
-        return out
+        return self.core.transform_each(items, errors)

@@ -1,9 +1,10 @@
-"""Request errors and their HTTP mapping, in one table.
+"""The serving path's errors: what the client is told (`RequestError`, HTTP status) and how a
+downstream failure is named (`InvalidOutput`, `exception_name`).
 
 Bad input is always a 4xx with the body ``{"error": {"code", "message", "field"}}``; `field` is a
 JSON path into the request (``candidates[3].features.visual``) or null. Downstream failures are
 never errors for the client: the router answers 200 with the upstream order and a `fallback`
-reason (see `cotrr_ray.serving.service`).
+reason such as ``scorer_error:<exception_name>`` (see `cotrr_ray.serving.service`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ STATUS = {
 }
 """Error code -> HTTP status. The code is part of the API; the message is for humans."""
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 503: "not_ready"}
+"""HTTP status -> error code of the framework's own errors (unknown route, wrong method); others: http_error."""
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON body of every error response."""
+    return {"error": {"code": code, "message": message, "field": field}}
+
 
 class RequestError(Exception):
     """A request the router refuses; `status` comes from `STATUS[code]`."""
@@ -44,7 +53,7 @@ class RequestError(Exception):
         return STATUS[self.code]
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+        return error_body(self.code, self.message, self.field)
 
     def __repr__(self) -> str:
         return f"RequestError({self.code!r}, {self.message!r}, field={self.field!r})"
@@ -85,3 +94,13 @@ def from_record_error(err: RecordError) -> RequestError:
     Its field is already a path into the HTTP body (`query.features.<g>`, `candidates[i]...`).
     """
     return RequestError("invalid_request", err.message, err.field)
+
+
+class InvalidOutput(ValueError):
+    """A downstream deployment answered with something unusable (wrong shape, NaN, out of range)."""
+
+
+def exception_name(e: BaseException) -> str:
+    """The user-level exception type: Ray wraps remote errors (`RayTaskError(X)`, `.cause`)."""
+    cause = getattr(e, "cause", None)
+    return type(cause).__name__ if isinstance(cause, BaseException) else type(e).__name__

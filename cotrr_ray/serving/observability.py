@@ -1,4 +1,12 @@
-"""What the router records about its decisions: the metrics protocol, exposure records, `/v1/stats` counters."""
+"""What the router records about the requests it handled, in three sinks.
+
+- `Metrics`: the Prometheus-style counters and histograms (`deployments.ServeMetrics` in Serve,
+  `NullMetrics` elsewhere);
+- `ExposureLog`: one JSON line per decision (which arm, which model, fallback), for experiment analysis;
+- `ServingStats`: the in-process counters of one router replica, served by `GET /v1/stats`.
+
+`RerankService` feeds all three; nothing here decides anything.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class Metrics(Protocol):
+    """The metric events of the router (one call each); `deployments.ServeMetrics` exports them."""
+
     def request(self, arm: str, outcome: str, latency_ms: float) -> None: ...
     def rejected(self, code: str) -> None: ...
     def fallback(self, reason: str) -> None: ...
@@ -53,7 +63,20 @@ class ExposureLog:
 
 @dataclass
 class ServingStats:
-    """Counters of one router replica (GET /v1/stats)."""
+    """Counters of one router replica (GET /v1/stats).
+
+    `requests` counts every rerank request that reached the router (bodies refused before parsing
+    included). A finished one was answered 200 (`served`; `fallbacks` of those in upstream order
+    because a scorer failed or timed out), 4xx (`rejected`, by error code) or 500 (`internal_errors`:
+    an unexpected exception, a bug). Requests refused by Serve itself (503 when the replica's queue is
+    full) never reach the router and are not counted. The rates, over `requests`:
+
+    - fallback_rate = sum(fallbacks) / requests: answered 200 in upstream order (not an error);
+    - reject_rate = sum(rejected) / requests: answered 4xx;
+    - error_rate = (sum(rejected) + internal_errors) / requests: answered with an error status (4xx or 5xx).
+
+    All three are 0.0 before the first request.
+    """
 
     requests: int = 0
     served: int = 0
@@ -61,6 +84,7 @@ class ServingStats:
     by_arm: collections.Counter = field(default_factory=collections.Counter)
     fallbacks: collections.Counter = field(default_factory=collections.Counter)
     rejected: collections.Counter = field(default_factory=collections.Counter)
+    internal_errors: int = 0
     calibration_failures: collections.Counter = field(default_factory=collections.Counter)
     shadow: collections.Counter = field(default_factory=collections.Counter)
     shadow_tau_sum: float = 0.0
@@ -76,8 +100,12 @@ class ServingStats:
         p = np.percentile(np.fromiter(values, float), [50, 95, 99])
         return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
 
+    def _rate(self, count: int) -> float:
+        return count / self.requests if self.requests else 0.0
+
     def snapshot(self) -> dict[str, Any]:
         ok = self.shadow["ok"]
+        fallbacks, rejected = sum(self.fallbacks.values()), sum(self.rejected.values())
         return {
             "requests": self.requests,
             "served": self.served,
@@ -86,8 +114,10 @@ class ServingStats:
             "fallbacks": dict(self.fallbacks),
             "rejected": dict(self.rejected),
             "calibration_failures": dict(self.calibration_failures),
-            "error_rate": (sum(self.fallbacks.values()) / self.served) if self.served else 0.0,
-            "reject_rate": (sum(self.rejected.values()) / self.requests) if self.requests else 0.0,
+            "internal_errors": self.internal_errors,
+            "fallback_rate": self._rate(fallbacks),
+            "reject_rate": self._rate(rejected),
+            "error_rate": self._rate(rejected + self.internal_errors),
             "latency_ms": {**self._percentiles(self.latencies_ms), "window": len(self.latencies_ms)},
             "shadow": {
                 "comparisons": ok,

@@ -172,6 +172,15 @@ class ScorerCore:
             r.compute_ms = compute_ms
         return out
 
+    def score_calls(self, calls: list[list[CandidateList]], *, calibrate: bool = False) -> list[list[ScoreResult]]:
+        """`score` over the lists of several calls in one model batch; the results regrouped per call."""
+        results = self.score([cl for call in calls for cl in call], calibrate=calibrate)
+        out, i = [], 0
+        for call in calls:
+            out.append(results[i : i + len(call)])
+            i += len(call)
+        return out
+
     def info(self) -> dict[str, Any]:
         b = self.bundle
         return {
@@ -228,6 +237,22 @@ class CalibratorCore:
         if calibrator is None:
             raise KeyError(f"no calibrator loaded for bundle {item.bundle_id}")
         return calibrator.predict(np.asarray(item.logits, dtype=np.float64))
+
+    def transform_each(self, items: list[CalibrationInput], errors: dict[str, str]) -> list[Any]:
+        """One entry per item: its probabilities, or a RuntimeError that fails only that item.
+
+        `errors` ({bundle_id: message}, from `load_missing`) fails the items of calibrators that did not load.
+        """
+        out: list[Any] = []
+        for item in items:  # one item's failure (unknown bundle) never fails the others
+            if item.bundle_id in errors:
+                out.append(RuntimeError(errors[item.bundle_id]))
+                continue
+            try:
+                out.append(self.transform(item))
+            except Exception as e:
+                out.append(RuntimeError(f"{type(e).__name__}: {e}"))
+        return out
 
     def health_check(self) -> None:
         """Every loaded calibrator maps a grid of logits to finite probabilities in [0, 1]."""

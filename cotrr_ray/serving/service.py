@@ -1,9 +1,13 @@
-"""The router's logic as a plain object (no Ray): `cotrr_ray.serving.deployments.Router` wraps it.
+"""`RerankService`: one rerank request from body to response payload, as a plain object (no Ray, no torch).
 
-`RerankService` assigns the arm, calls scorer and calibrator through injected async callables
-with a bounded budget, orders the list, falls back to upstream order on any downstream failure,
-runs shadow scoring in the background, keeps stats and writes exposure records. It never imports
-torch.
+Per request it parses and validates the body (`api.RequestParser`), assigns the arm
+(`experiments.assignment.decide`), scores the window and calibrates it within one time budget
+through the injected `coalescer.Downstream` calls, orders the list, and falls back to the upstream
+order (flagged, still a 200) when the scorer fails; in shadow mode it scores the treatment in the
+background. What happened goes to `observability` (stats, metrics, exposure log) and `timing`.
+It also answers the GET endpoints' questions (health, model info, stats).
+
+`deployments.Router` (Serve) and `bench/peer_app.py` (one process) are HTTP shells around it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from cotrr_ray.bundles.bundle import BundleMeta
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
 from cotrr_ray.experiments.assignment import decide
-from cotrr_ray.serving.api import ParsedRequest, RequestParser
-from cotrr_ray.serving.coalescer import Call, Downstream, InvalidOutput, call_with_timeout, exception_name
-from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
+from cotrr_ray.serving.coalescer import Downstream, DownstreamCall, call_with_timeout
+from cotrr_ray.serving.errors import InvalidOutput, RequestError, exception_name
 from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, ServingStats
 from cotrr_ray.serving.scorer import CalibrationInput, ScoreResult, synthetic_list
 from cotrr_ray.serving.timing import StageTimings
@@ -39,6 +43,12 @@ class _Outcome:
     probabilities: np.ndarray | None = None
     model_version: str | None = None
     fallback: str | None = None
+
+
+def _check_probabilities(probs: np.ndarray, window: int) -> np.ndarray:
+    if probs.shape != (window,) or not (np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()):
+        raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
+    return probs
 
 
 def _check_logits(result: Any, window: int) -> ScoreResult:
@@ -91,20 +101,47 @@ class RerankService:
 
     # -------------------------------------------------------------- POST /v1/rerank
 
+    async def handle_http(self, request: Any) -> tuple[int, dict[str, Any], StageTimings | None]:
+        """`POST /v1/rerank` from a Starlette request: (status, JSON body, stage timings of a 200).
+
+        A refused request (body too large, invalid) is counted and answered with its error body; any
+        other exception propagates (the HTTP layer answers 500) after being counted.
+        """
+        t0 = time.perf_counter()
+        try:
+            body = await read_body(request, self.args.max_body_bytes)
+        except RequestError as e:
+            self.note_rejected(e)
+            return e.status, e.body(), None
+        timings = StageTimings(read=(time.perf_counter() - t0) * 1000)
+        try:
+            payload = await self.rerank(body, request.headers.get("x-request-id"), timings)
+        except RequestError as e:  # already counted
+            return e.status, e.body(), None
+        return 200, payload, timings
+
     async def rerank(
         self, body: bytes, request_id: str | None = None, timings: StageTimings | None = None
     ) -> dict[str, Any]:
-        """The response payload; `timings`, when given, receives the stage times (Server-Timing)."""
+        """The response payload; `timings`, when given, receives the stage times (Server-Timing).
+
+        Raises `RequestError` for bad input (counted in `rejected`); an unexpected exception is
+        counted in `internal_errors` and re-raised.
+        """
         t0 = time.perf_counter()
-        tm = timings if timings is not None else StageTimings()
-        cfg = self.config
-        request_id = request_id or uuid.uuid4().hex
         self.stats.requests += 1
         try:
-            req = self.parser.parse(body, default_top_m=self.default_top_m)
+            return await self._rerank(body, request_id or uuid.uuid4().hex, timings or StageTimings(), t0)
         except RequestError as e:
             self._count_rejected(e)
             raise
+        except Exception:
+            self.stats.internal_errors += 1
+            raise
+
+    async def _rerank(self, body: bytes, request_id: str, tm: StageTimings, t0: float) -> dict[str, Any]:
+        cfg = self.config
+        req = self.parser.parse(body, default_top_m=self.default_top_m)
         tm.parse = (time.perf_counter() - t0) * 1000
         decision = decide(
             req.unit_id, req.query_id, salt=cfg.experiment_salt, rollout_percentage=cfg.rollout_percentage
@@ -146,7 +183,7 @@ class RerankService:
         self.metrics.rejected(e.code)
 
     async def _score(
-        self, score: Call, req: ParsedRequest, timeout_s: float, who: str, timings: StageTimings
+        self, score: DownstreamCall, req: ParsedRequest, timeout_s: float, who: str, timings: StageTimings
     ) -> _Outcome:
         """Scorer then calibrator within one budget; upstream order on any scorer failure."""
         start = time.perf_counter()
@@ -165,25 +202,8 @@ class RerankService:
         out = _Outcome(model_order(result.logits, n), logits=result.logits, model_version=result.model_version)
         remaining = timeout_s - (scored - start)
         reason = None
-        cal_ms = None  # stays None in fused mode (no calibrator call)
         try:
-            if result.probabilities is not None or self.down.calibrate is None:  # fused: calibrated by the scorer
-                if result.probabilities is None:
-                    raise InvalidOutput("the scorer returned no probabilities and there is no calibrator")
-                probs = np.asarray(result.probabilities)
-            else:
-                if remaining <= 0:
-                    raise TimeoutError
-                cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
-                t_cal = time.perf_counter()
-                probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, remaining))
-                cal_ms = (time.perf_counter() - t_cal) * 1000
-            if probs.shape != (req.window,) or not (
-                np.isfinite(probs).all() and (0 <= probs).all() and (probs <= 1).all()
-            ):
-                raise InvalidOutput(f"calibrator returned probabilities of shape {probs.shape} outside [0, 1]")
-            out.probabilities = probs
-            timings.calibrate = cal_ms
+            out.probabilities, timings.calibrate = await self._calibrate(result, req.window, remaining)
         except TimeoutError:
             reason = "calibrator_timeout"
         except Exception as e:  # ordered by the scorer anyway; probabilities are null
@@ -192,6 +212,19 @@ class RerankService:
             self.stats.calibration_failures[reason] += 1
             self.metrics.calibration_failure(reason)
         return out
+
+    async def _calibrate(self, result: ScoreResult, window: int, timeout_s: float) -> tuple[np.ndarray, float | None]:
+        """Checked probabilities of a scored window and the calibrator's round trip (None when fused)."""
+        if result.probabilities is not None or self.down.calibrate is None:  # fused: calibrated by the scorer
+            if result.probabilities is None:
+                raise InvalidOutput("the scorer returned no probabilities and there is no calibrator")
+            return _check_probabilities(np.asarray(result.probabilities), window), None
+        if timeout_s <= 0:
+            raise TimeoutError
+        cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+        t0 = time.perf_counter()
+        probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
+        return _check_probabilities(probs, window), (time.perf_counter() - t0) * 1000
 
     def _fallback(self, n: int, reason: str) -> _Outcome:
         self.stats.fallbacks[reason] += 1
@@ -299,15 +332,7 @@ class RerankService:
                 checks[name] = {"ok": False, "error": f"{exception_name(e)}: {e}"[:500]}
                 continue
             try:
-                if result.probabilities is not None or self.down.calibrate is None:  # fused
-                    if result.probabilities is None:
-                        raise InvalidOutput("the scorer returned no probabilities and there is no calibrator")
-                    probs = np.asarray(result.probabilities)
-                else:
-                    cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
-                    probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
-                if probs.shape != (cl.window,) or not ((0 <= probs).all() and (probs <= 1).all()):
-                    raise InvalidOutput(f"probabilities of shape {probs.shape} outside [0, 1]")
+                await self._calibrate(result, cl.window, timeout_s)
                 checks.setdefault("calibrator", {"ok": True})
             except Exception as e:
                 checks["calibrator"] = {"ok": False, "error": f"{exception_name(e)}: {e}"[:500]}
@@ -315,7 +340,7 @@ class RerankService:
         return healthy, {"status": "ok" if healthy else "unavailable", "checks": checks}
 
     async def model_info(self) -> dict[str, Any]:
-        async def info(fn: Call | None) -> dict[str, Any] | None:
+        async def info(fn: DownstreamCall | None) -> dict[str, Any] | None:
             if fn is None:
                 return None
             try:

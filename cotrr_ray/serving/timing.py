@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class StageTimings:
     """Wall times (ms) of one rerank request's stages, as the router sees them; None: did not happen.
 
-    Filled by `RerankService.rerank` (and `read` by the HTTP layer before it) and sent back as the W3C
+    Filled by `RerankService.handle_http` (`read`) and `RerankService.rerank` (the rest), and sent back as the W3C
     `Server-Timing` response header, so a client or a browser's devtools sees where a request's time
     went. A stage is recorded only when it succeeded: a fallback carries `parse` and `total` only.
 
@@ -37,8 +37,8 @@ class StageTimings:
 
 _STAGES = tuple(StageTimings.__dataclass_fields__)
 
-
 SERVER_TIMING = "Server-Timing"
+"""The response header's name."""
 
 
 def parse_server_timing(value: str) -> dict[str, float]:
