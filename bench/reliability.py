@@ -39,81 +39,55 @@ tamper, scenario_autoscale) and runs reduced versions against the test session's
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import copy
-import hashlib
 import json
 import os
 import platform
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this file is run or loaded
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-import numpy as np  # noqa: E402
 import orjson  # noqa: E402
-import yaml  # noqa: E402
-
-APP = "rerank"
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 2) if values else None
-
+from kit.bodies import Body, body_from_dict, synthetic_bodies  # noqa: E402, F401  (tests: rel.<name>)
+from kit.bundles import prepare_bundle, tamper  # noqa: E402, F401
+from kit.cluster import (  # noqa: E402, F401
+    APP,
+    Cluster,
+    app_config,
+    app_status,
+    deploy,
+    free_port,
+    httpx_get,
+    kill_replica,
+    replica_actors,
+    replica_states,
+    running,
+    set_user_config,
+    wait_app,
+    wait_config,
+    wait_for,
+)
+from kit.load import Rec, RecordingLoadGen, pct, summarize  # noqa: E402, F401
+from kit.machine import basic_machine, loadavg, say  # noqa: E402, F401
+from kit.report import Check, Report, write_json  # noqa: E402, F401
 
 # ============================================================================ request bodies
 
 
-@dataclass
-class Body:
-    raw: bytes
-    ids: list[str]
-    window: int  # Top-M the router will use (routing top_m, capped by the list length)
-
-
 def make_bodies(top_m: int, *, n_bodies: int = 32, n_candidates: int = 40, seed: int = 20_000) -> list[Body]:
     """Synthetic rerank requests (labels removed): the first top_m candidates carry base64 features."""
-    from cotrr_ray.data.synthetic import generate_query
-    from cotrr_ray.serving.client import request_from_record
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n_bodies):
-        rec = generate_query(rng, f"rel-q{k}", n=n_candidates, top_m=top_m, encoding="base64")
-        body, _ = request_from_record(rec, unit_id=f"u{k}")
-        out.append(Body(orjson.dumps(body), [c["id"] for c in rec["candidates"]], min(top_m, n_candidates)))
-    return out
-
-
-def body_from_dict(body: dict[str, Any], window: int) -> Body:
-    ids = [c["id"] for c in body["candidates"]]
-    return Body(orjson.dumps(body), ids, min(body.get("top_m") or window, len(ids)))
+    return synthetic_bodies(n_bodies=n_bodies, n_candidates=n_candidates, top_m=top_m, seed=seed, query_prefix="rel-q")
 
 
 # ============================================================================ response contract
@@ -171,428 +145,10 @@ def check_response(out: Any, body: Body) -> str | None:
 # ============================================================================ load generator
 
 
-@dataclass
-class Rec:
-    t: float  # start, seconds since the generator started
-    latency_ms: float
-    status: int  # -1 = transport error
-    fallback: str | None = None
-    calibrated: bool | None = None
-    arm: str | None = None
-    model_version: str | None = None
-    problem: str | None = None  # contract violation (check_response) or error text
+class LoadGen(RecordingLoadGen):
+    """`kit.load.RecordingLoadGen` checking every 200 against the rerank contract (`check_response`)."""
 
-
-class LoadGen:
-    """Closed-loop HTTP load: `concurrency` asyncio workers, each sending the next body as soon as
-    its previous request is answered. Runs in a background thread; `set_concurrency` ramps it."""
-
-    def __init__(
-        self,
-        url: str,
-        bodies: list[Body],
-        *,
-        concurrency: int,
-        max_concurrency: int | None = None,
-        total: int | None = None,
-        path: str = "/v1/rerank",
-        timeout_s: float = 30.0,
-    ) -> None:
-        self.url, self.bodies, self.path, self.timeout_s = url, bodies, path, timeout_s
-        self.concurrency = concurrency
-        self.max_concurrency = max(max_concurrency or concurrency, concurrency)
-        self.total = total
-        self.records: list[Rec] = []
-        self._issued = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.t0 = 0.0
-
-    def start(self) -> LoadGen:
-        self.t0 = time.perf_counter()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        return self
-
-    def set_concurrency(self, c: int) -> None:
-        self.concurrency = min(c, self.max_concurrency)
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def stop(self) -> list[Rec]:
-        self._stop.set()
-        return self.join()
-
-    def join(self, timeout_s: float | None = None) -> list[Rec]:
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        return self.records
-
-    @property
-    def done(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
-
-    async def _main(self) -> None:
-        import httpx
-
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits) as client:
-            await asyncio.gather(*(self._worker(client, i) for i in range(self.max_concurrency)))
-
-    async def _worker(self, client: Any, i: int) -> None:
-        headers = {"content-type": "application/json"}
-        while not self._stop.is_set():
-            if i >= self.concurrency:
-                await asyncio.sleep(0.05)
-                continue
-            if self.total is not None and self._issued >= self.total:
-                return
-            k = self._issued
-            self._issued += 1
-            body = self.bodies[k % len(self.bodies)]
-            t = time.perf_counter()
-            try:
-                r = await client.post(self.path, content=body.raw, headers=headers)
-            except Exception as e:  # noqa: BLE001 - a transport failure is a failed request, recorded
-                self.records.append(Rec(t - self.t0, (time.perf_counter() - t) * 1000, -1, problem=repr(e)[:300]))
-                continue
-            latency_ms = (time.perf_counter() - t) * 1000
-            rec = Rec(t - self.t0, latency_ms, r.status_code)
-            if r.status_code == 200:
-                try:
-                    out = orjson.loads(r.content)
-                except orjson.JSONDecodeError:
-                    out = None
-                rec.problem = check_response(out, body)
-                if isinstance(out, dict):
-                    rec.fallback, rec.calibrated = out.get("fallback"), out.get("calibrated")
-                    rec.arm, rec.model_version = out.get("arm"), out.get("model_version")
-            else:
-                rec.problem = f"HTTP {r.status_code}: {r.text[:200]}"
-            self.records.append(rec)
-
-
-def summarize(records: list[Rec], t_from: float = 0.0, t_to: float = float("inf")) -> dict[str, Any]:
-    """Counts and latency of the records that started in [t_from, t_to)."""
-    rs = [r for r in records if t_from <= r.t < t_to]
-    ok = [r for r in rs if r.status == 200]
-    lat = [r.latency_ms for r in ok]
-    span = (max(r.t + r.latency_ms / 1000 for r in rs) - min(r.t for r in rs)) if rs else 0.0
-    return {
-        "requests": len(rs),
-        "ok_200": len(ok),
-        "failed": len(rs) - len(ok),
-        "status": dict(Counter(r.status for r in rs)),
-        "contract_violations": sum(r.problem is not None and r.status == 200 for r in rs),
-        "fallbacks": dict(Counter(r.fallback for r in ok if r.fallback)),
-        "uncalibrated": sum(r.fallback is None and r.calibrated is False and r.model_version is not None for r in ok),
-        "throughput_rps": round(len(rs) / span, 1) if span > 0 else None,
-        "latency_ms": {
-            "p50": pct(lat, 50),
-            "p95": pct(lat, 95),
-            "p99": pct(lat, 99),
-            "max": round(max(lat), 1) if lat else None,
-        },
-        "problems": sorted({r.problem for r in rs if r.problem})[:5],
-    }
-
-
-# ============================================================================ the app and the cluster
-
-
-def app_config(
-    *,
-    http_port: int,
-    bundle: str,
-    name: str = APP,
-    route_prefix: str = "/",
-    control_bundle: str | None = None,
-    top_m: int | None = None,
-    fixed_replicas: dict[str, int] | None = None,
-    deployment_overrides: dict[str, dict[str, Any]] | None = None,
-    exposure_log_path: str | None = None,
-) -> dict[str, Any]:
-    """serve_config.yaml with what a run on a shared box needs changed: HTTP on 127.0.0.1 and a free
-    port, absolute bundle paths, the app name/prefix; optionally a control bundle (adds the
-    ScorerControl entry), a routing top_m, fixed replica counts instead of autoscaling, and
-    per-deployment overrides (merged one level deep: autoscaling_config, ray_actor_options, ...)."""
-    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
-    app = cfg["applications"][0]
-    app.update(name=name, route_prefix=route_prefix)
-    app["args"] = {
-        **app["args"],
-        "bundle_uri": bundle,
-        "control_bundle_uri": control_bundle,
-        "exposure_log_path": exposure_log_path,
-    }
-    deps = {d["name"]: d for d in app["deployments"]}
-    if top_m is not None:
-        deps["Router"]["user_config"]["top_m"] = top_m
-    if control_bundle is not None and "ScorerControl" not in deps:
-        control = {
-            "name": "ScorerControl",
-            "num_replicas": 1,
-            "ray_actor_options": copy.deepcopy(deps["Scorer"]["ray_actor_options"]),
-            "user_config": {"bundle_uri": None, "max_batch_size": 16, "batch_wait_timeout_s": 0.002},
-        }
-        app["deployments"].append(control)
-        deps["ScorerControl"] = control
-    for dep, n in (fixed_replicas or {}).items():
-        deps[dep].pop("autoscaling_config", None)
-        deps[dep]["num_replicas"] = n
-    for dep, over in (deployment_overrides or {}).items():
-        for key, value in over.items():
-            if isinstance(value, dict) and isinstance(deps[dep].get(key), dict):
-                deps[dep][key] = {**deps[dep][key], **value}
-            else:
-                deps[dep][key] = value
-    return cfg
-
-
-def set_user_config(cfg: dict[str, Any], deployment: str, **values: Any) -> dict[str, Any]:
-    """A copy of `cfg` with `values` merged into one deployment's user_config (a live change)."""
-    cfg = copy.deepcopy(cfg)
-    for d in cfg["applications"][0]["deployments"]:
-        if d["name"] == deployment:
-            d["user_config"] = {**d.get("user_config", {}), **values}
-    return cfg
-
-
-def deploy(cfg: dict[str, Any]) -> None:
-    """Submit a config like `serve deploy` does (controller.apply_config), without the CLI round trip."""
-    from ray import serve
-    from ray.serve.schema import ServeDeploySchema
-
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg))
-
-
-def app_status(name: str) -> Any:
-    from ray import serve
-
-    return serve.status().applications.get(name)
-
-
-def replica_states(name: str) -> dict[str, dict[str, int]]:
-    """{deployment: {replica state: count}} from `serve.status()`."""
-    st = app_status(name)
-    if st is None:
-        return {}
-    return {
-        dep: {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()} for dep, d in st.deployments.items()
-    }
-
-
-def running(name: str, deployment: str) -> int:
-    return replica_states(name).get(deployment, {}).get("RUNNING", 0)
-
-
-def replica_actors(name: str, deployment: str) -> list[str]:
-    """Names of the live replica actors of one deployment (`SERVE_REPLICA::<app>#<deployment>#<id>`
-    in namespace "serve"), from the GCS's named actors: a killed actor's name is released at once.
-    (`ray.util.state.list_actors` would also do, but it goes through the dashboard and, on a host
-    running several Ray instances, needs the address spelled out.)"""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{name}#{deployment}#"
-    return sorted(
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "serve" and a["name"].startswith(prefix)
-    )
-
-
-def kill_replica(actor_name: str) -> None:
-    import ray
-
-    ray.kill(ray.get_actor(actor_name, namespace="serve"), no_restart=True)
-
-
-def wait_for(fn, timeout_s: float, interval_s: float = 0.5, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; last {last!r}")
-
-
-def wait_app(name: str, url: str, timeout_s: float = 180.0) -> float:
-    """Wait for RUNNING and a 200 from /healthz; returns the seconds waited."""
-    import httpx
-
-    t0 = time.monotonic()
-
-    def ready() -> bool:
-        st = app_status(name)
-        if st is not None and str(st.status) in ("DEPLOY_FAILED", "ApplicationStatus.DEPLOY_FAILED"):
-            raise RuntimeError(f"deploy of {name} failed: {st.message}")
-        if st is None or "RUNNING" not in str(st.status):
-            return False
-        try:
-            return httpx.get(url + "/healthz", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, timeout_s, 0.5, f"app {name} RUNNING and healthy")
-    return time.monotonic() - t0
-
-
-def wait_config(
-    url: str, *, routing: dict | None = None, scorer: dict | None = None, timeout_s: float = 90.0, samples: int = 4
-) -> dict:
-    """Wait until /v1/model reports the given routing and scorer user_config `samples` times in a row
-    (the Scorer has several replicas: consecutive hits make it likely that each applied it)."""
-    import httpx
-
-    streak = {"n": 0, "model": None}
-
-    def applied():
-        try:
-            model = httpx.get(url + "/v1/model", timeout=10).json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        ok = all(model.get("routing", {}).get(k) == v for k, v in (routing or {}).items())
-        cfg = (model.get("scorer") or {}).get("config", {})
-        ok = ok and all(cfg.get(k) == v for k, v in (scorer or {}).items())
-        streak["n"] = streak["n"] + 1 if ok else 0
-        streak["model"] = model
-        return model if streak["n"] >= samples else None
-
-    return wait_for(applied, timeout_s, 0.3, f"config routing={routing} scorer={scorer}")
-
-
-# ============================================================================ bundles
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tamper(src: Path, dst: Path, kind: str) -> Path:
-    """A copy of bundle `src` made bad in one way:
-    - corrupt: one byte of model.pt flipped (checksum mismatch);
-    - missing: normalizer.json deleted (still listed in the manifest);
-    - spec: an internally consistent bundle for another feature spec (version renamed, fingerprints
-      and checksums updated), which loads fine but must not replace the served one."""
-    from cotrr_ray.core.spec import FeatureSpec
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    if kind == "corrupt":
-        raw = bytearray((dst / "model.pt").read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        (dst / "model.pt").write_bytes(bytes(raw))
-    elif kind == "missing":
-        (dst / "normalizer.json").unlink()
-    elif kind == "spec":
-        spec = json.loads((dst / "feature_spec.json").read_text())
-        spec["version"] = spec["version"] + "-other"
-        fingerprint = FeatureSpec.model_validate(spec).fingerprint()
-        (dst / "feature_spec.json").write_text(json.dumps(spec, indent=2))
-        norm = json.loads((dst / "normalizer.json").read_text())
-        norm["spec_fingerprint"] = fingerprint
-        (dst / "normalizer.json").write_text(json.dumps(norm))
-        manifest = json.loads((dst / "manifest.json").read_text())
-        manifest["feature_spec_fingerprint"] = fingerprint
-        manifest["bundle_id"] = manifest["bundle_id"] + "-otherspec"
-        for name in ("feature_spec.json", "normalizer.json"):
-            manifest["files"][name] = _sha(dst / name)
-        (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    else:
-        raise ValueError(kind)
-    return dst
-
-
-def prepare_bundle(requested: str | None, workdir: Path) -> Path:
-    """Copy the bundle to `workdir` (so nothing changes it mid-run); build a tiny one if missing."""
-    src = Path(requested) if requested else REPO / "artifacts/bundles/demo"
-    dst = workdir / "bundle"
-    if (src / "manifest.json").exists():
-        shutil.copytree(src, dst)
-        return dst
-    say(f"no bundle at {src}: building a tiny one (tests/_bundles.py)")
-    sys.path.insert(0, str(REPO / "tests"))
-    from _bundles import make_bundle, make_data
-
-    return make_bundle(dst, make_data(workdir / "lists.jsonl"), seed=0, steps=30)
-
-
-class Cluster:
-    """A fresh local Ray (ours alone) + Serve on 127.0.0.1:<free port>, dashboard off."""
-
-    def __init__(self, num_cpus: int) -> None:
-        self.num_cpus = num_cpus
-        self.http_port = free_port()
-
-    def __enter__(self) -> Cluster:
-        import ray
-        from ray import serve
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        t0 = time.perf_counter()
-        ray.init(
-            address="local",
-            num_cpus=self.num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
-        self.start_s = time.perf_counter() - t0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-        from ray import serve
-
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    scenario: str
-    checks: list[Check] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def check(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.checks.append(Check(name, bool(ok), detail))
-        say(f"  {'PASS' if ok else 'FAIL'}  {name}  {detail}")
-        return bool(ok)
-
-    def note(self, name: str, detail: str) -> None:
-        """An observation that is reported but neither passes nor fails."""
-        self.data.setdefault("notes", []).append({"name": name, "detail": detail})
-        say(f"  INFO  {name}  {detail}")
-
-    @property
-    def passed(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scenario": self.scenario,
-            "pass": self.passed,
-            "checks": [c.__dict__ for c in self.checks],
-            **self.data,
-        }
+    check_response = staticmethod(check_response)
 
 
 # ============================================================================ autoscale
@@ -918,11 +474,11 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
         deploy(set_user_config(shadow_cfg, "Scorer", **fault))
         wait_config(cluster_url, routing={"shadow_mode": True}, scorer=fault)
         time.sleep(1.0)
-        before = orjson.loads(_get(cluster_url + "/v1/stats"))["shadow"]
+        before = orjson.loads(httpx_get(cluster_url + "/v1/stats"))["shadow"]
         gen = LoadGen(cluster_url, bodies, concurrency=4).start()
         time.sleep(seconds)
         s = summarize(gen.stop())
-        after = orjson.loads(_get(cluster_url + "/v1/stats"))["shadow"]
+        after = orjson.loads(httpx_get(cluster_url + "/v1/stats"))["shadow"]
         shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
         arms = Counter(rec.arm for rec in gen.records)
         phases[phase] = {
@@ -1028,12 +584,6 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
         "(a fresh replica refuses to start on a bundle it cannot load: revert bundle_uri after a refused swap)",
     )
     return rep
-
-
-def _get(url: str) -> bytes:
-    import httpx
-
-    return httpx.get(url, timeout=10).content
 
 
 # ============================================================================ load

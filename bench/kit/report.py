@@ -1,0 +1,233 @@
+"""Tables, plots, JSON and pass/fail reports of the benchmarks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kit.bodies import ENCODINGS
+from kit.load import PROFILE_ROWS
+from kit.machine import say
+
+
+def cpu_ms_per_request(row: dict[str, Any], server: str = "serve") -> dict[str, float]:
+    """Server CPU ms per request of one level, by process group (the peer's row: the peer process only)."""
+    cpu = row["cpu"]
+    window = cpu.get("window_s") or row["duration_s"]
+    n = max(1, row["requests"])
+    keep = ("peer",) if server == "peer" else tuple(k for k in SERVER_PROCESSES if k != "peer")
+    return {k: round(v * window / n * 1000, 3) for k, v in cpu["per_process"].items() if k in keep}
+
+
+SERVER_PROCESSES = (
+    "Router",
+    "Scorer",
+    "ScorerControl",
+    "Calibrator",
+    "proxy",
+    "controller",
+    "ray-system",
+    "ray-worker-other",
+    "peer",
+)
+
+
+def fmt_profile(profile: dict[str, Any], encoding: str | None = None) -> str:
+    """Rows = stages, columns = peer / graph / fused (+ graph - peer): medians in ms."""
+    enc = encoding or profile.get("encoding")
+    cols = profile.get("by_encoding", {}).get(enc) or {
+        k: profile[k] for k in ("peer", "graph", "fused") if k in profile
+    }
+    names = [k for k in ("peer", "graph", "fused") if k in cols]
+    delta = "peer" in cols and "graph" in cols
+    head = f"{'median ms':<40}" + "".join(f"{n:>9}" for n in names) + (f"{'graph-peer':>12}" if delta else "")
+    lines = [
+        f"per-stage profile, c=1, {enc} bodies, {profile.get('requests')} sequential requests per server "
+        "(Server-Timing; medians of per-request values)",
+        head,
+    ]
+
+    def cell(v: float | None, width: int = 9) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.3f}"
+
+    for key, label in PROFILE_ROWS:
+        vals = [cols[n]["median_ms"].get(key) for n in names]
+        line = f"{label:<40}" + "".join(cell(v) for v in vals)
+        if delta:
+            g, p = cols["graph"]["median_ms"].get(key), cols["peer"]["median_ms"].get(key)
+            line += cell(None if g is None else g - (p or 0.0), 12)
+        lines.append(line)
+    lines.append(
+        f"{'requests / errors / fallbacks':<40}"
+        + "".join(
+            f"{str(cols[n]['requests']) + '/' + str(cols[n]['errors']) + '/' + str(cols[n]['fallbacks']):>9}"
+            for n in names
+        )
+    )
+    return "\n".join(lines)
+
+
+def fmt_cpu_per_request(result: dict[str, Any]) -> str:
+    """Server CPU ms per request by process at each server's best-throughput level, next to the limit's
+    (one core, the bare batched pipeline): where the CPU that caps throughput goes."""
+    lines = ["server CPU ms per request by process, at each server's best-throughput level"]
+    encodings = result.get("settings", {}).get("encodings") or list(result.get("limit", {}).get("by_encoding", {}))
+    for enc in encodings:
+        series = [
+            ("graph", result.get("levels", []), "serve"),
+            ("fused", result.get("fused", {}).get("levels", []), "serve"),
+            ("peer", result.get("peer", {}).get("levels", []), "peer"),
+        ]
+        picked = [(name, best(rows, enc), kind) for name, rows, kind in series]
+        picked = [(name, r, cpu_ms_per_request(r, kind)) for name, r, kind in picked if r is not None]
+        procs = [p for p in SERVER_PROCESSES if any(p in by for _, _, by in picked)]
+        lines.append(
+            f"{enc:<8}{'':<8}{'c':>4}{'req/s':>9}{'total':>8}" + "".join(f"{p:>{max(9, len(p) + 2)}}" for p in procs)
+        )
+        lim = result.get("limit", {}).get("by_encoding", {}).get(enc)
+        if lim:
+            cpu_ms = lim["ms_per_request"] * lim.get("cpu_cores", 1.0)
+            lines.append(
+                f"{'':<8}{'limit':<8}{'-':>4}{lim['rps']:>9.1f}{cpu_ms:>8.3f}  (one core, batch {lim['batch_size']})"
+            )
+        for name, r, by in picked:
+            lines.append(
+                f"{'':<8}{name:<8}{r['concurrency']:>4}{r['rps']:>9.1f}{sum(by.values()):>8.3f}"
+                + "".join(
+                    f"{by[p]:>{max(9, len(p) + 2)}.3f}" if p in by else f"{'-':>{max(9, len(p) + 2)}}" for p in procs
+                )
+            )
+    return "\n".join(lines)
+
+
+def fmt_table(rows: list[dict[str, Any]], title: str) -> str:
+    head = (
+        f"{'enc':<7}{'c':>4}{'req/s':>9}{'p50':>9}{'p95':>9}{'p99':>9}{'err':>6}{'fb':>5}{'batch':>7}"
+        f"{'box':>6}{'srv':>6}{'cli':>6}{'other':>6}{'ms/req':>8}  load"
+    )
+    lines = [title, head]
+    for r in rows:
+        b = r.get("scorer_batch_mean")
+        lines.append(
+            f"{r.get('encoding', ''):<7}{r['concurrency']:>4}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['errors']:>6}{r['fallbacks']:>5}{('-' if b is None else f'{b:.1f}'):>7}"
+            f"{r['cpu']['box_cores']:>6.2f}{r['cpu']['server_cores']:>6.2f}{r['cpu']['client_cores']:>6.3f}"
+            f"{r['cpu'].get('foreign_cores', 0.0):>6.2f}"
+            f"{r['server_cpu_ms_per_request']:>8.2f}  {r['loadavg'][0]:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_serve(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    styles = {"cotrr-ray": "-o", "peer": "--s", "fused": ":^", "no coalescing": "-.x"}
+    series = {
+        "cotrr-ray": result["levels"],
+        "peer": result.get("peer", {}).get("levels", []),
+        "fused": result.get("fused", {}).get("levels", []),
+        "no coalescing": result.get("no_coalescing", {}).get("levels", []),
+    }
+    colors = {"json": "tab:blue", "base64": "tab:orange"}
+    for name, rows in series.items():
+        for enc in ENCODINGS:
+            rr = sorted([r for r in rows if r["encoding"] == enc], key=lambda r: r["concurrency"])
+            if not rr:
+                continue
+            cs = [r["concurrency"] for r in rr]
+            axes[0].plot(cs, [r["rps"] for r in rr], styles[name], color=colors[enc], label=f"{name} {enc}")
+            axes[1].plot(cs, [r["p50_ms"] for r in rr], styles[name], color=colors[enc], label=f"{name} {enc} p50")
+    for enc in ENCODINGS:
+        lim = result.get("limit", {}).get("by_encoding", {}).get(enc)
+        if lim:
+            axes[0].axhline(lim["rps"], color=colors[enc], alpha=0.4, lw=1, label=f"limit {enc} (1 core)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("requests / s")
+    axes[0].set_title("throughput")
+    axes[1].set_ylabel("ms")
+    axes[1].set_yscale("log")
+    axes[1].set_title("p50 latency")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(
+        f"cotrr-ray serving: Ray Serve graph vs peer (FastAPI) vs limit — {m['logical_cpus']} CPUs, "
+        f"{m['cpu_model'][:40]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    scenario: str
+    checks: list[Check] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name, bool(ok), detail))
+        say(f"  {'PASS' if ok else 'FAIL'}  {name}  {detail}")
+        return bool(ok)
+
+    def note(self, name: str, detail: str) -> None:
+        """An observation that is reported but neither passes nor fails."""
+        self.data.setdefault("notes", []).append({"name": name, "detail": detail})
+        say(f"  INFO  {name}  {detail}")
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "pass": self.passed,
+            "checks": [c.__dict__ for c in self.checks],
+            **self.data,
+        }
+
+
+def best(rows: list[dict[str, Any]], encoding: str) -> dict[str, Any] | None:
+    cand = [r for r in rows if r["encoding"] == encoding and r["errors"] == 0]
+    return max(cand, key=lambda r: r["rps"]) if cand else None
+
+
+def at(rows: list[dict[str, Any]], encoding: str, c: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["encoding"] == encoding and r["concurrency"] == c), None)
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON types all the way down (numpy scalars to Python numbers, keys to strings)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def write_json(result: dict[str, Any], path: Path, **dump: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, **dump))
+    return path
