@@ -40,16 +40,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +58,11 @@ for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this fil
 
 import orjson  # noqa: E402
 from kit.bodies import Body, body_from_dict, synthetic_bodies  # noqa: E402, F401  (tests: rel.<name>)
-from kit.bundles import prepare_bundle, tamper  # noqa: E402, F401
+from kit.bundles import prepare_bundle  # noqa: E402
 from kit.cluster import (  # noqa: E402, F401
     APP,
     Cluster,
+    ReplicaSampler,
     app_config,
     app_status,
     deploy,
@@ -78,9 +77,14 @@ from kit.cluster import (  # noqa: E402, F401
     wait_config,
     wait_for,
 )
+from kit.contract import LoadGen, check_response  # noqa: E402, F401
+from kit.faults import (
+    kill_under_load,  # noqa: E402
+    tamper,  # noqa: E402, F401
+)
 from kit.load import Rec, RecordingLoadGen, pct, summarize  # noqa: E402, F401
 from kit.machine import basic_machine, loadavg, say  # noqa: E402, F401
-from kit.report import Check, Report, write_json  # noqa: E402, F401
+from kit.report import Check, Report, load_windows, print_windows, write_json  # noqa: E402, F401
 
 # ============================================================================ request bodies
 
@@ -93,62 +97,7 @@ def make_bodies(top_m: int, *, n_bodies: int = 32, n_candidates: int = 40, seed:
 # ============================================================================ response contract
 
 
-def check_response(out: Any, body: Body) -> str | None:
-    """None if `out` is a well-formed rerank response for `body`, else what is wrong.
-
-    - fallback set -> the upstream order, nothing scored, not calibrated;
-    - no model (control without a bundle) -> the upstream order;
-    - model -> the window sorted by score (ties by upstream index), the tail in upstream order,
-      probabilities in [0, 1] iff calibrated.
-    """
-    if not isinstance(out, dict) or set(out) != {
-        "request_id",
-        "model_version",
-        "arm",
-        "shadow",
-        "fallback",
-        "calibrated",
-        "results",
-    }:
-        return f"bad response keys: {str(out)[:200]}"
-    res = out["results"]
-    n = len(body.ids)
-    if len(res) != n or [x["rank"] for x in res] != list(range(n)):
-        return f"{len(res)} results for {n} candidates or bad ranks"
-    if any(body.ids[x["index"]] != x["id"] for x in res):
-        return "id does not match its upstream index"
-    idx = [x["index"] for x in res]
-    if out["fallback"] is not None or out["model_version"] is None:
-        if idx != list(range(n)) or any(x["reranked"] or x["score"] is not None for x in res):
-            return f"fallback {out['fallback']!r} but not the upstream order"
-        if out["calibrated"]:
-            return "calibrated without a model"
-        return None
-    w = body.window
-    head, tail = res[:w], res[w:]
-    if sorted(x["index"] for x in head) != list(range(w)) or [x["index"] for x in tail] != list(range(w, n)):
-        return "window/tail split broken"
-    if not all(x["reranked"] for x in head) or any(x["reranked"] for x in tail):
-        return "reranked flags wrong"
-    for a, b in zip(head[:-1], head[1:]):
-        if not (a["score"] > b["score"] or (a["score"] == b["score"] and a["index"] < b["index"])):
-            return "window not ordered by the scorer's logits"
-    probs = [x["probability"] for x in head]
-    if out["calibrated"]:
-        if not all(p is not None and 0.0 <= p <= 1.0 for p in probs):
-            return "calibrated but probabilities missing or outside [0, 1]"
-    elif any(p is not None for p in probs):
-        return "probabilities present although calibrated is false"
-    return None
-
-
 # ============================================================================ load generator
-
-
-class LoadGen(RecordingLoadGen):
-    """`kit.load.RecordingLoadGen` checking every 200 against the rerank contract (`check_response`)."""
-
-    check_response = staticmethod(check_response)
 
 
 # ============================================================================ autoscale
@@ -210,25 +159,38 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
     ramp = [(2, 8), (8, 8), (32, 20 if quick else 40)]
     cap_s = 60 if quick else 90
     down_budget_s = AUTOSCALE["Scorer"]["look_back_period_s"] + AUTOSCALE["Scorer"]["downscale_delay_s"] + 30
-    timeline: list[dict[str, Any]] = []
-    stop_sampling = threading.Event()
     gen = LoadGen(url, bodies, concurrency=0, max_concurrency=max(c for c, _ in ramp))
-
-    def sample() -> None:
-        while not stop_sampling.is_set():
-            states = replica_states(app)
-            timeline.append(
-                {
-                    "t": round(gen.now(), 1),
-                    "concurrency": gen.concurrency,
-                    **{d: states.get(d, {}) for d in ("Router", "Scorer", "Calibrator")},
-                }
-            )
-            stop_sampling.wait(1.0)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = ReplicaSampler(app, gen)
     gen.start()
     sampler.start()
+    phases = drive_ramp(gen, app, ramp, cap_s)
+    t_stop = gen.now()
+    gen.set_concurrency(0)
+    gen.stop()
+    say(f"  load stopped at t={t_stop:.0f} s; waiting up to {down_budget_s} s for scale-down")
+    wait_scale_down(app, down_budget_s + 30)
+    time.sleep(1.5)
+    timeline = sampler.stop()
+    windows = load_windows(gen.records, timeline, t_stop)
+    total = summarize(gen.records)
+    rep.data.update(
+        config=AUTOSCALE,
+        cpus=AUTOSCALE_CPUS,
+        phases=phases,
+        load_stopped_at_s=round(t_stop, 1),
+        timeline=timeline,
+        windows=windows,
+        total=total,
+        times_s=scaling_times(timeline, t_stop),
+    )
+    print_windows(windows)
+    check_autoscale(rep, t_stop, down_budget_s)
+    return rep
+
+
+def drive_ramp(gen: RecordingLoadGen, app: str, ramp: list[tuple[int, int]], cap_s: float) -> list[dict[str, Any]]:
+    """Each (concurrency, seconds) step in turn; the last one also until both deployments are at max
+    (`cap_s` at most), then a few seconds at full size."""
     phases = []
     smax, cmax = AUTOSCALE["Scorer"]["max_replicas"], AUTOSCALE["Calibrator"]["max_replicas"]
     for k, (c, seconds) in enumerate(ramp):
@@ -249,20 +211,20 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
         if last:
             time.sleep(3.0)  # a few seconds at full size
         phases.append({"concurrency": c, "from_s": round(t, 1), "to_s": round(gen.now(), 1)})
-    t_stop = gen.now()
-    gen.set_concurrency(0)
-    gen.stop()
-    say(f"  load stopped at t={t_stop:.0f} s; waiting up to {down_budget_s} s for scale-down")
+    return phases
 
+
+def wait_scale_down(app: str, timeout_s: float) -> None:
     def at_min() -> bool:  # only min_replicas left, nothing STARTING or STOPPING
         states = replica_states(app)
         return all(states.get(d, {}) == {"RUNNING": AUTOSCALE[d]["min_replicas"]} for d in ("Scorer", "Calibrator"))
 
     with contextlib.suppress(TimeoutError):
-        wait_for(at_min, down_budget_s + 30, 1.0, "scale-down")
-    time.sleep(1.5)
-    stop_sampling.set()
-    sampler.join()
+        wait_for(at_min, timeout_s, 1.0, "scale-down")
+
+
+def scaling_times(timeline: list[dict[str, Any]], t_stop: float) -> dict[str, float | None]:
+    """When each deployment first reached max_replicas, and first was back to one replica after the load."""
 
     def first(pred, after: float = 0.0) -> float | None:
         return next((s["t"] for s in timeline if s["t"] >= after and pred(s)), None)
@@ -270,60 +232,31 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
     def n_run(s: dict, dep: str) -> int:
         return s[dep].get("RUNNING", 0)
 
-    t_scorer_max = first(lambda s: n_run(s, "Scorer") >= smax)
-    t_cal_max = first(lambda s: n_run(s, "Calibrator") >= cmax)
-    t_scorer_down = first(lambda s: n_run(s, "Scorer") == 1 and sum(s["Scorer"].values()) == 1, after=t_stop)
-    t_cal_down = first(lambda s: n_run(s, "Calibrator") == 1 and sum(s["Calibrator"].values()) == 1, after=t_stop)
-    windows = []
-    for t0 in range(0, int(t_stop) + 1, 5):
-        s = summarize(gen.records, t0, t0 + 5)
-        if s["requests"]:
-            at = [x for x in timeline if t0 <= x["t"] < t0 + 5] or [{}]
-            windows.append(
-                {
-                    "t": f"{t0}-{t0 + 5}",
-                    "concurrency": at[-1].get("concurrency"),
-                    "requests": s["requests"],
-                    "rps": s["throughput_rps"],
-                    "p50_ms": s["latency_ms"]["p50"],
-                    "p99_ms": s["latency_ms"]["p99"],
-                    "failed": s["failed"],
-                    "fallbacks": sum(s["fallbacks"].values()),
-                    "scorer_running": at[-1].get("Scorer", {}).get("RUNNING"),
-                    "calibrator_running": at[-1].get("Calibrator", {}).get("RUNNING"),
-                }
-            )
-    total = summarize(gen.records)
-    rep.data.update(
-        config=AUTOSCALE,
-        cpus=AUTOSCALE_CPUS,
-        phases=phases,
-        load_stopped_at_s=round(t_stop, 1),
-        timeline=timeline,
-        windows=windows,
-        total=total,
-        times_s={
-            "scorer_at_max": t_scorer_max,
-            "calibrator_at_max": t_cal_max,
-            "scorer_back_to_min": t_scorer_down,
-            "calibrator_back_to_min": t_cal_down,
-        },
-    )
-    say(
-        f"  {'t(s)':>7} {'c':>3} {'req':>5} {'rps':>6} {'p50':>7} {'p99':>7} {'fail':>4} {'fb':>4} {'scorers':>7} {'calib':>5}"
-    )
-    for w in windows:
-        say(
-            f"  {w['t']:>7} {w['concurrency']!s:>3} {w['requests']:>5} {w['rps']!s:>6} {w['p50_ms']!s:>7} "
-            f"{w['p99_ms']!s:>7} {w['failed']:>4} {w['fallbacks']:>4} {w['scorer_running']!s:>7} {w['calibrator_running']!s:>5}"
-        )
+    def down(dep: str) -> float | None:
+        return first(lambda s: n_run(s, dep) == 1 and sum(s[dep].values()) == 1, after=t_stop)
+
+    return {
+        "scorer_at_max": first(lambda s: n_run(s, "Scorer") >= AUTOSCALE["Scorer"]["max_replicas"]),
+        "calibrator_at_max": first(lambda s: n_run(s, "Calibrator") >= AUTOSCALE["Calibrator"]["max_replicas"]),
+        "scorer_back_to_min": down("Scorer"),
+        "calibrator_back_to_min": down("Calibrator"),
+    }
+
+
+def check_autoscale(rep: Report, t_stop: float, down_budget_s: float) -> None:
+    times, total = rep.data["times_s"], rep.data["total"]
+    smax, cmax = AUTOSCALE["Scorer"]["max_replicas"], AUTOSCALE["Calibrator"]["max_replicas"]
     rep.check(
-        "Scorer scales up to max_replicas under load", t_scorer_max is not None, f"{smax} RUNNING at t={t_scorer_max} s"
+        "Scorer scales up to max_replicas under load",
+        times["scorer_at_max"] is not None,
+        f"{smax} RUNNING at t={times['scorer_at_max']} s",
     )
     rep.check(
-        "Calibrator scales up to max_replicas under load", t_cal_max is not None, f"{cmax} RUNNING at t={t_cal_max} s"
+        "Calibrator scales up to max_replicas under load",
+        times["calibrator_at_max"] is not None,
+        f"{cmax} RUNNING at t={times['calibrator_at_max']} s",
     )
-    for dep, t_down in (("Scorer", t_scorer_down), ("Calibrator", t_cal_down)):
+    for dep, t_down in (("Scorer", times["scorer_back_to_min"]), ("Calibrator", times["calibrator_back_to_min"])):
         took = None if t_down is None else round(t_down - t_stop, 1)
         rep.check(
             f"{dep} back to min_replicas after the load stops",
@@ -336,69 +269,45 @@ def scenario_autoscale(url: str, app: str, bodies: list[Body], *, quick: bool) -
         total["failed"] == 0 and total["contract_violations"] == 0,
         f"{total['requests']} requests, status {total['status']}, fallbacks {total['fallbacks']}",
     )
-    return rep
 
 
 # ============================================================================ faults
 
 
-def kill_under_load(
-    url: str,
-    app: str,
-    bodies: list[Body],
-    deployment: str,
-    *,
-    kill_all: bool,
-    concurrency: int,
-    replace_timeout_s: float,
-    settle_s: float = 3.0,
-) -> dict[str, Any]:
-    """Sustained load; `ray.kill` one (or every) replica actor of `deployment` after `settle_s`; keep
-    the load on until Serve has replaced them (same count RUNNING, new actor names), then `settle_s`
-    more. Returns counts for the whole run and for the outage (kill -> replaced)."""
-    before = replica_actors(app, deployment)
-    want = len(before)
-    gen = LoadGen(url, bodies, concurrency=concurrency).start()
-    time.sleep(settle_s)
-    victims = before if kill_all else before[:1]
-    t_kill = gen.now()
-    for v in victims:
-        kill_replica(v)
-    say(f"  killed {len(victims)} {deployment} replica(s) at t={t_kill:.1f} s under concurrency {concurrency}")
+@dataclass
+class Faults:
+    """What the fault phases share: the app's URL and config, request bodies, the bundle and the report."""
 
-    def replaced():
-        now = replica_actors(app, deployment)
-        return len(now) == want and not set(victims) & set(now) and running(app, deployment) == want and now
-
-    try:
-        after = wait_for(replaced, replace_timeout_s, 0.25, f"{deployment} replacement")
-        t_replaced = gen.now()
-    except TimeoutError:
-        after, t_replaced = replica_actors(app, deployment), None
-    time.sleep(settle_s)
-    records = gen.stop()
-    total = summarize(records)
-    during = summarize(records, t_kill, t_replaced or float("inf"))
-    return {
-        "deployment": deployment,
-        "killed": len(victims),
-        "replicas": want,
-        "kill_at_s": round(t_kill, 1),
-        "replaced_after_s": None if t_replaced is None else round(t_replaced - t_kill, 1),
-        "new_replicas": sorted(set(after) - set(before)),
-        "total": total,
-        "during_outage": during,
-    }
+    url: str
+    cfg: dict[str, Any]
+    bodies: list[Body]
+    bundle: Path
+    workdir: Path
+    bundle_id: str
+    quick: bool
+    rep: Report
 
 
 def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: bool, http_port: int) -> Report:
+    """The recipe: deploy the faults app, then each fault under load, in order."""
+    f = deploy_faults_app(cluster_url, bundle, workdir, quick=quick, http_port=http_port)
+    fault_kill_one_scorer(f)
+    fault_kill_all_scorers(f)
+    fault_kill_calibrator(f)
+    fault_shadow(f)
+    fault_bad_bundles(f)
+    fault_kill_with_refused_bundle(f)
+    return f.rep
+
+
+def deploy_faults_app(cluster_url: str, bundle: Path, workdir: Path, *, quick: bool, http_port: int) -> Faults:
+    """One app with a control bundle (ScorerControl), two Scorer replicas, everything at 0.25 CPU."""
     from cotrr_ray.bundles.bundle import read_meta
 
     rep = Report("faults")
     meta = read_meta(bundle)
     control = workdir / "control"
     shutil.copytree(bundle, control)
-    bodies = make_bodies(meta.top_m)
     cfg = app_config(
         http_port=http_port,
         bundle=str(bundle),
@@ -412,178 +321,191 @@ def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: boo
     cfg = set_user_config(cfg, "Router", rollout_percentage=100)
     deploy(cfg)
     rep.data["deploy_s"] = round(wait_app(APP, cluster_url), 1)
-    conc = 8
+    return Faults(cluster_url, cfg, make_bodies(meta.top_m), bundle, workdir, meta.bundle_id, quick, rep)
 
+
+def fault_kill_one_scorer(f: Faults) -> None:
     say("fault 1: kill one Scorer replica under load")
-    r = kill_under_load(cluster_url, APP, bodies, "Scorer", kill_all=False, concurrency=conc, replace_timeout_s=90)
-    rep.data["scorer_kill_one"] = r
+    r = kill_under_load(f.url, APP, f.bodies, "Scorer", kill_all=False, concurrency=8, replace_timeout_s=90)
+    f.rep.data["scorer_kill_one"] = r
     t = r["total"]
-    rep.check("scorer kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}")
-    rep.check(
+    f.rep.check(
+        "scorer kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
+    )
+    f.rep.check(
         "scorer kill: every response well-formed (fallbacks in upstream order)",
         t["contract_violations"] == 0,
         f"fallbacks {t['fallbacks']}",
     )
-    rep.check(
+    f.rep.check(
         "scorer kill: Serve replaced the replica",
         r["replaced_after_s"] is not None,
         f"after {r['replaced_after_s']} s: {r['new_replicas']}",
     )
 
+
+def fault_kill_all_scorers(f: Faults) -> None:
     say("fault 2: kill every Scorer replica under load")
-    r = kill_under_load(cluster_url, APP, bodies, "Scorer", kill_all=True, concurrency=conc, replace_timeout_s=120)
-    rep.data["scorer_kill_all"] = r
+    r = kill_under_load(f.url, APP, f.bodies, "Scorer", kill_all=True, concurrency=8, replace_timeout_s=120)
+    f.rep.data["scorer_kill_all"] = r
     t, d = r["total"], r["during_outage"]
-    rep.check(
+    f.rep.check(
         "all scorers killed: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
     )
-    rep.check(
+    f.rep.check(
         "all scorers killed: outage answered in upstream order with fallback set",
         t["contract_violations"] == 0 and sum(d["fallbacks"].values()) > 0,
         f"during the outage {d['requests']} requests, fallbacks {d['fallbacks']}",
     )
-    rep.check(
+    f.rep.check(
         "all scorers killed: Serve replaced both", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
     )
 
+
+def fault_kill_calibrator(f: Faults) -> None:
     say("fault 3: kill the Calibrator replica under load")
-    r = kill_under_load(cluster_url, APP, bodies, "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=90)
-    rep.data["calibrator_kill"] = r
-    t, d = r["total"], r["during_outage"]
-    rep.check(
+    r = kill_under_load(f.url, APP, f.bodies, "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=90)
+    f.rep.data["calibrator_kill"] = r
+    t = r["total"]
+    f.rep.check(
         "calibrator kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
     )
-    rep.check(
+    f.rep.check(
         "calibrator kill: still ordered by the scorer, calibrated false while it is down",
         t["contract_violations"] == 0 and t["uncalibrated"] > 0,
         f"{t['uncalibrated']} uncalibrated (model-ordered) answers, fallbacks {t['fallbacks']}",
     )
-    rep.check(
+    f.rep.check(
         "calibrator kill: Serve replaced it", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
     )
 
+
+def shadow_phase(f: Faults, shadow_cfg: dict[str, Any], phase: str, fault: dict[str, Any]) -> dict[str, Any]:
+    """The shadow treatment's Scorer set to `fault`; load on the control for a few seconds."""
+    deploy(set_user_config(shadow_cfg, "Scorer", **fault))
+    wait_config(f.url, routing={"shadow_mode": True}, scorer=fault)
+    time.sleep(1.0)
+    before = orjson.loads(httpx_get(f.url + "/v1/stats"))["shadow"]
+    gen = LoadGen(f.url, f.bodies, concurrency=4).start()
+    time.sleep(6 if f.quick else 12)
+    s = summarize(gen.stop())
+    after = orjson.loads(httpx_get(f.url + "/v1/stats"))["shadow"]
+    shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
+    say(
+        f"  {phase}: p50 {s['latency_ms']['p50']} ms p99 {s['latency_ms']['p99']} ms, {s['requests']} requests, "
+        f"status {s['status']}, shadow {shadow}"
+    )
+    return {
+        **s,
+        "shadow": shadow,
+        "arms": dict(Counter(rec.arm for rec in gen.records)),
+        "control_versions": sorted({rec.model_version for rec in gen.records if rec.model_version}),
+    }
+
+
+def fault_shadow(f: Faults) -> None:
     say("fault 4: shadow treatment slow, then failing; control answers")
-    shadow_cfg = set_user_config(cfg, "Router", shadow_mode=True, shadow_timeout_ms=300)
-    phases = {}
-    seconds = 6 if quick else 12
-    for phase, fault in (
-        ("healthy", {"fault": "none"}),
-        ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
-        ("failing", {"fault": "raise"}),
-    ):
-        deploy(set_user_config(shadow_cfg, "Scorer", **fault))
-        wait_config(cluster_url, routing={"shadow_mode": True}, scorer=fault)
-        time.sleep(1.0)
-        before = orjson.loads(httpx_get(cluster_url + "/v1/stats"))["shadow"]
-        gen = LoadGen(cluster_url, bodies, concurrency=4).start()
-        time.sleep(seconds)
-        s = summarize(gen.stop())
-        after = orjson.loads(httpx_get(cluster_url + "/v1/stats"))["shadow"]
-        shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
-        arms = Counter(rec.arm for rec in gen.records)
-        phases[phase] = {
-            **s,
-            "shadow": shadow,
-            "arms": dict(arms),
-            "control_versions": sorted({rec.model_version for rec in gen.records if rec.model_version}),
-        }
-        say(
-            f"  {phase}: p50 {s['latency_ms']['p50']} ms p99 {s['latency_ms']['p99']} ms, {s['requests']} requests, "
-            f"status {s['status']}, shadow {shadow}"
+    shadow_cfg = set_user_config(f.cfg, "Router", shadow_mode=True, shadow_timeout_ms=300)
+    phases = {
+        phase: shadow_phase(f, shadow_cfg, phase, fault)
+        for phase, fault in (
+            ("healthy", {"fault": "none"}),
+            ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
+            ("failing", {"fault": "raise"}),
         )
-    deploy(set_user_config(cfg, "Scorer", fault="none"))
-    wait_config(cluster_url, routing={"shadow_mode": False}, scorer={"fault": "none"})
-    rep.data["shadow"] = phases
+    }
+    deploy(set_user_config(f.cfg, "Scorer", fault="none"))
+    wait_config(f.url, routing={"shadow_mode": False}, scorer={"fault": "none"})
+    f.rep.data["shadow"] = phases
     base = phases["healthy"]["latency_ms"]
     for phase in ("slow", "failing"):
         p = phases[phase]
-        rep.check(
+        f.rep.check(
             f"shadow {phase}: control responses all 200, ordered, arm=control",
             p["failed"] == 0 and p["contract_violations"] == 0 and set(p["arms"]) == {"control"} and not p["fallbacks"],
             f"{p['requests']} requests, arms {p['arms']}",
         )
         bound = max(1.5 * base["p50"], base["p50"] + 25)
-        rep.check(
+        f.rep.check(
             f"shadow {phase}: control latency unaffected",
             p["latency_ms"]["p50"] <= bound,
             f"p50 {p['latency_ms']['p50']} ms vs healthy {base['p50']} ms (bound {bound:.0f}); "
             f"p99 {p['latency_ms']['p99']} vs {base['p99']} ms",
         )
-    rep.check(
+    slow, failing = phases["slow"]["shadow"], phases["failing"]["shadow"]
+    f.rep.check(
         "shadow slow: treatment timeouts/drops counted",
-        phases["slow"]["shadow"]["timeouts"] + phases["slow"]["shadow"]["dropped"] + phases["slow"]["shadow"]["errors"]
-        > 0,
-        str(phases["slow"]["shadow"]),
+        slow["timeouts"] + slow["dropped"] + slow["errors"] > 0,
+        str(slow),
     )
-    rep.check(
-        "shadow failing: treatment errors counted",
-        phases["failing"]["shadow"]["errors"] > 0,
-        str(phases["failing"]["shadow"]),
-    )
+    f.rep.check("shadow failing: treatment errors counted", failing["errors"] > 0, str(failing))
 
+
+def fault_bad_bundles(f: Faults) -> None:
     say("fault 5: hot swap to bad bundles under load")
-    gen = LoadGen(cluster_url, bodies, concurrency=4).start()
+    gen = LoadGen(f.url, f.bodies, concurrency=4).start()
     swaps = {}
     for kind in ("corrupt", "missing", "spec"):
-        bad = tamper(bundle, workdir / f"bad-{kind}", kind)
-        deploy(set_user_config(cfg, "Scorer", bundle_uri=str(bad)))
+        bad = tamper(f.bundle, f.workdir / f"bad-{kind}", kind)
+        deploy(set_user_config(f.cfg, "Scorer", bundle_uri=str(bad)))
         try:
-            model = wait_config(cluster_url, scorer={"bundle_uri": str(bad)})
+            model = wait_config(f.url, scorer={"bundle_uri": str(bad)})
             err = (model.get("scorer") or {}).get("last_swap_error") or ""
             swaps[kind] = {"model_version": model.get("model_version"), "last_swap_error": err}
         except TimeoutError as e:
             swaps[kind] = {"error": str(e)}
         say(f"  {kind}: {swaps[kind]}")
-    deploy(set_user_config(cfg, "Scorer", bundle_uri=None))
-    wait_config(cluster_url, scorer={"bundle_uri": None})
+    deploy(set_user_config(f.cfg, "Scorer", bundle_uri=None))
+    wait_config(f.url, scorer={"bundle_uri": None})
     time.sleep(1.0)
     s = summarize(gen.stop())
     versions = Counter(rec.model_version for rec in gen.records)
-    rep.data["hot_swap"] = {"swaps": swaps, "load": s, "model_versions": dict(versions)}
+    f.rep.data["hot_swap"] = {"swaps": swaps, "load": s, "model_versions": dict(versions)}
     for kind, expect in (("corrupt", "checksum mismatch"), ("missing", "missing file"), ("spec", "not the served one")):
         err = swaps[kind].get("last_swap_error", "")
-        rep.check(f"hot swap {kind}: refused with a clear message", expect in err, err[:160])
-    rep.check(
+        f.rep.check(f"hot swap {kind}: refused with a clear message", expect in err, err[:160])
+    f.rep.check(
         "hot swap: previous bundle kept serving, zero failed requests",
-        s["failed"] == 0 and s["contract_violations"] == 0 and set(versions) == {meta.bundle_id} and not s["fallbacks"],
+        s["failed"] == 0 and s["contract_violations"] == 0 and set(versions) == {f.bundle_id} and not s["fallbacks"],
         f"{s['requests']} requests, versions {dict(versions)}, fallbacks {s['fallbacks']}",
     )
 
+
+def fault_kill_with_refused_bundle(f: Faults) -> None:
     say("fault 6: a Scorer replica dies while a refused bundle is still configured")
-    bad = workdir / "bad-corrupt"
-    deploy(set_user_config(cfg, "Scorer", bundle_uri=str(bad)))
-    wait_config(cluster_url, scorer={"bundle_uri": str(bad)})
+    bad = f.workdir / "bad-corrupt"
+    deploy(set_user_config(f.cfg, "Scorer", bundle_uri=str(bad)))
+    wait_config(f.url, scorer={"bundle_uri": str(bad)})
     r = kill_under_load(
-        cluster_url, APP, bodies, "Scorer", kill_all=False, concurrency=4, replace_timeout_s=20 if quick else 40
+        f.url, APP, f.bodies, "Scorer", kill_all=False, concurrency=4, replace_timeout_s=20 if f.quick else 40
     )
     st = app_status(APP).deployments["Scorer"]
     r["scorer_status"], r["scorer_message"] = str(st.status), st.message.splitlines()[0][:200] if st.message else ""
-    rep.data["kill_with_refused_bundle_configured"] = r
+    f.rep.data["kill_with_refused_bundle_configured"] = r
     t_revert = time.monotonic()
-    deploy(set_user_config(cfg, "Scorer", bundle_uri=None))
-    wait_config(cluster_url, scorer={"bundle_uri": None})
+    deploy(set_user_config(f.cfg, "Scorer", bundle_uri=None))
+    wait_config(f.url, scorer={"bundle_uri": None})
     try:
         wait_for(lambda: replica_states(APP).get("Scorer") == {"RUNNING": 2}, 90, 0.5, "2 Scorer replicas after revert")
         r["restored_after_revert_s"] = round(time.monotonic() - t_revert, 1)
     except TimeoutError:
         r["restored_after_revert_s"] = None
     t = r["total"]
-    rep.check(
+    f.rep.check(
         "refused bundle configured + replica death: zero failed requests, the survivor serves",
         t["failed"] == 0 and t["contract_violations"] == 0,
         f"{t['requests']} requests, fallbacks {t['fallbacks']}",
     )
-    rep.check(
+    f.rep.check(
         "refused bundle configured + replica death: full capacity back after reverting bundle_uri",
         r["restored_after_revert_s"] is not None,
         f"2 Scorer replicas RUNNING {r['restored_after_revert_s']} s after the revert",
     )
-    rep.note(
+    f.rep.note(
         "refused bundle configured + replica death: replacement",
         f"replaced after {r['replaced_after_s']} s; Scorer {r['scorer_status']}: {r['scorer_message']} "
         "(a fresh replica refuses to start on a bundle it cannot load: revert bundle_uri after a refused swap)",
     )
-    return rep
 
 
 # ============================================================================ load
@@ -635,7 +557,7 @@ def scenario_load(url: str, bundle: Path, *, n: int, concurrency: int, http_port
 # ============================================================================ main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -646,60 +568,77 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, help="load: number of requests (default 10,000; --quick 1,000)")
     p.add_argument("--concurrency", type=int, default=32, help="load: concurrency (default 32)")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray (default 2, the box)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The recipe: a bundle copy, one local cluster, each scenario in turn, the summary."""
+    args = parse_args(argv)
     scenarios = ["autoscale", "faults", "load"] if args.scenario == "all" else [args.scenario]
     out: dict[str, Any] = {
         "command": " ".join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": basic_machine(),
         "loadavg_before": loadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": [],
     }
     say(f"reliability {scenarios}: loadavg {out['loadavg_before']} on {os.cpu_count()} CPUs")
-    reports: list[Report] = []
     with tempfile.TemporaryDirectory(prefix="cotrr-rel-") as tmp:
-        workdir = Path(tmp)
-        bundle = prepare_bundle(args.bundle, workdir)
-        from cotrr_ray.bundles.bundle import read_meta
-
-        meta = read_meta(bundle)
-        out["bundle"] = {"bundle_id": meta.bundle_id, "top_m": meta.top_m}
-        with Cluster(args.num_cpus) as cluster:
-            out["ray_start_s"] = round(cluster.start_s, 1)
-            for name in scenarios:
-                say(f"== {name}")
-                t0 = time.monotonic()
-                la = loadavg()
-                try:
-                    if name == "autoscale":
-                        cfg = autoscale_config(cluster.http_port, str(bundle), meta.top_m)
-                        deploy(cfg)
-                        deploy_s = wait_app(APP, cluster.url)
-                        rep = scenario_autoscale(cluster.url, APP, make_bodies(meta.top_m), quick=args.quick)
-                        rep.data["deploy_s"] = round(deploy_s, 1)
-                    elif name == "faults":
-                        rep = scenario_faults(
-                            cluster.url, bundle, workdir, quick=args.quick, http_port=cluster.http_port
-                        )
-                    else:
-                        n = args.requests or (1_000 if args.quick else 10_000)
-                        rep = scenario_load(
-                            cluster.url, bundle, n=n, concurrency=args.concurrency, http_port=cluster.http_port
-                        )
-                except Exception as e:  # noqa: BLE001 - a crashed scenario is a failed check, reported
-                    rep = Report(name)
-                    rep.check("scenario ran to the end", False, f"{type(e).__name__}: {e}")
-                rep.data["loadavg_start"], rep.data["loadavg_end"] = la, loadavg()
-                rep.data["seconds"] = round(time.monotonic() - t0, 1)
-                reports.append(rep)
-                with contextlib.suppress(Exception):
-                    from ray import serve
-
-                    serve.delete(APP)
+        reports = run_scenarios(args, scenarios, Path(tmp), out)
     out["loadavg_after"] = loadavg()
     out["results"] = [r.to_dict() for r in reports]
     out["pass"] = all(r.passed for r in reports)
+    print_summary(reports, out)
+    if args.json:
+        write_json(out, args.json, indent=2, default=str, newline=True)
+        say(f"wrote {args.json}")
+    return 0 if out["pass"] else 1
+
+
+def run_scenarios(args: argparse.Namespace, scenarios: list[str], workdir: Path, out: dict[str, Any]) -> list[Report]:
+    from cotrr_ray.bundles.bundle import read_meta
+
+    bundle = prepare_bundle(args.bundle, workdir)
+    meta = read_meta(bundle)
+    out["bundle"] = {"bundle_id": meta.bundle_id, "top_m": meta.top_m}
+    reports = []
+    with Cluster(args.num_cpus) as cluster:
+        out["ray_start_s"] = round(cluster.start_s, 1)
+        for name in scenarios:
+            say(f"== {name}")
+            t0 = time.monotonic()
+            la = loadavg()
+            try:
+                rep = run_scenario(name, args, cluster, bundle, workdir, meta.top_m)
+            except Exception as e:  # noqa: BLE001 - a crashed scenario is a failed check, reported
+                rep = Report(name)
+                rep.check("scenario ran to the end", False, f"{type(e).__name__}: {e}")
+            rep.data["loadavg_start"], rep.data["loadavg_end"] = la, loadavg()
+            rep.data["seconds"] = round(time.monotonic() - t0, 1)
+            reports.append(rep)
+            with contextlib.suppress(Exception):
+                from ray import serve
+
+                serve.delete(APP)
+    return reports
+
+
+def run_scenario(
+    name: str, args: argparse.Namespace, cluster: Cluster, bundle: Path, workdir: Path, top_m: int
+) -> Report:
+    if name == "autoscale":
+        deploy(autoscale_config(cluster.http_port, str(bundle), top_m))
+        deploy_s = wait_app(APP, cluster.url)
+        rep = scenario_autoscale(cluster.url, APP, make_bodies(top_m), quick=args.quick)
+        rep.data["deploy_s"] = round(deploy_s, 1)
+        return rep
+    if name == "faults":
+        return scenario_faults(cluster.url, bundle, workdir, quick=args.quick, http_port=cluster.http_port)
+    n = args.requests or (1_000 if args.quick else 10_000)
+    return scenario_load(cluster.url, bundle, n=n, concurrency=args.concurrency, http_port=cluster.http_port)
+
+
+def print_summary(reports: list[Report], out: dict[str, Any]) -> None:
     print()
     say("summary")
     for r in reports:
@@ -710,11 +649,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  => {'PASS' if out['pass'] else 'FAIL'} (loadavg before {out['loadavg_before']}, after {out['loadavg_after']})"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        say(f"wrote {args.json}")
-    return 0 if out["pass"] else 1
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -54,7 +53,6 @@ for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this fil
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import orjson  # noqa: E402
 import yaml  # noqa: E402
 from kit.bodies import ENCODINGS, synthetic_bodies  # noqa: E402
 from kit.cluster import (  # noqa: E402, F401  (re-exported: tests use serve_bench.<name>)
@@ -67,8 +65,9 @@ from kit.cluster import (  # noqa: E402, F401  (re-exported: tests use serve_ben
     serve_config_for_bench,
     wait_healthy,
 )
-from kit.load import LoadGen, _httpx_client_main, profile_server, summarize_profile  # noqa: E402, F401
-from kit.machine import CpuMeter, loadavg, machine_info, remeasure_while_noisy, say  # noqa: E402
+from kit.limit import run_limit  # noqa: E402, F401
+from kit.load import Bench, LoadGen, _httpx_client_main, profile_server, summarize_profile  # noqa: E402, F401
+from kit.machine import CpuMeter, loadavg, machine_info, say  # noqa: E402
 from kit.report import (  # noqa: E402, F401
     at,
     best,
@@ -76,6 +75,9 @@ from kit.report import (  # noqa: E402, F401
     fmt_cpu_per_request,
     fmt_profile,
     fmt_table,
+    print_report,
+    ratios,
+    targets,
     write_json,
 )
 from kit.report import plot_serve as plot  # noqa: E402
@@ -108,192 +110,7 @@ def make_bodies(
 # ============================================================================ the limit (no HTTP, no Ray)
 
 
-def run_limit(bundle_uri: str, bodies: list[bytes], *, batch_size: int, duration_s: float, top_m: int = TOP_M) -> dict:
-    """The bare pipeline in a loop, one thread: parse+validate+features for `batch_size` requests,
-    one model call for the batch (as the Scorer's @serve.batch does), then calibrate, order and
-    serialise each. Per-stage milliseconds per request are reported too."""
-    import torch
-
-    from cotrr_ray.core.ranking import build_results, model_order
-    from cotrr_ray.serving.api import RequestParser
-    from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore
-
-    torch.set_num_threads(1)
-    core = ScorerCore.load(bundle_uri)
-    cal = CalibratorCore()
-    cal.add(bundle_uri)
-    parser = RequestParser(core.bundle.spec, max_top_m=core.bundle.top_m, max_candidates=1000)
-    stages = {"parse_features": 0.0, "model": 0.0, "calibrate": 0.0, "order_serialise": 0.0}
-
-    def one_batch(batch: list[bytes]) -> None:
-        t0 = time.perf_counter()
-        reqs = [parser.parse(b, default_top_m=top_m) for b in batch]
-        t1 = time.perf_counter()
-        results = core.score([r.inputs for r in reqs])
-        t2 = time.perf_counter()
-        probs = [cal.transform(CalibrationInput(s.model_version, s.bundle_path, s.logits)) for s in results]
-        t3 = time.perf_counter()
-        for r, s, p in zip(reqs, results, probs):
-            order = model_order(s.logits, len(r.ids))
-            items = build_results(r.ids, order, window=r.window, logits=s.logits, probabilities=p, top_n=r.top_n)
-            orjson.dumps(
-                {
-                    "request_id": "x",
-                    "model_version": s.model_version,
-                    "arm": "treatment",
-                    "shadow": False,
-                    "fallback": None,
-                    "calibrated": True,
-                    "results": items,
-                }
-            )
-        t4 = time.perf_counter()
-        stages["parse_features"] += t1 - t0
-        stages["model"] += t2 - t1
-        stages["calibrate"] += t3 - t2
-        stages["order_serialise"] += t4 - t3
-
-    for i in range(3):  # warm-up
-        one_batch(bodies[i * batch_size % len(bodies) :][:batch_size] or bodies[:batch_size])
-    for k in stages:
-        stages[k] = 0.0
-    n, k = 0, 0
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < duration_s:
-        batch = [bodies[(k + j) % len(bodies)] for j in range(batch_size)]
-        k += batch_size
-        one_batch(batch)
-        n += batch_size
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    return {
-        "rps": round(n / wall, 2),
-        "ms_per_request": round(wall / n * 1000, 4),
-        "requests": n,
-        "duration_s": round(wall, 3),
-        "batch_size": batch_size,
-        "cpu_cores": round(cpu / wall, 3),
-        "stages_ms_per_request": {k: round(v / n * 1000, 4) for k, v in stages.items()},
-    }
-
-
 # ============================================================================ measuring
-
-
-@dataclass
-class Bench:
-    args: argparse.Namespace
-    meter: CpuMeter = field(default_factory=CpuMeter)
-    max_foreign: float | None = None  # cores used by processes not ours above which a level is re-measured
-    max_wait_s: float = 180.0  # per level, waiting for the box to calm down before giving up (then flagged)
-    wait_budget_s: float = 900.0  # the whole run's waiting, at most
-
-    def level(
-        self,
-        gen: LoadGen,
-        url: str,
-        concurrency: int,
-        **measure: Any,
-    ) -> dict[str, Any]:
-        """One level (`measure`: `_level`'s keywords); on a shared box, re-measured once other people's
-        processes calm down if they used more than `max_foreign` cores during it (`retries`, `noisy` in
-        the row say what happened)."""
-        t_start = time.monotonic()
-        t_end = t_start + min(self.max_wait_s, max(0.0, self.wait_budget_s))
-        row, retries = remeasure_while_noisy(
-            lambda: self._level(gen, url, concurrency, **measure),
-            lambda r: r["cpu"]["foreign_cores"],
-            meter=self.meter,
-            max_foreign=self.max_foreign,
-            deadline=t_end,
-            note=lambda f: say(
-                f"  level c={concurrency}: {f:.2f} cores used by other processes; "
-                "waiting for the box to calm down, then measuring again"
-            ),
-        )
-        self.wait_budget_s -= time.monotonic() - t_start if retries else 0.0
-        row["retries"] = retries
-        return row
-
-    def _level(
-        self,
-        gen: LoadGen,
-        url: str,
-        concurrency: int,
-        *,
-        warmup_s: float,
-        duration_s: float,
-        scrape=None,
-        server: str = "serve",
-    ) -> dict[str, Any]:
-        """Warm-up (discarded), then one measured closed-loop run; CPU and batch sizes over the run."""
-        if warmup_s > 0:
-            gen.run(url, concurrency, warmup_s)
-        la0 = loadavg()
-        b0 = batch_counters(scrape()) if scrape else None
-        s0 = self.meter.snapshot()
-        res = gen.run(url, concurrency, duration_s)
-        s1 = self.meter.snapshot()
-        b1 = batch_counters(scrape()) if scrape else None
-        # the client's CPU comes from rusage: it exits before the second snapshot
-        cpu = CpuMeter.delta(s0, s1, client_cpu_s=res["client_cpu_s"])
-        # "server" = the processes of the server under test (the other one idles meanwhile)
-        peer_cores = cpu["per_process"].get("peer", 0.0)
-        cpu["server_cores"] = round(peer_cores if server == "peer" else cpu["server_cores"] - peer_cores, 3)
-        out = {
-            "concurrency": concurrency,
-            **{k: v for k, v in res.items() if k != "client_cpu_s"},
-            "cpu": cpu,
-            "server_cpu_ms_per_request": round(
-                cpu["server_cores"] * (s1["t"] - s0["t"]) / max(1, res["requests"]) * 1000, 3
-            ),
-            "loadavg": la0,
-        }
-        if b0 is not None and b1 is not None:
-            ds, dc = b1[0] - b0[0], b1[1] - b0[1]
-            out["scorer_batch_mean"] = round(ds / dc, 2) if dc > 0 else None
-            out["scorer_batches"] = int(dc)
-        return out
-
-
-def ratios(levels: list[dict], peer: list[dict], limit: dict[str, dict]) -> dict[str, Any]:
-    by = {}
-    for enc in ENCODINGS:
-        s, p, s1, p1 = best(levels, enc), best(peer, enc), at(levels, enc, 1), at(peer, enc, 1)
-        lim = limit.get(enc)
-        by[enc] = {
-            "rps_vs_peer": round(s["rps"] / p["rps"], 3) if s and p else None,
-            "rps_vs_limit": round(s["rps"] / lim["rps"], 3) if s and lim else None,
-            "p50_vs_peer": round(s1["p50_ms"] / p1["p50_ms"], 3) if s1 and p1 else None,
-            "best_concurrency": s["concurrency"] if s else None,
-            "peer_best_concurrency": p["concurrency"] if p else None,
-        }
-    first = next((e for e in ENCODINGS if e in by and by[e]["rps_vs_peer"] is not None), ENCODINGS[0])
-    return {
-        "rps_vs_peer": by[first]["rps_vs_peer"],
-        "rps_vs_limit": by[first]["rps_vs_limit"],
-        "p50_vs_peer": by[first]["p50_vs_peer"],
-        "encoding": first,
-        "by_encoding": by,
-    }
-
-
-def targets(result: dict[str, Any]) -> dict[str, Any]:
-    levels, r = result["levels"], result["ratios"]["by_encoding"]
-    c64 = [x for x in levels if x["concurrency"] == 64]
-    b64_c1 = at(levels, "base64", 1)
-    out = {}
-    for enc, v in r.items():
-        out[f"rps_vs_peer>=0.8[{enc}]"] = None if v["rps_vs_peer"] is None else v["rps_vs_peer"] >= 0.8
-        out[f"rps_vs_limit>=0.75[{enc}]"] = None if v["rps_vs_limit"] is None else v["rps_vs_limit"] >= 0.75
-        out[f"p50_c1_vs_peer<=1.5[{enc}]"] = None if v["p50_vs_peer"] is None else v["p50_vs_peer"] <= 1.5
-    out["zero_errors_at_c64"] = all(x["errors"] == 0 for x in c64) if c64 else None
-    out["base64_p50_c1<=12ms"] = None if b64_c1 is None else b64_c1["p50_ms"] <= 12.0
-    ov = result.get("overload")
-    if ov:
-        out["overload_shed_with_503_retry_after"] = ov["status_503"] > 0 and ov["retry_after"] == ov["status_503"]
-    return out
 
 
 # ============================================================================ the run: a recipe of phases
@@ -709,49 +526,6 @@ def summarize_run(result: dict[str, Any]) -> None:
 
 
 # ============================================================================ main
-
-
-def print_report(result: dict[str, Any]) -> None:
-    print()
-    print(
-        f"machine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
-        f"load before {result['load']['before']} after {result['load']['after']}, client {result['settings']['client']}, "
-        f"mode {result['settings']['mode']} ({result['settings'].get('target')})"
-    )
-    for enc, lim in result["limit"]["by_encoding"].items():
-        print(
-            f"limit {enc}: {lim['rps']:.1f} req/s ({lim['ms_per_request']:.3f} ms/req, batch {lim['batch_size']}) "
-            f"stages {lim['stages_ms_per_request']}"
-        )
-    print(fmt_table(result["levels"], "\ncotrr-ray (Router -> Scorer -> Calibrator)"))
-    if "peer" in result:
-        print(fmt_table(result["peer"]["levels"], "\npeer (FastAPI + uvicorn, 1 process)"))
-    if "fused" in result:
-        print(fmt_table(result["fused"]["levels"], "\nfused (calibration in the Scorer)"))
-    if "no_coalescing" in result:
-        print(fmt_table(result["no_coalescing"]["levels"], "\nablation: no router-side coalescing"))
-    if "scaleout" in result:
-        print(fmt_table(result["scaleout"]["levels"], "\nscale-out: 2 Scorer replicas (pinned)"))
-        print(f"ratio 2 replicas / 1 replica: {result['scaleout']['ratio_2_vs_1']}")
-    if "overload" in result:
-        o = result["overload"]
-        print(
-            f"\noverload c={o['concurrency']} (router cap {o['router_admission_cap']}): {o['rps']:.1f} req/s, "
-            f"503: {o['status_503']} (Retry-After on {o['retry_after']}), other errors "
-            f"{o['errors'] - o['status_503']}, fallbacks {o['fallbacks']}, p50 {o['p50_ms']:.1f} ms"
-        )
-    if "hop_probe" in result:
-        print(f"\nServe hop floor (median round trip replica -> replica at c=1): {result['hop_probe']}")
-    if "profile" in result:
-        for enc in result["profile"].get("by_encoding", {}) or [result["profile"].get("encoding")]:
-            print("\n" + fmt_profile(result["profile"], enc))
-    print("\n" + fmt_cpu_per_request(result))
-    print(
-        f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
-        f"still noisy after waiting: {result.get('noisy_levels', 0)}"
-    )
-    print("ratios:", json.dumps(result["ratios"]["by_encoding"]))
-    print("targets:", json.dumps(result["targets"], indent=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

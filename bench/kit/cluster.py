@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -491,3 +492,34 @@ def httpx_get(url: str) -> bytes:
     import httpx
 
     return httpx.get(url, timeout=10).content
+
+
+class ReplicaSampler:
+    """Replica states of the app's deployments and the load's concurrency, once a second, in a thread."""
+
+    def __init__(self, app: str, gen: Any) -> None:
+        self.app, self.gen = app, gen
+        self.timeline: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ReplicaSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join()
+        return self.timeline
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            states = replica_states(self.app)
+            self.timeline.append(
+                {
+                    "t": round(self.gen.now(), 1),
+                    "concurrency": self.gen.concurrency,
+                    **{d: states.get(d, {}) for d in ("Router", "Scorer", "Calibrator")},
+                }
+            )
+            self._stop.wait(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -25,6 +26,8 @@ if __package__ in (None, ""):  # run as a script (the httpx client child): bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kit.bodies import Body  # noqa: E402
+from kit.cluster import batch_counters  # noqa: E402
+from kit.machine import CpuMeter, loadavg, remeasure_while_noisy, say  # noqa: E402
 
 WRK_LUA = r"""
 -- closed-loop POST of pre-built bodies, round-robin; counts statuses, fallbacks, Retry-After
@@ -475,3 +478,79 @@ def summarize(records: list[Rec], t_from: float = 0.0, t_to: float = float("inf"
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--_httpx-client"]:
     _httpx_client_main(sys.argv[2:])
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    meter: CpuMeter = field(default_factory=CpuMeter)
+    max_foreign: float | None = None  # cores used by processes not ours above which a level is re-measured
+    max_wait_s: float = 180.0  # per level, waiting for the box to calm down before giving up (then flagged)
+    wait_budget_s: float = 900.0  # the whole run's waiting, at most
+
+    def level(
+        self,
+        gen: LoadGen,
+        url: str,
+        concurrency: int,
+        **measure: Any,
+    ) -> dict[str, Any]:
+        """One level (`measure`: `_level`'s keywords); on a shared box, re-measured once other people's
+        processes calm down if they used more than `max_foreign` cores during it (`retries`, `noisy` in
+        the row say what happened)."""
+        t_start = time.monotonic()
+        t_end = t_start + min(self.max_wait_s, max(0.0, self.wait_budget_s))
+        row, retries = remeasure_while_noisy(
+            lambda: self._level(gen, url, concurrency, **measure),
+            lambda r: r["cpu"]["foreign_cores"],
+            meter=self.meter,
+            max_foreign=self.max_foreign,
+            deadline=t_end,
+            note=lambda f: say(
+                f"  level c={concurrency}: {f:.2f} cores used by other processes; "
+                "waiting for the box to calm down, then measuring again"
+            ),
+        )
+        self.wait_budget_s -= time.monotonic() - t_start if retries else 0.0
+        row["retries"] = retries
+        return row
+
+    def _level(
+        self,
+        gen: LoadGen,
+        url: str,
+        concurrency: int,
+        *,
+        warmup_s: float,
+        duration_s: float,
+        scrape=None,
+        server: str = "serve",
+    ) -> dict[str, Any]:
+        """Warm-up (discarded), then one measured closed-loop run; CPU and batch sizes over the run."""
+        if warmup_s > 0:
+            gen.run(url, concurrency, warmup_s)
+        la0 = loadavg()
+        b0 = batch_counters(scrape()) if scrape else None
+        s0 = self.meter.snapshot()
+        res = gen.run(url, concurrency, duration_s)
+        s1 = self.meter.snapshot()
+        b1 = batch_counters(scrape()) if scrape else None
+        # the client's CPU comes from rusage: it exits before the second snapshot
+        cpu = CpuMeter.delta(s0, s1, client_cpu_s=res["client_cpu_s"])
+        # "server" = the processes of the server under test (the other one idles meanwhile)
+        peer_cores = cpu["per_process"].get("peer", 0.0)
+        cpu["server_cores"] = round(peer_cores if server == "peer" else cpu["server_cores"] - peer_cores, 3)
+        out = {
+            "concurrency": concurrency,
+            **{k: v for k, v in res.items() if k != "client_cpu_s"},
+            "cpu": cpu,
+            "server_cpu_ms_per_request": round(
+                cpu["server_cores"] * (s1["t"] - s0["t"]) / max(1, res["requests"]) * 1000, 3
+            ),
+            "loadavg": la0,
+        }
+        if b0 is not None and b1 is not None:
+            ds, dc = b1[0] - b0[0], b1[1] - b0[1]
+            out["scorer_batch_mean"] = round(ds / dc, 2) if dc > 0 else None
+            out["scorer_batches"] = int(dc)
+        return out

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kit.bodies import ENCODINGS
-from kit.load import PROFILE_ROWS
+from kit.load import PROFILE_ROWS, Rec, summarize
 from kit.machine import say
 
 
@@ -227,7 +227,125 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def write_json(result: dict[str, Any], path: Path, **dump: Any) -> Path:
+def write_json(result: dict[str, Any], path: Path, *, newline: bool = False, **dump: Any) -> Path:
+    """`result` as JSON at `path` (parents created); `dump`: json.dumps keywords."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, **dump))
+    path.write_text(json.dumps(result, **dump) + ("\n" if newline else ""))
     return path
+
+
+def load_windows(records: list[Rec], timeline: list[dict[str, Any]], t_stop: float) -> list[dict[str, Any]]:
+    """Requests, throughput and latency per 5-s window, next to the replica counts at its end."""
+    windows = []
+    for t0 in range(0, int(t_stop) + 1, 5):
+        s = summarize(records, t0, t0 + 5)
+        if s["requests"]:
+            at = [x for x in timeline if t0 <= x["t"] < t0 + 5] or [{}]
+            windows.append(
+                {
+                    "t": f"{t0}-{t0 + 5}",
+                    "concurrency": at[-1].get("concurrency"),
+                    "requests": s["requests"],
+                    "rps": s["throughput_rps"],
+                    "p50_ms": s["latency_ms"]["p50"],
+                    "p99_ms": s["latency_ms"]["p99"],
+                    "failed": s["failed"],
+                    "fallbacks": sum(s["fallbacks"].values()),
+                    "scorer_running": at[-1].get("Scorer", {}).get("RUNNING"),
+                    "calibrator_running": at[-1].get("Calibrator", {}).get("RUNNING"),
+                }
+            )
+    return windows
+
+
+def print_windows(windows: list[dict[str, Any]]) -> None:
+    say(
+        f"  {'t(s)':>7} {'c':>3} {'req':>5} {'rps':>6} {'p50':>7} {'p99':>7} {'fail':>4} {'fb':>4} {'scorers':>7} {'calib':>5}"
+    )
+    for w in windows:
+        say(
+            f"  {w['t']:>7} {w['concurrency']!s:>3} {w['requests']:>5} {w['rps']!s:>6} {w['p50_ms']!s:>7} "
+            f"{w['p99_ms']!s:>7} {w['failed']:>4} {w['fallbacks']:>4} {w['scorer_running']!s:>7} {w['calibrator_running']!s:>5}"
+        )
+
+
+def ratios(levels: list[dict], peer: list[dict], limit: dict[str, dict]) -> dict[str, Any]:
+    by = {}
+    for enc in ENCODINGS:
+        s, p, s1, p1 = best(levels, enc), best(peer, enc), at(levels, enc, 1), at(peer, enc, 1)
+        lim = limit.get(enc)
+        by[enc] = {
+            "rps_vs_peer": round(s["rps"] / p["rps"], 3) if s and p else None,
+            "rps_vs_limit": round(s["rps"] / lim["rps"], 3) if s and lim else None,
+            "p50_vs_peer": round(s1["p50_ms"] / p1["p50_ms"], 3) if s1 and p1 else None,
+            "best_concurrency": s["concurrency"] if s else None,
+            "peer_best_concurrency": p["concurrency"] if p else None,
+        }
+    first = next((e for e in ENCODINGS if e in by and by[e]["rps_vs_peer"] is not None), ENCODINGS[0])
+    return {
+        "rps_vs_peer": by[first]["rps_vs_peer"],
+        "rps_vs_limit": by[first]["rps_vs_limit"],
+        "p50_vs_peer": by[first]["p50_vs_peer"],
+        "encoding": first,
+        "by_encoding": by,
+    }
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    levels, r = result["levels"], result["ratios"]["by_encoding"]
+    c64 = [x for x in levels if x["concurrency"] == 64]
+    b64_c1 = at(levels, "base64", 1)
+    out = {}
+    for enc, v in r.items():
+        out[f"rps_vs_peer>=0.8[{enc}]"] = None if v["rps_vs_peer"] is None else v["rps_vs_peer"] >= 0.8
+        out[f"rps_vs_limit>=0.75[{enc}]"] = None if v["rps_vs_limit"] is None else v["rps_vs_limit"] >= 0.75
+        out[f"p50_c1_vs_peer<=1.5[{enc}]"] = None if v["p50_vs_peer"] is None else v["p50_vs_peer"] <= 1.5
+    out["zero_errors_at_c64"] = all(x["errors"] == 0 for x in c64) if c64 else None
+    out["base64_p50_c1<=12ms"] = None if b64_c1 is None else b64_c1["p50_ms"] <= 12.0
+    ov = result.get("overload")
+    if ov:
+        out["overload_shed_with_503_retry_after"] = ov["status_503"] > 0 and ov["retry_after"] == ov["status_503"]
+    return out
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print()
+    print(
+        f"machine: {result['machine']['cpu_model']} x{result['machine']['logical_cpus']}, "
+        f"load before {result['load']['before']} after {result['load']['after']}, client {result['settings']['client']}, "
+        f"mode {result['settings']['mode']} ({result['settings'].get('target')})"
+    )
+    for enc, lim in result["limit"]["by_encoding"].items():
+        print(
+            f"limit {enc}: {lim['rps']:.1f} req/s ({lim['ms_per_request']:.3f} ms/req, batch {lim['batch_size']}) "
+            f"stages {lim['stages_ms_per_request']}"
+        )
+    print(fmt_table(result["levels"], "\ncotrr-ray (Router -> Scorer -> Calibrator)"))
+    if "peer" in result:
+        print(fmt_table(result["peer"]["levels"], "\npeer (FastAPI + uvicorn, 1 process)"))
+    if "fused" in result:
+        print(fmt_table(result["fused"]["levels"], "\nfused (calibration in the Scorer)"))
+    if "no_coalescing" in result:
+        print(fmt_table(result["no_coalescing"]["levels"], "\nablation: no router-side coalescing"))
+    if "scaleout" in result:
+        print(fmt_table(result["scaleout"]["levels"], "\nscale-out: 2 Scorer replicas (pinned)"))
+        print(f"ratio 2 replicas / 1 replica: {result['scaleout']['ratio_2_vs_1']}")
+    if "overload" in result:
+        o = result["overload"]
+        print(
+            f"\noverload c={o['concurrency']} (router cap {o['router_admission_cap']}): {o['rps']:.1f} req/s, "
+            f"503: {o['status_503']} (Retry-After on {o['retry_after']}), other errors "
+            f"{o['errors'] - o['status_503']}, fallbacks {o['fallbacks']}, p50 {o['p50_ms']:.1f} ms"
+        )
+    if "hop_probe" in result:
+        print(f"\nServe hop floor (median round trip replica -> replica at c=1): {result['hop_probe']}")
+    if "profile" in result:
+        for enc in result["profile"].get("by_encoding", {}) or [result["profile"].get("encoding")]:
+            print("\n" + fmt_profile(result["profile"], enc))
+    print("\n" + fmt_cpu_per_request(result))
+    print(
+        f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
+        f"still noisy after waiting: {result.get('noisy_levels', 0)}"
+    )
+    print("ratios:", json.dumps(result["ratios"]["by_encoding"]))
+    print("targets:", json.dumps(result["targets"], indent=1))
