@@ -51,12 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this file is run or loaded
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import orjson
 
-import orjson  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
+
 from kit.bodies import Body, body_from_dict, synthetic_bodies  # noqa: E402, F401  (tests: rel.<name>)
 from kit.bundles import prepare_bundle  # noqa: E402
 from kit.cluster import (  # noqa: E402, F401
@@ -291,9 +290,7 @@ class Faults:
 def scenario_faults(cluster_url: str, bundle: Path, workdir: Path, *, quick: bool, http_port: int) -> Report:
     """The recipe: deploy the faults app, then each fault under load, in order."""
     f = deploy_faults_app(cluster_url, bundle, workdir, quick=quick, http_port=http_port)
-    fault_kill_one_scorer(f)
-    fault_kill_all_scorers(f)
-    fault_kill_calibrator(f)
+    fault_kills(f)
     fault_shadow(f)
     fault_bad_bundles(f)
     fault_kill_with_refused_bundle(f)
@@ -324,60 +321,47 @@ def deploy_faults_app(cluster_url: str, bundle: Path, workdir: Path, *, quick: b
     return Faults(cluster_url, cfg, make_bodies(meta.top_m), bundle, workdir, meta.bundle_id, quick, rep)
 
 
-def fault_kill_one_scorer(f: Faults) -> None:
-    say("fault 1: kill one Scorer replica under load")
-    r = kill_under_load(f.url, APP, f.bodies, "Scorer", kill_all=False, concurrency=8, replace_timeout_s=90)
-    f.rep.data["scorer_kill_one"] = r
-    t = r["total"]
-    f.rep.check(
-        "scorer kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
-    )
-    f.rep.check(
-        "scorer kill: every response well-formed (fallbacks in upstream order)",
-        t["contract_violations"] == 0,
-        f"fallbacks {t['fallbacks']}",
-    )
-    f.rep.check(
-        "scorer kill: Serve replaced the replica",
-        r["replaced_after_s"] is not None,
-        f"after {r['replaced_after_s']} s: {r['new_replicas']}",
-    )
+def fault_kills(f: Faults) -> None:
+    """Faults 1-3: one Scorer replica, every Scorer replica, the Calibrator replica killed under load."""
+    for n, what, key, deployment, kill_all, concurrency, timeout_s in (
+        (1, "one Scorer replica", "scorer_kill_one", "Scorer", False, 8, 90),
+        (2, "every Scorer replica", "scorer_kill_all", "Scorer", True, 8, 120),
+        (3, "the Calibrator replica", "calibrator_kill", "Calibrator", True, 4, 90),
+    ):
+        say(f"fault {n}: kill {what} under load")
+        r = f.rep.data[key] = kill_under_load(
+            f.url, APP, f.bodies, deployment, kill_all=kill_all, concurrency=concurrency, replace_timeout_s=timeout_s
+        )
+        check_kill(f.rep, key, r)
 
 
-def fault_kill_all_scorers(f: Faults) -> None:
-    say("fault 2: kill every Scorer replica under load")
-    r = kill_under_load(f.url, APP, f.bodies, "Scorer", kill_all=True, concurrency=8, replace_timeout_s=120)
-    f.rep.data["scorer_kill_all"] = r
+KILL_CHECKS = {  # data key -> (label, the check of the answers while it is down, what Serve replaced)
+    "scorer_kill_one": (
+        "scorer kill",
+        "every response well-formed (fallbacks in upstream order)",
+        "the replica",
+    ),
+    "scorer_kill_all": ("all scorers killed", "outage answered in upstream order with fallback set", "both"),
+    "calibrator_kill": ("calibrator kill", "still ordered by the scorer, calibrated false while it is down", "it"),
+}
+
+
+def check_kill(rep: Report, key: str, r: dict[str, Any]) -> None:
+    """Zero failed requests, the answers while it was down, and Serve replacing what was killed."""
+    label, answers, replaced = KILL_CHECKS[key]
     t, d = r["total"], r["during_outage"]
-    f.rep.check(
-        "all scorers killed: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
-    )
-    f.rep.check(
-        "all scorers killed: outage answered in upstream order with fallback set",
-        t["contract_violations"] == 0 and sum(d["fallbacks"].values()) > 0,
-        f"during the outage {d['requests']} requests, fallbacks {d['fallbacks']}",
-    )
-    f.rep.check(
-        "all scorers killed: Serve replaced both", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
-    )
-
-
-def fault_kill_calibrator(f: Faults) -> None:
-    say("fault 3: kill the Calibrator replica under load")
-    r = kill_under_load(f.url, APP, f.bodies, "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=90)
-    f.rep.data["calibrator_kill"] = r
-    t = r["total"]
-    f.rep.check(
-        "calibrator kill: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}"
-    )
-    f.rep.check(
-        "calibrator kill: still ordered by the scorer, calibrated false while it is down",
-        t["contract_violations"] == 0 and t["uncalibrated"] > 0,
-        f"{t['uncalibrated']} uncalibrated (model-ordered) answers, fallbacks {t['fallbacks']}",
-    )
-    f.rep.check(
-        "calibrator kill: Serve replaced it", r["replaced_after_s"] is not None, f"after {r['replaced_after_s']} s"
-    )
+    rep.check(f"{label}: zero failed requests", t["failed"] == 0, f"{t['requests']} requests, status {t['status']}")
+    if key == "scorer_kill_one":
+        ok, detail = t["contract_violations"] == 0, f"fallbacks {t['fallbacks']}"
+    elif key == "scorer_kill_all":
+        ok = t["contract_violations"] == 0 and sum(d["fallbacks"].values()) > 0
+        detail = f"during the outage {d['requests']} requests, fallbacks {d['fallbacks']}"
+    else:
+        ok = t["contract_violations"] == 0 and t["uncalibrated"] > 0
+        detail = f"{t['uncalibrated']} uncalibrated (model-ordered) answers, fallbacks {t['fallbacks']}"
+    rep.check(f"{label}: {answers}", ok, detail)
+    after = f"after {r['replaced_after_s']} s" + (f": {r['new_replicas']}" if key == "scorer_kill_one" else "")
+    rep.check(f"{label}: Serve replaced {replaced}", r["replaced_after_s"] is not None, after)
 
 
 def shadow_phase(f: Faults, shadow_cfg: dict[str, Any], phase: str, fault: dict[str, Any]) -> dict[str, Any]:

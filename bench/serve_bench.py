@@ -48,12 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this file is run or loaded
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import yaml
 
-import yaml  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
+
 from kit.bodies import ENCODINGS, synthetic_bodies  # noqa: E402
 from kit.cluster import (  # noqa: E402, F401  (re-exported: tests use serve_bench.<name>)
     SERVE_ENV,
@@ -70,6 +69,7 @@ from kit.load import Bench, LoadGen, _httpx_client_main, profile_server, summari
 from kit.machine import CpuMeter, loadavg, machine_info, say  # noqa: E402
 from kit.report import (  # noqa: E402, F401
     at,
+    bench_parser,
     best,
     cpu_ms_per_request,
     fmt_cpu_per_request,
@@ -78,7 +78,7 @@ from kit.report import (  # noqa: E402, F401
     print_report,
     ratios,
     targets,
-    write_json,
+    write_outputs,
 )
 from kit.report import plot_serve as plot  # noqa: E402
 
@@ -529,12 +529,12 @@ def summarize_run(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = bench_parser(
+        __doc__,
+        quick="~2 minutes: c=1,16,64, short levels, no fused/scale-out",
+        json="write the result here (default bench/results/serve.json)",
+        png="plot (default: the JSON path with .png)",
     )
-    p.add_argument("--quick", action="store_true", help="~2 minutes: c=1,16,64, short levels, no fused/scale-out")
-    p.add_argument("--json", default=None, help="write the result here (default bench/results/serve.json)")
-    p.add_argument("--png", default=None, help="plot (default: the JSON path with .png)")
     p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16,32,64)")
     p.add_argument("--encodings", default=",".join(ENCODINGS))
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per level (default 2; quick 1)")
@@ -604,10 +604,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run_benchmark(args)
     print_report(result)
-    out = write_json(result, Path(args.json) if args.json else REPO / "bench/results/serve.json", indent=1)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
-    plot(result, png)
-    say(f"wrote {out} and {png} ({result['wall_s']:.0f} s)")
+    write_outputs(result, args.json or REPO / "bench/results/serve.json", args.png, plot)
     return result
 
 

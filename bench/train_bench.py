@@ -38,14 +38,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "bench"):  # the package and bench/kit, however this file is run or loaded
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
 
 import torch  # noqa: E402
 from kit.cluster import init_local_ray  # noqa: E402
 from kit.machine import calm_run, loadavg, machine_info, say  # noqa: E402, F401  (tests: train_bench.machine_info)
-from kit.report import write_json  # noqa: E402
+from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
 from cotrr_ray.training.loop import fit  # noqa: E402
@@ -325,14 +323,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     title = "loss curves" + ("" if gpu_runs else " (GPU section skipped: no CUDA)")
     axes[2].set_title(title)
     axes[2].legend(fontsize=7)
-    fig.suptitle(
-        f"cotrr-ray training: plain PyTorch vs Ray Train — {result['machine']['logical_cpus']} CPUs "
-        f"{result['machine']['cpu_model'][:40]}",
-        fontsize=9,
+    m = result["machine"]
+    save_figure(
+        fig, path, f"cotrr-ray training: plain PyTorch vs Ray Train — {m['logical_cpus']} CPUs {m['cpu_model'][:40]}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ============================================================================ main
@@ -454,12 +448,12 @@ def cpu_ratios(cpu: dict[str, Any], amp: str, other: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = bench_parser(
+        __doc__,
+        quick="small data (300 queries), 3 epochs, Ray at 1 worker only",
+        json="default bench/results/train.json (quick: train_quick.json)",
+        png="default: the JSON path with .png",
     )
-    p.add_argument("--quick", action="store_true", help="small data (300 queries), 3 epochs, Ray at 1 worker only")
-    p.add_argument("--json", default=None, help="default bench/results/train.json (quick: train_quick.json)")
-    p.add_argument("--png", default=None, help="default: the JSON path with .png")
     p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
     p.add_argument("--queries", type=int, default=None, help="synthetic queries (default: the config's; quick 300)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6; quick 3)")
@@ -491,10 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_benchmark(args)
     print_table(result)
     default = "bench/results/train_quick.json" if args.quick else "bench/results/train.json"
-    out = write_json(result, Path(args.json) if args.json else REPO / default, indent=1)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
-    plot(result, png)
-    say(f"wrote {out} and {png} ({result['wall_s']:.0f} s)")
+    write_outputs(result, args.json or REPO / default, args.png, plot)
     return result
 
 

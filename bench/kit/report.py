@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +162,18 @@ def plot_serve(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"cotrr-ray serving: Ray Serve graph vs peer (FastAPI) vs limit — {m['logical_cpus']} CPUs, "
         f"{m['cpu_model'][:40]}",
-        fontsize=9,
     )
+
+
+def save_figure(fig: Any, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -225,6 +233,23 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return x
+
+
+def bench_parser(doc: str, *, quick: str, json: str, png: str) -> argparse.ArgumentParser:
+    """The parser every plotting bench starts from: its docstring's first line, --quick, --json, --png."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--json", default=None, help=json)
+    p.add_argument("--png", default=None, help=png)
+    return p
+
+
+def write_outputs(result: dict[str, Any], json_path: str | Path, png: str | Path | None, plot: Any) -> None:
+    """The result as JSON (indent 1) and its plot (default: the JSON path with .png)."""
+    out = write_json(result, Path(json_path), indent=1)
+    png = Path(png) if png else out.with_suffix(".png")
+    plot(result, png)
+    say(f"wrote {out} and {png} ({result['wall_s']:.0f} s)")
 
 
 def write_json(result: dict[str, Any], path: Path, *, newline: bool = False, **dump: Any) -> Path:
