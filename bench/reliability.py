@@ -56,19 +56,16 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
 
-from kit.bodies import Body, body_from_dict, synthetic_bodies  # noqa: E402, F401  (tests: rel.<name>)
+from kit.bodies import Body, synthetic_bodies  # noqa: E402
 from kit.bundles import prepare_bundle  # noqa: E402
-from kit.cluster import (  # noqa: E402, F401
+from kit.cluster import (  # noqa: E402
     APP,
     Cluster,
     ReplicaSampler,
     app_config,
     app_status,
     deploy,
-    free_port,
     httpx_get,
-    kill_replica,
-    replica_actors,
     replica_states,
     running,
     set_user_config,
@@ -76,14 +73,11 @@ from kit.cluster import (  # noqa: E402, F401
     wait_config,
     wait_for,
 )
-from kit.contract import LoadGen, check_response  # noqa: E402, F401
-from kit.faults import (
-    kill_under_load,  # noqa: E402
-    tamper,  # noqa: E402, F401
-)
-from kit.load import Rec, RecordingLoadGen, pct, summarize  # noqa: E402, F401
-from kit.machine import basic_machine, loadavg, say  # noqa: E402, F401
-from kit.report import Check, Report, load_windows, print_windows, write_json  # noqa: E402, F401
+from kit.contract import LoadGen, check_response  # noqa: E402, F401  (check_response: the module API)
+from kit.faults import kill_under_load, tamper  # noqa: E402
+from kit.load import RecordingLoadGen, summarize  # noqa: E402
+from kit.machine import basic_machine, loadavg, say  # noqa: E402
+from kit.report import Report, load_windows, print_windows, write_json  # noqa: E402
 
 # ============================================================================ request bodies
 
