@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -51,32 +50,52 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from kit.letor import (  # noqa: E402
+    CALIBRATION_KEYS,
+    METHODS,
+    OURS,
+    inner_folds,
+    lgb_cv_method,
+    lgb_fixed_method,
+    lgb_grid,
+    mean_ndcg10,
+    per_query,
+    pooled_cal,
+    repeated_result,
+    ridge_method,
+    split_result,
+)
+from kit.machine import basic_machine  # noqa: E402
+from kit.report import jsonable  # noqa: E402
 
 from cotrr_ray.bundles.bundle import Bundle  # noqa: E402
 from cotrr_ray.config import TrainConfig  # noqa: E402
-from cotrr_ray.core.features import CandidateList, FeatureNormalizer  # noqa: E402
-from cotrr_ray.core.metrics import bootstrap_ci, calibration_report, paired_bootstrap_ci, ranking_report, sigmoid  # noqa: E402
+from cotrr_ray.core.features import (
+    CandidateList,  # noqa: E402
+    labels01,  # noqa: E402
+)
+from cotrr_ray.core.metrics import ranking_report, sigmoid  # noqa: E402
 from cotrr_ray.data.readers import file_fingerprint, letor_spec, read_letor  # noqa: E402
 from cotrr_ray.data.splits import split_by_query  # noqa: E402
-from cotrr_ray.training.crossfit import (
+from cotrr_ray.training.checkpoints import model_from_state  # noqa: E402
+from cotrr_ray.training.crossfit import (  # noqa: E402
     aligned_logits,
     assign_folds,
     fit_oof_calibrator,
-    labels01,
-    model_from_state,
     moment_alignment,
-    prepare_splits,
     train_in_process,
 )
-from cotrr_ray.training.evaluate import RANKING_METRICS, _as_scores, evaluate_lists, final_order  # noqa: E402
-from cotrr_ray.training.prepare import window_logits  # noqa: E402
+from cotrr_ray.training.evaluate import RANKING_METRICS, evaluate_lists  # noqa: E402
+from cotrr_ray.training.prepare import (
+    prepare_splits,  # noqa: E402
+    window_logits,  # noqa: E402
+)
 
-REPO = Path(__file__).resolve().parent.parent
-OURS = "cotrr-ray"
-METHODS = ("upstream", "ridge", "lambdamart_fixed", "lambdamart_cv", OURS)
 LABELS = {
     "upstream": "upstream order",
     "ridge": "ridge (CV alpha)",
@@ -86,7 +105,6 @@ LABELS = {
 }
 CV_SALT = "quality-bench-cv"
 FIXED_SALT = "quality-bench-fixed"
-CROSSFIT_SALT = "cotrr-crossfit"  # = cotrr_ray.training.crossfit.cross_fit's default: inner folds == cross-fit folds
 
 
 @dataclass
@@ -146,115 +164,7 @@ def quick_settings() -> Settings:
 # --------------------------------------------------------------------------- metrics
 
 
-def per_query(lists: list[CandidateList], window_scores: list[np.ndarray], thr: float) -> dict[str, np.ndarray]:
-    """Per-query nDCG@1/5/10 and MRR of the served order (window by score, tail upstream), exactly
-    as `evaluate_lists` computes its "model" variant. Arrays hold the queries with a relevant
-    candidate, in list order (the skip rule depends on labels only, so methods stay aligned)."""
-    pairs = [
-        (_as_scores(final_order(np.asarray(s, np.float64), len(cl))), cl.labels)
-        for cl, s in zip(lists, window_scores, strict=True)
-    ]
-    rep = ranking_report(pairs, relevant_threshold=thr)
-    return {m: rep[m] for m in RANKING_METRICS}
-
-
-def mean_ndcg10(lists: list[CandidateList], scores: list[np.ndarray], thr: float) -> tuple[float, int]:
-    v = per_query(lists, scores, thr)["ndcg@10"]
-    return (float(v.sum()), int(v.size))
-
-
-def split_rows(scores: np.ndarray, lists: list[CandidateList]) -> list[np.ndarray]:
-    out, o = [], 0
-    for cl in lists:
-        out.append(scores[o : o + cl.window])
-        o += cl.window
-    return out
-
-
 # --------------------------------------------------------------------------- baselines
-
-
-def _x_norm(lists: list[CandidateList], norm: FeatureNormalizer, group: str) -> np.ndarray:
-    return np.concatenate([norm.transform(cl)["candidate"][group] for cl in lists])
-
-
-def _x_raw(lists: list[CandidateList], group: str) -> np.ndarray:
-    return np.concatenate([cl.features[group] for cl in lists])
-
-
-def _y(lists: list[CandidateList]) -> np.ndarray:
-    return np.concatenate([cl.labels[: cl.window] for cl in lists])  # type: ignore[index]
-
-
-def inner_folds(lists: list[CandidateList], k: int) -> list[tuple[list[CandidateList], list[CandidateList]]]:
-    fold = assign_folds([cl.query_id for cl in lists], k, CROSSFIT_SALT)
-    return [
-        ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i]) for i in range(k)
-    ]
-
-
-def ridge_method(train, test, spec, group, k, s: Settings, thr) -> tuple[list[np.ndarray], dict[str, Any]]:
-    from sklearn.linear_model import Ridge
-
-    totals = np.zeros(len(s.ridge_alphas))
-    count = 0
-    for a, b in inner_folds(train, k):
-        norm = FeatureNormalizer(spec).fit(a)
-        xa, xb, ya = _x_norm(a, norm, group), _x_norm(b, norm, group), _y(a)
-        for j, alpha in enumerate(s.ridge_alphas):
-            tot, n = mean_ndcg10(b, split_rows(Ridge(alpha=alpha).fit(xa, ya).predict(xb), b), thr)
-            totals[j] += tot
-        count += n
-    best = int(np.argmax(totals))
-    alpha = s.ridge_alphas[best]
-    norm = FeatureNormalizer(spec).fit(train)
-    model = Ridge(alpha=alpha).fit(_x_norm(train, norm, group), _y(train))
-    return split_rows(model.predict(_x_norm(test, norm, group)), test), {
-        "alpha": alpha,
-        "inner_ndcg@10": float(totals[best] / max(count, 1)),
-    }
-
-
-def _lgb(params: dict[str, Any], seed: int = 0):
-    import lightgbm as lgb
-
-    return lgb.LGBMRanker(objective="lambdarank", verbose=-1, n_jobs=1, random_state=seed, **params)
-
-
-def _lgb_fit(params, lists, group):
-    return _lgb(params).fit(_x_raw(lists, group), _y(lists).astype(int), group=[cl.window for cl in lists])
-
-
-def lgb_fixed_method(train, test, group, s: Settings) -> tuple[list[np.ndarray], dict[str, Any]]:
-    model = _lgb_fit(s.lgb_fixed, train, group)
-    return split_rows(model.predict(_x_raw(test, group)), test), dict(s.lgb_fixed)
-
-
-def lgb_grid(s: Settings) -> list[dict[str, Any]]:
-    import itertools
-
-    keys = sorted(s.lgb_grid)
-    return [dict(s.lgb_base, **dict(zip(keys, vals))) for vals in itertools.product(*(s.lgb_grid[k] for k in keys))]
-
-
-def lgb_cv_method(train, test, group, k, s: Settings, thr) -> tuple[list[np.ndarray], dict[str, Any]]:
-    grid = lgb_grid(s)
-    totals = np.zeros((len(grid), len(s.lgb_rounds)))
-    count = 0
-    for a, b in inner_folds(train, k):
-        xb = _x_raw(b, group)
-        for g, params in enumerate(grid):
-            model = _lgb_fit(dict(params, n_estimators=max(s.lgb_rounds)), a, group)
-            for r, rounds in enumerate(s.lgb_rounds):
-                totals[g, r] += mean_ndcg10(b, split_rows(model.predict(xb, num_iteration=rounds), b), thr)[0]
-        count += mean_ndcg10(b, [np.zeros(cl.window) for cl in b], thr)[1]
-    g, r = np.unravel_index(int(np.argmax(totals)), totals.shape)
-    params = dict(grid[g], n_estimators=s.lgb_rounds[r])
-    model = _lgb_fit(params, train, group)
-    return split_rows(model.predict(_x_raw(test, group)), test), {
-        **params,
-        "inner_ndcg@10": float(totals[g, r] / max(count, 1)),
-    }
 
 
 # --------------------------------------------------------------------------- cotrr-ray
@@ -384,28 +294,6 @@ def repeated_name(folds: int, repeats: int) -> str:
     return f"cv{folds}x{repeats}"
 
 
-def _summary(values: dict[str, dict[str, np.ndarray]], n_boot: int) -> tuple[dict, dict]:
-    methods = {}
-    for name, v in values.items():
-        methods[name] = {m: float(v[m].mean()) for m in RANKING_METRICS}
-        methods[name]["ndcg@10_ci"] = list(bootstrap_ci(v["ndcg@10"], n_boot=n_boot))
-    paired = {}
-    for name in values:
-        if name == OURS:
-            continue
-        entry = {}
-        for m in RANKING_METRICS:
-            d = values[OURS][m] - values[name][m]
-            entry[m] = {
-                "mean": float(d.mean()),
-                "ci": list(paired_bootstrap_ci(values[OURS][m], values[name][m], n_boot=n_boot)),
-                "wins": int((d > 1e-12).sum()),
-                "losses": int((d < -1e-12).sum()),
-            }
-        paired[f"{OURS} - {name}"] = entry
-    return methods, paired
-
-
 def run_part(task: dict[str, Any]) -> dict[str, Any]:
     """One (train, test) split: every method, scored per query. Top-level so a process pool can run it."""
     torch.set_num_threads(1)
@@ -452,59 +340,7 @@ def run_part(task: dict[str, Any]) -> dict[str, Any]:
     return {"values": values, "query_ids": [test[i].query_id for i in used], "cal": cal, "info": info}
 
 
-CALIBRATION_KEYS = {  # run_part's "cal" key -> report name
-    "calibrated": "cross_fit_isotonic",
-    "unaligned": "cross_fit_unaligned",
-    "raw": "raw_sigmoid",
-    "base_rate": "base_rate",
-}
 CURVES = {"raw sigmoid": "raw", "cross-fit isotonic": "calibrated", "base rate": "base_rate"}  # reliability diagram
-
-
-def _pooled_cal(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {key: np.concatenate([r["cal"][key] for r in parts]) for key in parts[0]["cal"]}
-
-
-def _calibration(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    cal = _pooled_cal(parts)
-    return {name: calibration_report(cal[key], cal["y"]) for key, name in CALIBRATION_KEYS.items()}
-
-
-def _split_result(parts: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
-    """One split's parts pooled: each test query once."""
-    pooled = {m: {k: np.concatenate([r["values"][m][k] for r in parts]) for k in RANKING_METRICS} for m in METHODS}
-    methods, paired = _summary(pooled, n_boot)
-    return {
-        "queries": int(pooled[OURS]["ndcg@10"].size),
-        "methods": methods,
-        "paired": paired,
-        "calibration": _calibration(parts),
-        "per_part": [r["info"] for r in parts],
-        "seconds": round(sum(r["info"]["seconds"] for r in parts), 1),
-    }
-
-
-def _repeated_result(parts: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
-    """Repeated CV: each query's metrics averaged over the repeats (one test per repeat), so the
-    bootstrap still resamples queries, the unit that is independent; calibration pools every row."""
-    acc: dict[str, dict[str, dict[str, list[float]]]] = {m: {k: {} for k in RANKING_METRICS} for m in METHODS}
-    for r in parts:
-        for m in METHODS:
-            for k in RANKING_METRICS:
-                for q, v in zip(r["query_ids"], r["values"][m][k], strict=True):
-                    acc[m][k].setdefault(q, []).append(float(v))
-    qids = sorted(acc[OURS]["ndcg@10"])
-    assert all(len(acc[OURS]["ndcg@10"][q]) == s.cv_repeats for q in qids), "each query is tested once per repeat"
-    averaged = {m: {k: np.array([np.mean(acc[m][k][q]) for q in qids]) for k in RANKING_METRICS} for m in METHODS}
-    methods, paired = _summary(averaged, s.n_boot)
-    return {
-        "queries": len(qids),
-        "repeats": s.cv_repeats,
-        "methods": methods,
-        "paired": paired,
-        "calibration": _calibration(parts),
-        "seconds": round(sum(r["info"]["seconds"] for r in parts), 1),
-    }
 
 
 def run_bench(
@@ -518,14 +354,28 @@ def run_bench(
     test_path: str | Path | None = None,
     say=print,
 ) -> dict[str, Any]:
+    """The recipe: read the lists, deal the splits, score every method on every part, pool, describe."""
     s = settings or Settings()
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     cfg = TrainConfig.from_yaml(config, [*s.model_overrides, *(overrides or []), f"data.path={data_path}"])
     if cfg.data.format != "letor":
         raise ValueError("the quality bench reads LETOR files (data.format: letor)")
+    lists, test_lists = read_lists(cfg, s, data_path, test_path, jobs, say)
+    splits = make_splits(lists, s, test_lists)
+    done = run_parts(part_tasks(cfg, s, data_path, splits), splits, jobs, say)
+    results, cv_parts = pool_splits(splits, done, s)
+    if png is not None:
+        plot_reliability(results, cv_parts, s, cfg.data.relevance_threshold, png)
+    results.update(describe_run(cfg, s, data_path, test_path, lists, config, overrides, png, jobs))
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def read_lists(
+    cfg: TrainConfig, s: Settings, data_path: str | Path, test_path: str | Path | None, jobs: int, say
+) -> tuple[list[CandidateList], list[CandidateList] | None]:
     d = cfg.data
-    thr = d.relevance_threshold
 
     def read(path: str | Path) -> list[CandidateList]:
         ls = read_letor(
@@ -541,8 +391,12 @@ def run_bench(
     )
     if test_lists is not None:
         say(f"{test_path}: {len(test_lists)} held-out queries, {sum(map(len, test_lists))} rows")
-    splits = make_splits(lists, s, test_lists)
-    tasks = [
+    return lists, test_lists
+
+
+def part_tasks(cfg: TrainConfig, s: Settings, data_path: str | Path, splits: dict) -> list[dict[str, Any]]:
+    """One task per (split, part): what `run_part` needs, picklable for a process pool."""
+    return [
         {
             "cfg": cfg.model_dump(mode="json"),
             "settings": s,
@@ -554,6 +408,10 @@ def run_bench(
         for name, parts in splits.items()
         for i, (tr, te) in enumerate(parts)
     ]
+
+
+def run_parts(tasks: list[dict[str, Any]], splits: dict, jobs: int, say) -> dict[tuple[str, int], dict[str, Any]]:
+    """`run_part` on every task, in this process or `jobs` spawned ones; each part logged as it ends."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
 
     def log(key: tuple[str, int], r: dict[str, Any]) -> None:
@@ -579,63 +437,68 @@ def run_bench(
         for t in tasks:
             done[t["key"]] = run_part(t)
             log(t["key"], done[t["key"]])
+    return done
 
+
+def pool_splits(splits: dict, done: dict, s: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each split's parts pooled, and the repeated-CV summary first when there are repeats."""
     results: dict[str, Any] = {"splits": {}}
     cv_parts = []  # every CV part of every repeat
     for split_name, parts in splits.items():
         rs = [done[(split_name, i)] for i in range(len(parts))]
         if split_name.startswith("cv"):
             cv_parts += rs
-        results["splits"][split_name] = _split_result(rs, s.n_boot)
+        results["splits"][split_name] = split_result(rs, s.n_boot)
         results["splits"][split_name]["skipped"] = (
             sum(len(t) for _, t in parts) - results["splits"][split_name]["queries"]
         )
     if s.cv_repeats > 1:
-        rep = _repeated_result(cv_parts, s)
+        rep = repeated_result(cv_parts, s)
         rep["skipped"] = results["splits"][cv_name(s.outer_folds, 0)]["skipped"]  # the skip rule depends on labels only
         results["splits"] = {repeated_name(s.outer_folds, s.cv_repeats): rep, **results["splits"]}
-    if png is not None:
-        from cotrr_ray.training.plots import reliability_diagram
+    return results, cv_parts
 
-        cv_key = repeated_name(s.outer_folds, s.cv_repeats) if s.cv_repeats > 1 else cv_name(s.outer_folds, 0)
-        cv = results["splits"][cv_key]
-        cal = _pooled_cal(cv_parts)
-        calib_metrics = {name: cv["calibration"][CALIBRATION_KEYS[key]] for name, key in CURVES.items()}
-        reliability_diagram(
-            {name: (cal[key], cal["y"]) for name, key in CURVES.items()},
-            png,
-            title=f"cotrr-ray, {s.outer_folds}-fold CV x {s.cv_repeats}, test queries, P(label >= {thr:g})",
-            metrics=calib_metrics,
-        )
-    results.update(
-        {
-            "data": str(data_path),
-            "data_fingerprint": file_fingerprint(data_path),
-            "test_data": None if test_path is None else str(test_path),
-            "test_data_fingerprint": None if test_path is None else file_fingerprint(test_path),
-            "queries": len(lists),
-            "rows": int(sum(map(len, lists))),
-            "relevance_threshold": thr,
-            "config": str(config),
-            "overrides": [*s.model_overrides, *(overrides or [])],
-            "train_config": cfg.model_dump(mode="json"),
-            "settings": {k2: v for k2, v in asdict(s).items()},
-            "lambdamart_fixed_params": {"objective": "lambdarank", **s.lgb_fixed},
-            "lambdamart_grid": lgb_grid(s),
-            "reliability_png": None if png is None else str(png),
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "processes": jobs,
-                "torch_threads": torch.get_num_threads(),
-                "load_avg_end": list(os.getloadavg()),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-            },
-            "wall_s": round(time.perf_counter() - t0, 1),
-        }
+
+def plot_reliability(results: dict, cv_parts: list[dict[str, Any]], s: Settings, thr: float, png: str | Path) -> None:
+    from cotrr_ray.training.plots import reliability_diagram
+
+    cv_key = repeated_name(s.outer_folds, s.cv_repeats) if s.cv_repeats > 1 else cv_name(s.outer_folds, 0)
+    cv = results["splits"][cv_key]
+    cal = pooled_cal(cv_parts)
+    calib_metrics = {name: cv["calibration"][CALIBRATION_KEYS[key]] for name, key in CURVES.items()}
+    reliability_diagram(
+        {name: (cal[key], cal["y"]) for name, key in CURVES.items()},
+        png,
+        title=f"cotrr-ray, {s.outer_folds}-fold CV x {s.cv_repeats}, test queries, P(label >= {thr:g})",
+        metrics=calib_metrics,
     )
-    return results
+
+
+def describe_run(cfg, s, data_path, test_path, lists, config, overrides, png, jobs) -> dict[str, Any]:
+    """Data, settings and machine of the run (the result's fields next to "splits")."""
+    return {
+        "data": str(data_path),
+        "data_fingerprint": file_fingerprint(data_path),
+        "test_data": None if test_path is None else str(test_path),
+        "test_data_fingerprint": None if test_path is None else file_fingerprint(test_path),
+        "queries": len(lists),
+        "rows": int(sum(map(len, lists))),
+        "relevance_threshold": cfg.data.relevance_threshold,
+        "config": str(config),
+        "overrides": [*s.model_overrides, *(overrides or [])],
+        "train_config": cfg.model_dump(mode="json"),
+        "settings": {k2: v for k2, v in asdict(s).items()},
+        "lambdamart_fixed_params": {"objective": "lambdarank", **s.lgb_fixed},
+        "lambdamart_grid": lgb_grid(s),
+        "reliability_png": None if png is None else str(png),
+        "machine": {
+            **basic_machine(),
+            "processes": jobs,
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_end": list(os.getloadavg()),
+            "torch": torch.__version__,
+        },
+    }
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -714,16 +577,6 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mslr-web10k-sample" / "train.txt"))
@@ -743,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.cv_repeats = args.repeats
     png = args.png or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     jobs = args.jobs or (1 if args.quick else 2)
-    res = _jsonable(
+    res = jsonable(
         run_bench(
             args.data,
             config=args.config,

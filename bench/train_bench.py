@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,53 +38,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]  # cotrr_ray and bench/kit
 
 import torch  # noqa: E402
+from kit.cluster import init_local_ray  # noqa: E402
+from kit.machine import calm_run, loadavg, machine_info, say  # noqa: E402
+from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
 from cotrr_ray.training.loop import fit  # noqa: E402
 from cotrr_ray.training.prepare import PreparedData, prepare_data  # noqa: E402
 from cotrr_ray.training.torchrun import TorchContext  # noqa: E402
 
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+# ============================================================================ timed epoch reports
 
 
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = None
-    return {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray_version,
-    }
-
-
-# ============================================================================ timed loop contexts
+def timing_record(metrics: dict[str, float], t_before: float, t_after: float) -> dict[str, Any]:
+    """One per-epoch report with its wall-clock bounds (what `summarise` reads)."""
+    return {**metrics, "t_before_report": t_before, "t_after_report": t_after}
 
 
 class TimedTorchContext(TorchContext):
@@ -102,101 +72,23 @@ class TimedTorchContext(TorchContext):
             torch.cuda.synchronize()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             super().report(metrics, state)  # writes the epoch checkpoint, like the Ray job does
-        self.reports.append({**metrics, "t_before_report": t0, "t_after_report": time.time()})
+        self.reports.append(timing_record(metrics, t0, time.time()))
 
 
-def _ray_worker_loop(config: dict[str, Any]) -> None:
-    """`cotrr_ray.training.job._worker_loop` + time stamps: rank 0 appends one JSON line per epoch report."""
-    import ray
+class TimingLog:
+    """`on_report` hook of `cotrr_ray.training.job._worker_loop`: rank 0 appends one JSON line per epoch
+    report (its time stamps and when the worker loop started). Picklable: it travels in the loop config."""
 
-    from cotrr_ray.core.model import RerankerConfig
-    from cotrr_ray.training.job import RayContext
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
 
-    t_loop_start = time.time()
-    log = Path(config["timing_log"])
-
-    class TimedRayContext(RayContext):
-        def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-            t0 = time.time()
-            super().report(metrics, state)
-            if self.rank == 0:
-                with open(log, "a") as f:
-                    f.write(
-                        json.dumps(
-                            {
-                                **metrics,
-                                "t_before_report": t0,
-                                "t_after_report": time.time(),
-                                "t_loop_start": t_loop_start,
-                            }
-                        )
-                        + "\n"
-                    )
-
-    def resolve(x: Any) -> Any:
-        return ray.get(x) if isinstance(x, ray.ObjectRef) else x
-
-    cfg = TrainConfig.model_validate(config["cfg"])
-    model_config = RerankerConfig.from_dict(config["model_config"])
-    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), TimedRayContext())
+    def __call__(self, ctx: Any, metrics: dict[str, float], t_before: float, t_after: float) -> None:
+        if ctx.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**timing_record(metrics, t_before, t_after), "t_loop_start": ctx.t_start}) + "\n")
 
 
 # ============================================================================ runs
-
-
-def foreign_during(fn, meter, window_s: float = 1.0) -> tuple[dict[str, Any], float]:
-    """`fn()` and the median cores used by processes not ours over 1-s windows while it ran.
-
-    Windows, not one delta over the run: Ray Train's worker processes exit when `fit` returns, and a
-    process gone by the closing snapshot takes its CPU time out of "ours", so a whole-run delta would
-    book the workers as foreign. Only the window a process exits in is affected; the median ignores it.
-    """
-    import threading
-
-    windows: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        a = meter.snapshot()
-        while not stop.wait(window_s):
-            b = meter.snapshot()
-            windows.append(meter.delta(a, b)["foreign_cores"])
-            a = b
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        out = fn()
-    finally:
-        stop.set()
-        t.join()
-    return out, (statistics.median(windows) if windows else 0.0)
-
-
-def calm_run(fn, *, max_foreign: float | None, max_wait_s: float = 180.0) -> dict[str, Any]:
-    """Run `fn()` measuring the cores other people's processes used meanwhile (shared machines); if that
-    exceeds `max_foreign`, wait for the box to calm down and run again (flagged `noisy` if it never does)."""
-    try:
-        from serve_bench import CpuMeter  # bench/serve_bench.py: /proc-based, no Ray import
-    except ImportError:
-        return fn()
-    meter = CpuMeter()
-    deadline = time.monotonic() + max_wait_s
-    retries = 0
-    while True:
-        out, foreign = foreign_during(fn, meter)
-        out["foreign_cores"] = round(foreign, 3)
-        if max_foreign is None or foreign <= max_foreign:
-            break
-        if time.monotonic() > deadline:
-            out["noisy"] = True
-            break
-        say(f"  {foreign:.2f} cores used by other processes during the run: waiting, then again")
-        while time.monotonic() < deadline and meter.foreign_now() > max_foreign:
-            pass
-        retries += 1
-    out["retries"] = retries
-    return out
 
 
 def summarise(reports: list[dict[str, Any]], t_start: float, n_train: int, world: int) -> dict[str, Any]:
@@ -282,10 +174,10 @@ def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: in
     """The TorchTrainer of `cotrr_ray.training.job.run_ray_train` (`cotrr_ray.training.job.make_trainer`), timed."""
     import ray
 
-    from cotrr_ray.training.job import make_trainer
+    from cotrr_ray.training.job import _worker_loop, make_trainer
 
-    mod = sys.modules[_ray_worker_loop.__module__]
-    if mod.__name__ != "__main__":  # imported (tests): ship the loop by value, workers cannot import bench/
+    mod = sys.modules[TimingLog.__module__]
+    if mod.__name__ != "__main__":  # imported (tests): ship the hook by value, workers cannot import bench/
         ray.cloudpickle.register_pickle_by_value(mod)
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": num_workers})})
     log = workdir / f"ray-{num_workers}w-{time.time_ns()}.jsonl"
@@ -295,11 +187,11 @@ def run_ray(cfg: TrainConfig, data: PreparedData, workdir: Path, num_workers: in
         "model_config": data.model_config.to_dict(),
         "train": train,
         "validation": val,
-        "timing_log": str(log),
+        "on_report": TimingLog(log),
     }
     trainer = make_trainer(
         cfg,
-        _ray_worker_loop,
+        _worker_loop,
         loop_config,
         name=f"train-bench-{num_workers}w-{time.time_ns()}",
         storage_path=workdir / "ray_results",
@@ -431,14 +323,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     title = "loss curves" + ("" if gpu_runs else " (GPU section skipped: no CUDA)")
     axes[2].set_title(title)
     axes[2].legend(fontsize=7)
-    fig.suptitle(
-        f"cotrr-ray training: plain PyTorch vs Ray Train — {result['machine']['logical_cpus']} CPUs "
-        f"{result['machine']['cpu_model'][:40]}",
-        fontsize=9,
+    m = result["machine"]
+    save_figure(
+        fig, path, f"cotrr-ray training: plain PyTorch vs Ray Train — {m['logical_cpus']} CPUs {m['cpu_model'][:40]}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ============================================================================ main
@@ -460,6 +348,7 @@ def load_data(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe: header and data, the CPU runs (plain PyTorch, Ray Train), their ratios, the GPU section."""
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "machine": machine_info(),
@@ -468,6 +357,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "load": {"before": loadavg()},
     }
     base, data = load_data(args)
+    describe_run(result, args, base, data)
+    result["cpu"] = {}
+    if not args.gpu_only:
+        cfg = bench_cfg(base, epochs=args.epochs)
+        other = run_plain_pair(result["cpu"], args, base, cfg, data)
+        if not args.no_ray:
+            run_ray_workers(result, args, cfg, data)
+        result["ratios"] = cpu_ratios(result["cpu"], cfg.optim.amp, other)
+        overhead = result["ratios"].get("ray_overhead_per_epoch_1_worker")
+        result["targets"] = {"ray_overhead_per_epoch_1_worker<=10%": None if overhead is None else overhead <= 0.10}
+    result["gpu"] = gpu_section(base, data, args.gpu_epochs) if not args.no_gpu else {"skipped": "--no-gpu"}
+    result["load"]["after"] = loadavg()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def describe_run(result: dict[str, Any], args: argparse.Namespace, base: TrainConfig, data: PreparedData) -> None:
     mc = data.model_config
     result["data"] = {
         "train_lists": len(data.padded["train"]),
@@ -482,79 +388,72 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": base.scaling.torch_threads,
         "quick": args.quick,
     }
-    cpu: dict[str, Any] = {}
-    if not args.gpu_only:
-        cfg = bench_cfg(base, epochs=args.epochs)
-        mf = args.max_foreign
-        say(f"plain PyTorch ({cfg.optim.amp}): {args.epochs} epochs")
-        cpu[f"plain {cfg.optim.amp}"] = calm_run(lambda: run_plain(cfg, data), max_foreign=mf)
-        say(f"  {cpu[f'plain {cfg.optim.amp}']['epoch_wall_s']:.3f} s/epoch")
-        other = "none" if cfg.optim.amp != "none" else "bf16"
-        say(f"plain PyTorch ({other}): {args.epochs} epochs")
-        cpu[f"plain {other}"] = calm_run(
-            lambda: run_plain(bench_cfg(base, epochs=args.epochs, amp=other), data), max_foreign=mf
-        )
-        say(f"  {cpu[f'plain {other}']['epoch_wall_s']:.3f} s/epoch")
-        if not args.no_ray:
-            import ray
 
-            workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
-            t0 = time.perf_counter()
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-            result["ray_init_s"] = round(time.perf_counter() - t0, 3)
-            try:
-                for w in args.workers:
-                    say(f"Ray Train, {w} worker(s) ({cfg.optim.amp}): {args.epochs} epochs")
-                    cpu[f"ray {w}w {cfg.optim.amp}"] = calm_run(
-                        lambda w=w: run_ray(cfg, data, workdir, w), max_foreign=mf
-                    )
-                    r = cpu[f"ray {w}w {cfg.optim.amp}"]
-                    say(f"  {r['epoch_wall_s']:.3f} s/epoch, start-up {r['startup_s']:.1f} s, fit {r['fit_s']:.1f} s")
-            finally:
-                ray.shutdown()
-                shutil.rmtree(workdir, ignore_errors=True)
-        result["cpu"] = cpu
-        plain = cpu[f"plain {cfg.optim.amp}"]
-        ratios = {}
-        for name, r in cpu.items():
-            if name.startswith("ray 1w"):
-                ratios["ray_overhead_per_epoch_1_worker"] = round(r["epoch_wall_s"] / plain["epoch_wall_s"] - 1, 4)
-                ratios["ray_overhead_train_loop_1_worker"] = round(
-                    r["epoch_train_loop_s"] / plain["epoch_train_loop_s"] - 1, 4
-                )
-                ratios["ray_startup_s_1_worker"] = r["startup_s"]
-            if name.startswith("ray 2w"):
-                ratios["ray_2_workers_speedup_vs_plain"] = round(r["samples_per_s"] / plain["samples_per_s"], 3)
-                ray1 = next((v for k, v in cpu.items() if k.startswith("ray 1w")), None)
-                if ray1:
-                    ratios["ray_2_workers_vs_1_worker"] = round(r["samples_per_s"] / ray1["samples_per_s"], 3)
-        if f"plain {other}" in cpu:
-            bf, fp = (plain, cpu[f"plain {other}"]) if cfg.optim.amp == "bf16" else (cpu[f"plain {other}"], plain)
-            ratios["cpu_bf16_speedup_vs_fp32"] = round(bf["samples_per_s"] / fp["samples_per_s"], 3)
-            ratios["cpu_bf16_val_ndcg_delta"] = round(bf["final_val_ndcg@10"] - fp["final_val_ndcg@10"], 4)
-        result["ratios"] = ratios
-        result["targets"] = {
-            "ray_overhead_per_epoch_1_worker<=10%": (
-                ratios["ray_overhead_per_epoch_1_worker"] <= 0.10
-                if "ray_overhead_per_epoch_1_worker" in ratios
-                else None
-            ),
-        }
-    else:
-        result["cpu"] = {}
-    result["gpu"] = gpu_section(base, data, args.gpu_epochs) if not args.no_gpu else {"skipped": "--no-gpu"}
-    result["load"]["after"] = loadavg()
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    return result
+
+def run_plain_pair(
+    cpu: dict[str, Any], args: argparse.Namespace, base: TrainConfig, cfg: TrainConfig, data: PreparedData
+) -> str:
+    """Plain PyTorch with the config's autocast and with the other one (bf16 <-> none); returns the other."""
+    say(f"plain PyTorch ({cfg.optim.amp}): {args.epochs} epochs")
+    cpu[f"plain {cfg.optim.amp}"] = calm_run(lambda: run_plain(cfg, data), max_foreign=args.max_foreign)
+    say(f"  {cpu[f'plain {cfg.optim.amp}']['epoch_wall_s']:.3f} s/epoch")
+    other = "none" if cfg.optim.amp != "none" else "bf16"
+    say(f"plain PyTorch ({other}): {args.epochs} epochs")
+    cpu[f"plain {other}"] = calm_run(
+        lambda: run_plain(bench_cfg(base, epochs=args.epochs, amp=other), data), max_foreign=args.max_foreign
+    )
+    say(f"  {cpu[f'plain {other}']['epoch_wall_s']:.3f} s/epoch")
+    return other
+
+
+def run_ray_workers(result: dict[str, Any], args: argparse.Namespace, cfg: TrainConfig, data: PreparedData) -> None:
+    """The Ray Train job at each worker count, on one fresh local Ray."""
+    import ray
+
+    workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    result["ray_init_s"] = round(init_local_ray(args.num_cpus), 3)
+    try:
+        for w in args.workers:
+            say(f"Ray Train, {w} worker(s) ({cfg.optim.amp}): {args.epochs} epochs")
+            r = result["cpu"][f"ray {w}w {cfg.optim.amp}"] = calm_run(
+                lambda w=w: run_ray(cfg, data, workdir, w), max_foreign=args.max_foreign
+            )
+            say(f"  {r['epoch_wall_s']:.3f} s/epoch, start-up {r['startup_s']:.1f} s, fit {r['fit_s']:.1f} s")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cpu_ratios(cpu: dict[str, Any], amp: str, other: str) -> dict[str, Any]:
+    """Ray overhead and scaling vs the plain loop; bf16 vs fp32 on CPU."""
+    plain = cpu[f"plain {amp}"]
+    ratios = {}
+    for name, r in cpu.items():
+        if name.startswith("ray 1w"):
+            ratios["ray_overhead_per_epoch_1_worker"] = round(r["epoch_wall_s"] / plain["epoch_wall_s"] - 1, 4)
+            ratios["ray_overhead_train_loop_1_worker"] = round(
+                r["epoch_train_loop_s"] / plain["epoch_train_loop_s"] - 1, 4
+            )
+            ratios["ray_startup_s_1_worker"] = r["startup_s"]
+        if name.startswith("ray 2w"):
+            ratios["ray_2_workers_speedup_vs_plain"] = round(r["samples_per_s"] / plain["samples_per_s"], 3)
+            ray1 = next((v for k, v in cpu.items() if k.startswith("ray 1w")), None)
+            if ray1:
+                ratios["ray_2_workers_vs_1_worker"] = round(r["samples_per_s"] / ray1["samples_per_s"], 3)
+    if f"plain {other}" in cpu:
+        bf, fp = (plain, cpu[f"plain {other}"]) if amp == "bf16" else (cpu[f"plain {other}"], plain)
+        ratios["cpu_bf16_speedup_vs_fp32"] = round(bf["samples_per_s"] / fp["samples_per_s"], 3)
+        ratios["cpu_bf16_val_ndcg_delta"] = round(bf["final_val_ndcg@10"] - fp["final_val_ndcg@10"], 4)
+    return ratios
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = bench_parser(
+        __doc__,
+        quick="small data (300 queries), 3 epochs, Ray at 1 worker only",
+        json="default bench/results/train.json (quick: train_quick.json)",
+        png="default: the JSON path with .png",
     )
-    p.add_argument("--quick", action="store_true", help="small data (300 queries), 3 epochs, Ray at 1 worker only")
-    p.add_argument("--json", default=None, help="default bench/results/train.json (quick: train_quick.json)")
-    p.add_argument("--png", default=None, help="default: the JSON path with .png")
     p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
     p.add_argument("--queries", type=int, default=None, help="synthetic queries (default: the config's; quick 300)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6; quick 3)")
@@ -585,16 +484,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run_benchmark(args)
     print_table(result)
-    out = (
-        Path(args.json)
-        if args.json
-        else REPO / ("bench/results/train_quick.json" if args.quick else "bench/results/train.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    png = Path(args.png) if args.png else out.with_suffix(".png")
-    plot(result, png)
-    say(f"wrote {out} and {png} ({result['wall_s']:.0f} s)")
+    default = "bench/results/train_quick.json" if args.quick else "bench/results/train.json"
+    write_outputs(result, args.json or REPO / default, args.png, plot)
     return result
 
 

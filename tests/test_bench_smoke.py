@@ -25,6 +25,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peer_app  # noqa: E402
 import serve_bench  # noqa: E402
 import train_bench  # noqa: E402
+from kit import bodies as kit_bodies  # noqa: E402
+from kit import cluster as kit_cluster  # noqa: E402
+from kit import limit as kit_limit  # noqa: E402
+from kit import load as kit_load  # noqa: E402
+from kit import machine as kit_machine  # noqa: E402
+from kit import report as kit_report  # noqa: E402
 
 from cotrr_ray.bundles.bundle import read_meta  # noqa: E402
 from cotrr_ray.config import TrainConfig  # noqa: E402
@@ -37,7 +43,7 @@ LEVEL_KEYS = {"rps", "p50_ms", "p95_ms", "p99_ms", "errors", "fallbacks", "reque
 
 @pytest.fixture(scope="module")
 def tiny_bodies() -> dict[str, list[bytes]]:
-    return {enc: serve_bench.make_bodies(enc, n_bodies=3, n_candidates=12, top_m=8) for enc in serve_bench.ENCODINGS}
+    return {enc: serve_bench.make_bodies(enc, n_bodies=3, n_candidates=12, top_m=8) for enc in kit_bodies.ENCODINGS}
 
 
 # ============================================================================ serve_bench, Ray-free
@@ -51,7 +57,7 @@ def test_bodies_parse_and_the_limit_loop_runs(bundle_a, tiny_bodies) -> None:
         parsed = parser.parse(bodies[0], default_top_m=meta.top_m)
         assert len(parsed.ids) == 12 and parsed.window == 8
         assert (b'"image_embedding":"' in bodies[0]) == (enc == "base64")
-        lim = serve_bench.run_limit(str(bundle_a), bodies, batch_size=2, duration_s=0.2, top_m=meta.top_m)
+        lim = kit_limit.run_limit(str(bundle_a), bodies, batch_size=2, duration_s=0.2, top_m=meta.top_m)
         assert lim["requests"] > 0 and lim["rps"] > 0 and lim["batch_size"] == 2
         assert set(lim["stages_ms_per_request"]) == {"parse_features", "model", "calibrate", "order_serialise"}
 
@@ -78,17 +84,17 @@ def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
 def test_peer_and_load_generator(bundle_a, tiny_bodies, tmp_path, client) -> None:
     if client == "wrk" and not serve_bench.shutil.which("wrk"):
         pytest.skip("wrk not installed (apt-get install wrk); the httpx client is the fallback")
-    port = serve_bench.free_port()
+    port = kit_cluster.free_port()
     peer = _start_peer(bundle_a, port, tmp_path)
     try:
-        serve_bench.wait_healthy(f"http://127.0.0.1:{port}", 60, peer)
-        gen = serve_bench.LoadGen(tiny_bodies["base64"], kind=client)
-        bench = serve_bench.Bench(args=None)
+        kit_cluster.wait_healthy(f"http://127.0.0.1:{port}", 60, peer)
+        gen = kit_load.LoadGen(tiny_bodies["base64"], kind=client)
+        bench = kit_load.Bench(args=None)
         row = bench.level(gen, f"http://127.0.0.1:{port}/v1/rerank", 2, warmup_s=0, duration_s=1, server="peer")
         assert LEVEL_KEYS <= set(row) and row["requests"] > 0 and row["errors"] == 0 and row["fallbacks"] == 0
         assert row["cpu"]["per_process"].get("peer", 0) > 0 and row["loadavg"]
         # the peer is the same contract as the service: a bad body is the same 422
-        status, body = serve_bench.http_post(f"http://127.0.0.1:{port}/v1/rerank", b"{}")
+        status, body = kit_cluster.http_post(f"http://127.0.0.1:{port}/v1/rerank", b"{}")
         assert status == 422 and json.loads(body)["error"]["code"] == "invalid_request"
     finally:
         peer.send_signal(signal.SIGTERM)
@@ -131,16 +137,16 @@ def test_report_helpers_and_plot(tmp_path) -> None:
             "loadavg": [0.1, 0.1, 0.1],
         }
 
-    levels = [row(e, c, 100.0 * c**0.5, 5.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
-    peer = [row(e, c, 120.0, 4.0 * c) for e in serve_bench.ENCODINGS for c in (1, 4)]
-    limit = {e: {"rps": 250.0, "ms_per_request": 4.0} for e in serve_bench.ENCODINGS}
+    levels = [row(e, c, 100.0 * c**0.5, 5.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]
+    peer = [row(e, c, 120.0, 4.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]
+    limit = {e: {"rps": 250.0, "ms_per_request": 4.0} for e in kit_bodies.ENCODINGS}
     result = {
         "levels": levels,
         "peer": {"levels": peer},
         "limit": {"by_encoding": limit},
         "machine": {"logical_cpus": 2, "cpu_model": "test"},
     }
-    result["ratios"] = serve_bench.ratios(levels, peer, limit)
+    result["ratios"] = kit_report.ratios(levels, peer, limit)
     assert result["ratios"]["by_encoding"]["json"] == {
         "rps_vs_peer": round(200 / 120, 3),
         "rps_vs_limit": 0.8,
@@ -149,10 +155,10 @@ def test_report_helpers_and_plot(tmp_path) -> None:
         "peer_best_concurrency": 1,
     }
     assert result["ratios"]["rps_vs_peer"] == result["ratios"]["by_encoding"]["json"]["rps_vs_peer"]
-    t = serve_bench.targets(result)
+    t = kit_report.targets(result)
     assert t["rps_vs_limit>=0.75[json]"] is True and t["base64_p50_c1<=12ms"] is True
-    assert "json" in serve_bench.fmt_table(levels, "t")
-    serve_bench.plot(result, tmp_path / "serve.png")
+    assert "json" in kit_report.fmt_table(levels, "t")
+    kit_report.plot_serve(result, tmp_path / "serve.png")
     assert (tmp_path / "serve.png").stat().st_size > 1000
 
     text = "\n".join(
@@ -164,12 +170,12 @@ def test_report_helpers_and_plot(tmp_path) -> None:
             'ray_serve_batches_processed_total{application="rerank",deployment="Scorer",function_name="x"} 12.0',
         ]
     )
-    assert serve_bench.batch_counters(text) == (40.0, 10.0)
+    assert kit_cluster.batch_counters(text) == (40.0, 10.0)
 
-    meter = serve_bench.CpuMeter()
+    meter = kit_machine.CpuMeter()
     a = meter.snapshot()
     sum(i * i for i in range(200_000))
-    d = serve_bench.CpuMeter.delta(a, meter.snapshot(), client_cpu_s=0.0)
+    d = kit_machine.CpuMeter.delta(a, meter.snapshot(), client_cpu_s=0.0)
     assert {"box_cores", "client_cores", "server_cores", "per_process"} <= set(d)
 
 
@@ -180,7 +186,7 @@ def test_profile_summary_and_report() -> None:
         for i in range(3)
     ]
     fallback = {"client": 3.0, "read": 0.1, "parse": 1.0, "total": 1.2}
-    g = serve_bench.summarize_profile([*graph, fallback], errors=1, fallbacks=1)
+    g = kit_load.summarize_profile([*graph, fallback], errors=1, fallbacks=1)
     assert (g["requests"], g["errors"], g["fallbacks"]) == (4, 1, 1)
     m = g["median_ms"]
     assert m["client"] == 9.5 and m["total"] == 7.0 and m["score"] == 4.0 and m["hop"] == 2.5
@@ -188,13 +194,13 @@ def test_profile_summary_and_report() -> None:
     assert g["mean_ms"]["rest"] == pytest.approx((0.5 * 3 + 0.2) / 4)
     mean = g["mean_ms"]  # means add up
     assert mean["client"] == pytest.approx(mean["outside"] + mean["total"], abs=1e-3)
-    fused = serve_bench.summarize_profile([{k: v for k, v in s.items() if k != "calibrate"} for s in graph])
+    fused = kit_load.summarize_profile([{k: v for k, v in s.items() if k != "calibrate"} for s in graph])
     assert fused["median_ms"]["calibrate"] is None and fused["median_ms"]["rest"] == 2.0
-    peer = serve_bench.summarize_profile([{**s, "score": 1.6, "client": 4.0, "total": 4.5} for s in graph])
-    assert serve_bench.summarize_profile([])["median_ms"]["client"] is None
+    peer = kit_load.summarize_profile([{**s, "score": 1.6, "client": 4.0, "total": 4.5} for s in graph])
+    assert kit_load.summarize_profile([])["median_ms"]["client"] is None
 
     profile = {"requests": 4, "encoding": "json", "by_encoding": {"json": {"peer": peer, "graph": g, "fused": fused}}}
-    table = serve_bench.fmt_profile(profile)
+    table = kit_report.fmt_profile(profile)
     lines = table.splitlines()
     assert lines[1].split()[-4:] == ["peer", "graph", "fused", "graph-peer"]
     score_row = next(line for line in lines if line.strip().startswith("score"))
@@ -216,15 +222,15 @@ def test_profile_summary_and_report() -> None:
         32, 300.0, {"Router": 0.9, "Scorer": 0.4, "client": 0.04, "bench-driver": 0.01, "peer": 0.001}, 600
     )
     peer_row = level(4, 250.0, {"peer": 1.0, "Router": 0.0, "client": 0.03}, 500)
-    assert serve_bench.cpu_ms_per_request(serve_row) == {"Router": 3.0, "Scorer": 1.333}
-    assert serve_bench.cpu_ms_per_request(peer_row, "peer") == {"peer": 4.0}
+    assert kit_report.cpu_ms_per_request(serve_row) == {"Router": 3.0, "Scorer": 1.333}
+    assert kit_report.cpu_ms_per_request(peer_row, "peer") == {"peer": 4.0}
     result = {
         "settings": {"encodings": ["json"]},
         "limit": {"by_encoding": {"json": {"rps": 500.0, "ms_per_request": 2.0, "cpu_cores": 1.0, "batch_size": 16}}},
         "levels": [level(1, 100.0, {"Router": 0.5}, 200), serve_row],
         "peer": {"levels": [peer_row]},
     }
-    text = serve_bench.fmt_cpu_per_request(result)
+    text = kit_report.fmt_cpu_per_request(result)
     assert "limit" in text and "Router" in text and "4.333" in text and "4.000" in text
 
 
@@ -232,7 +238,7 @@ def test_bench_serve_configs_validate() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     for variant in ("default", "fused", "scaleout2", "nocoalesce"):
-        cfg = serve_bench.serve_config_for_bench(
+        cfg = kit_cluster.serve_config_for_bench(
             ROOT / "serve_config.yaml", http_port=1234, bundle_uri="/b", variant=variant
         )
         ServeDeploySchema.model_validate(cfg)
@@ -272,7 +278,7 @@ def test_train_bench_plain_loop(test_data, tmp_path) -> None:
 
     base = _tiny_train_cfg(test_data)
     data = prepare_data(base, test_data)
-    result = {"machine": train_bench.machine_info(), "cpu": {}}
+    result = {"machine": kit_machine.machine_info(), "cpu": {}}
     for amp in ("bf16", "none"):
         cfg = train_bench.bench_cfg(base, epochs=2, amp=amp)
         r = train_bench.run_plain(cfg, data)

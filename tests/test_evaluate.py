@@ -8,7 +8,7 @@ import pytest
 
 from cotrr_ray.core.calibration import IsotonicCalibrator
 from cotrr_ray.core.features import CandidateList
-from cotrr_ray.training.evaluate import RANKING_METRICS, evaluate_lists, final_order, format_report
+from cotrr_ray.training.evaluate import RANKING_METRICS, evaluate_lists, format_report
 
 CAL_KEYS = {"ece_equal_width", "ece_equal_mass", "brier", "log_loss"}
 
@@ -30,30 +30,6 @@ def _random_lists(n_lists: int = 40, seed: int = 0):
         lists[-1].window = w
         logits.append(rng.normal(size=w).astype(np.float32))
     return lists, logits
-
-
-# --------------------------------------------------------------------------- final_order
-
-
-def test_final_order_sorts_window_desc_ties_by_index_then_tail() -> None:
-    order = final_order(np.array([0.1, 0.5, 0.5, -1.0]), 7)
-    assert order.tolist() == [1, 2, 0, 3, 4, 5, 6]
-
-
-def test_final_order_all_ties_and_no_tail() -> None:
-    assert final_order(np.zeros(4), 4).tolist() == [0, 1, 2, 3]
-    assert final_order(np.array([3.0, 2.0, 1.0]), 3).tolist() == [0, 1, 2]
-    assert final_order(np.array([1.0, 2.0, 3.0]), 5).tolist() == [2, 1, 0, 3, 4]
-
-
-def test_final_order_is_a_permutation() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        n = int(rng.integers(1, 30))
-        m = int(rng.integers(1, n + 1))
-        order = final_order(rng.integers(0, 3, m).astype(float), n)
-        assert sorted(order.tolist()) == list(range(n))
-        assert order[m:].tolist() == list(range(m, n))
 
 
 # --------------------------------------------------------------------------- evaluate_lists

@@ -93,3 +93,27 @@ def test_model_order_properties(values: list[float], extra: int) -> None:
     head = order[:w]
     for a, b in zip(head[:-1], head[1:]):  # descending by logit, ties by upstream index
         assert logits[a] > logits[b] or (logits[a] == logits[b] and a < b)
+
+
+# The final order the evaluation scores (these tests moved here from test_evaluate.py with the rule).
+
+
+def test_model_order_sorts_window_desc_ties_by_index_then_tail() -> None:
+    order = model_order(np.array([0.1, 0.5, 0.5, -1.0]), 7)
+    assert order.tolist() == [1, 2, 0, 3, 4, 5, 6]
+
+
+def test_model_order_all_ties_and_no_tail() -> None:
+    assert model_order(np.zeros(4), 4).tolist() == [0, 1, 2, 3]
+    assert model_order(np.array([3.0, 2.0, 1.0]), 3).tolist() == [0, 1, 2]
+    assert model_order(np.array([1.0, 2.0, 3.0]), 5).tolist() == [2, 1, 0, 3, 4]
+
+
+def test_model_order_is_a_permutation() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 30))
+        m = int(rng.integers(1, n + 1))
+        order = model_order(rng.integers(0, 3, m).astype(float), n)
+        assert sorted(order.tolist()) == list(range(n))
+        assert order[m:].tolist() == list(range(m, n))

@@ -52,6 +52,11 @@ def _load_bench():
 
 rel = _load_bench()
 
+from kit import cluster as kit_cluster  # noqa: E402
+from kit import contract as kit_contract  # noqa: E402
+from kit import faults as kit_faults  # noqa: E402
+from kit import load as kit_load  # noqa: E402
+from kit import machine as kit_machine  # noqa: E402
 
 # ============================================================================ the shared app
 
@@ -60,7 +65,7 @@ rel = _load_bench()
 def app(serve_session, bundle_a, bundle_b, tmp_path_factory):
     from ray import serve
 
-    cfg = rel.app_config(
+    cfg = kit_cluster.app_config(
         http_port=serve_session.http_port,
         bundle=str(bundle_a),
         name=APP,
@@ -71,10 +76,10 @@ def app(serve_session, bundle_a, bundle_b, tmp_path_factory):
         deployment_overrides={"Scorer": {"health_check_period_s": 1}, "Calibrator": {"health_check_period_s": 1}},
         exposure_log_path=str(tmp_path_factory.mktemp("rel") / "exposure.jsonl"),
     )
-    cfg = rel.set_user_config(cfg, "Router", rollout_percentage=100)
+    cfg = kit_cluster.set_user_config(cfg, "Router", rollout_percentage=100)
     url = serve_session.http_url + PREFIX
-    rel.deploy(cfg)
-    rel.wait_app(APP, url, timeout_s=240)
+    kit_cluster.deploy(cfg)
+    kit_cluster.wait_app(APP, url, timeout_s=240)
     yield {
         "cfg": cfg,
         "url": url,
@@ -95,11 +100,11 @@ def report(name: str, data) -> None:
 @pytest.mark.integration
 def test_load_at_concurrency_32_has_zero_errors(app) -> None:
     n = 10_000 if FULL else 500
-    gen = rel.LoadGen(app["url"], app["bodies"], concurrency=32, total=n).start()
+    gen = kit_contract.LoadGen(app["url"], app["bodies"], concurrency=32, total=n).start()
     gen.join(timeout_s=1800)
-    s = rel.summarize(gen.records)
+    s = kit_load.summarize(gen.records)
     report(
-        f"load {n} @ 32 (loadavg {rel.loadavg()})",
+        f"load {n} @ 32 (loadavg {kit_machine.loadavg()})",
         {k: s[k] for k in ("status", "throughput_rps", "latency_ms", "fallbacks")},
     )
     assert s["requests"] == n and s["failed"] == 0, s
@@ -114,7 +119,7 @@ def test_scorer_replica_killed_under_load(app) -> None:
     """Serve 2.60 re-routes a request whose replica died to a live one, so with two replicas the
     kill is invisible: zero failed requests, every answer well-formed (any fallback in upstream
     order), and Serve starts a replacement."""
-    r = rel.kill_under_load(
+    r = kit_faults.kill_under_load(
         app["url"], APP, app["bodies"], "Scorer", kill_all=False, concurrency=8, replace_timeout_s=60, settle_s=1.0
     )
     t = r["total"]
@@ -134,7 +139,7 @@ def test_scorer_replica_killed_under_load(app) -> None:
 
 @pytest.mark.integration
 def test_every_scorer_killed_answers_upstream_order_with_fallback(app) -> None:
-    r = rel.kill_under_load(
+    r = kit_faults.kill_under_load(
         app["url"], APP, app["bodies"], "Scorer", kill_all=True, concurrency=8, replace_timeout_s=90, settle_s=1.0
     )
     t, d = r["total"], r["during_outage"]
@@ -157,7 +162,7 @@ def test_every_scorer_killed_answers_upstream_order_with_fallback(app) -> None:
 
 @pytest.mark.integration
 def test_calibrator_killed_keeps_the_scorer_order_uncalibrated(app) -> None:
-    r = rel.kill_under_load(
+    r = kit_faults.kill_under_load(
         app["url"], APP, app["bodies"], "Calibrator", kill_all=True, concurrency=4, replace_timeout_s=60, settle_s=1.0
     )
     t = r["total"]
@@ -180,7 +185,7 @@ def test_calibrator_killed_keeps_the_scorer_order_uncalibrated(app) -> None:
 
 @pytest.mark.integration
 def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None:
-    url, cfg = app["url"], rel.set_user_config(app["cfg"], "Router", shadow_mode=True, shadow_timeout_ms=300)
+    url, cfg = app["url"], kit_cluster.set_user_config(app["cfg"], "Router", shadow_mode=True, shadow_timeout_ms=300)
     phases = {}
     try:
         for phase, fault in (
@@ -188,12 +193,12 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
             ("slow", {"fault": "slow", "fault_delay_s": 2.0}),
             ("failing", {"fault": "raise"}),
         ):
-            rel.deploy(rel.set_user_config(cfg, "Scorer", **fault))
-            rel.wait_config(url, routing={"shadow_mode": True}, scorer=fault)
+            kit_cluster.deploy(kit_cluster.set_user_config(cfg, "Scorer", **fault))
+            kit_cluster.wait_config(url, routing={"shadow_mode": True}, scorer=fault)
             before = httpx.get(url + "/v1/stats").json()["shadow"]
-            gen = rel.LoadGen(url, app["bodies"], concurrency=4).start()
+            gen = kit_contract.LoadGen(url, app["bodies"], concurrency=4).start()
             time.sleep(2.0)
-            s = rel.summarize(gen.stop())
+            s = kit_load.summarize(gen.stop())
             after = httpx.get(url + "/v1/stats").json()["shadow"]
             shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
             phases[phase] = {
@@ -203,8 +208,8 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
                 "versions": {r.model_version for r in gen.records},
             }
     finally:
-        rel.deploy(rel.set_user_config(app["cfg"], "Scorer", fault="none"))
-        rel.wait_config(url, routing={"shadow_mode": False}, scorer={"fault": "none"})
+        kit_cluster.deploy(kit_cluster.set_user_config(app["cfg"], "Scorer", fault="none"))
+        kit_cluster.wait_config(url, routing={"shadow_mode": False}, scorer={"fault": "none"})
     report(
         "shadow",
         {
@@ -234,7 +239,7 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
 @pytest.mark.integration
 def test_bad_bundle_hot_swaps_are_refused_while_the_previous_keeps_serving(app, bundle_a, test_data, tmp_path) -> None:
     url = app["url"]
-    bad = {kind: rel.tamper(bundle_a, tmp_path / kind, kind) for kind in ("corrupt", "missing", "spec")}
+    bad = {kind: kit_faults.tamper(bundle_a, tmp_path / kind, kind) for kind in ("corrupt", "missing", "spec")}
     bad["top_m"] = make_bundle(tmp_path / "small", test_data, steps=1, top_m=TOP_M // 2)
     expected = {
         "corrupt": "checksum mismatch for model.pt",
@@ -242,18 +247,18 @@ def test_bad_bundle_hot_swaps_are_refused_while_the_previous_keeps_serving(app, 
         "spec": "not the served one",
         "top_m": f"top_m {TOP_M // 2} < the served top_m {TOP_M}",
     }
-    gen = rel.LoadGen(url, app["bodies"], concurrency=4).start()
+    gen = kit_contract.LoadGen(url, app["bodies"], concurrency=4).start()
     errors = {}
     try:
         for kind, path in bad.items():
-            rel.deploy(rel.set_user_config(app["cfg"], "Scorer", bundle_uri=str(path)))
-            model = rel.wait_config(url, scorer={"bundle_uri": str(path)}, samples=3)
+            kit_cluster.deploy(kit_cluster.set_user_config(app["cfg"], "Scorer", bundle_uri=str(path)))
+            model = kit_cluster.wait_config(url, scorer={"bundle_uri": str(path)}, samples=3)
             errors[kind] = model["scorer"]["last_swap_error"] or ""
             assert model["model_version"] == app["version_a"]
     finally:
-        rel.deploy(rel.set_user_config(app["cfg"], "Scorer", bundle_uri=None))
-        rel.wait_config(url, scorer={"bundle_uri": None})
-        s = rel.summarize(gen.stop())
+        kit_cluster.deploy(kit_cluster.set_user_config(app["cfg"], "Scorer", bundle_uri=None))
+        kit_cluster.wait_config(url, scorer={"bundle_uri": None})
+        s = kit_load.summarize(gen.stop())
     report("hot swap refusals", {"requests": s["requests"], "status": s["status"], "errors": errors})
     for kind, text in expected.items():
         assert text in errors[kind], (kind, errors[kind])
@@ -446,11 +451,11 @@ def test_a_pickled_payload_in_model_pt_is_refused_not_executed(bundle_a, tmp_pat
 def test_autoscaling_up_to_max_and_back_down_without_failures(serve_session, bundle_a) -> None:
     name, prefix = "rel-as", "/rel-as"
     cfg = rel.autoscale_config(serve_session.http_port, str(bundle_a), TOP_M, name=name, route_prefix=prefix)
-    cfg = rel.set_user_config(cfg, "Router", rollout_percentage=100)
+    cfg = kit_cluster.set_user_config(cfg, "Router", rollout_percentage=100)
     url = serve_session.http_url + prefix
-    rel.deploy(cfg)  # replaces the "rel" app (config deploys are declarative): keep this test last
+    kit_cluster.deploy(cfg)  # replaces the "rel" app (config deploys are declarative): keep this test last
     try:
-        rel.wait_app(name, url, timeout_s=240)
+        kit_cluster.wait_app(name, url, timeout_s=240)
         rep = rel.scenario_autoscale(url, name, rel.make_bodies(TOP_M, n_bodies=16, n_candidates=16), quick=True)
     finally:
         from ray import serve

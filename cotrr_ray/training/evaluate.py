@@ -29,12 +29,6 @@ from cotrr_ray.core.ranking import model_order, order_scores, upstream_order
 RANKING_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "mrr")
 
 
-# The served order and its metric input are `cotrr_ray.core.ranking`'s; these names are kept for
-# callers of this module (tests, bench/quality_bench.py).
-final_order = model_order
-_as_scores = order_scores
-
-
 def evaluate_lists(
     lists: list[CandidateList],
     window_logits: list[np.ndarray],

@@ -36,13 +36,24 @@ from cotrr_ray.training.prepare import PreparedData, prepare_data, window_logits
 logger = logging.getLogger(__name__)
 
 
-class RayContext:
-    """`LoopContext` for a Ray Train worker."""
+ReportHook = Callable[["RayContext", dict[str, float], float, float], None]
 
-    def __init__(self, local_dir: str | None = None) -> None:
+
+class RayContext:
+    """`LoopContext` for a Ray Train worker.
+
+    `on_report(ctx, metrics, t_before, t_after)`, if given, runs after each per-epoch report with its
+    wall-clock bounds (time.time(); the checkpoint write included); `t_start` is when the worker loop
+    began. bench/train_bench.py times epochs this way."""
+
+    def __init__(
+        self, local_dir: str | None = None, *, on_report: ReportHook | None = None, t_start: float | None = None
+    ) -> None:
         import ray.train
         import ray.train.torch
 
+        self.t_start = time.time() if t_start is None else t_start
+        self.on_report = on_report
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -74,6 +85,12 @@ class RayContext:
             return load_state(d)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        t_before = time.time()
+        self._report(metrics, state)
+        if self.on_report is not None:
+            self.on_report(self, metrics, t_before, time.time())
+
+    def _report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 
         if self.local_dir is not None:
@@ -94,6 +111,10 @@ class RayContext:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop: `fit` with a `RayContext`. Config keys: cfg, model_config, train,
+    validation (arrays or object refs), local_dir (local mode), and optionally on_report (a picklable
+    `ReportHook`, shipped to the workers with the config)."""
+    t_start = time.time()
     import ray
 
     def resolve(x: Any) -> Any:
@@ -101,7 +122,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(config["cfg"])
     model_config = RerankerConfig.from_dict(config["model_config"])
-    ctx = RayContext(config.get("local_dir"))
+    ctx = RayContext(config.get("local_dir"), on_report=config.get("on_report"), t_start=t_start)
     fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), ctx)
 
 
@@ -115,7 +136,7 @@ def make_trainer(
     max_failures: int,
 ) -> Any:
     """The job's `TorchTrainer`: scaling, DDP backend, checkpoint policy and worker env from `cfg`.
-    bench/train_bench.py times this same trainer around its own timing loop."""
+    bench/train_bench.py times this same trainer and worker loop (with an `on_report` hook)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
