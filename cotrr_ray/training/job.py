@@ -245,10 +245,8 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
     t_start = time.perf_counter()
     data_path = resolve_data_path(cfg, say)
     data = prepare_data(cfg, data_path)
-    say(
-        f"splits by query: {_split_sizes(data)}; "
-        f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers"
-    )
+    sizes = {k: len(v) for k, v in data.lists.items()}
+    say(f"splits by query: {sizes}; model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
     if not ray.is_initialized() and cfg.scaling.num_workers > 0:
         ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
     storage = _storage_path(cfg)
@@ -259,7 +257,7 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
         "test": report,
         "best_checkpoint": state["metrics"],
         "final_epoch": state.get("final_metrics", {}),
-        "splits": _split_sizes(data),
+        "splits": sizes,
         "calibration_fit": calibration_fit,
         "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
         "headline": {
@@ -269,10 +267,6 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
         },
     }
     return _export(cfg, data, data_path, model, calibrator, metrics, test_lists, test_logits)
-
-
-def _split_sizes(data: PreparedData) -> dict[str, int]:
-    return {k: len(v) for k, v in data.lists.items()}
 
 
 def _storage_path(cfg: TrainConfig) -> str:
