@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from _bundles import make_bundle, make_data, read_records
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from kit.s3 import LoopbackS3, env_for, free_port  # noqa: E402
+
+# The loopback S3 server's address goes into this process's environment at import, before any test
+# starts Ray: every worker and replica inherits it, so s3:// means the loopback server everywhere
+# (and never a developer's real AWS account). The server itself starts only if a test asks for it.
+S3_PORT = free_port()
+os.environ.update(env_for(S3_PORT))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +49,21 @@ def bundle_a(tmp_path_factory, test_data) -> Path:
 def bundle_b(tmp_path_factory, test_data) -> Path:
     """A second bundle with the same spec and different weights (control / hot swap)."""
     return make_bundle(tmp_path_factory.mktemp("bundles") / "b", test_data, seed=1, steps=10)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory):
+    """`s3://cotrr-test` on a real S3-compatible server (moto's standalone server) on loopback."""
+    with LoopbackS3(S3_PORT, log=tmp_path_factory.mktemp("s3") / "moto.log") as s3:
+        yield s3.create_bucket("cotrr-test")
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry_uri(request, tmp_path) -> str:
+    """A fresh, empty registry root: a local directory, then a prefix on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex[:12]}/registry"
 
 
 @pytest.fixture(scope="session")
