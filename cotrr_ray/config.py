@@ -114,7 +114,9 @@ class ScalingArgs(_Strict):
     )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     storage_path: str | None = Field(
-        None, description="Ray Train storage (shared FS or s3:// for multi-node). None = <output>/ray_results."
+        None,
+        description="Ray Train storage: a local path (shared FS for multi-node) or s3://. None = "
+        "<registry>/_runs, beside the bundles of `output` (so an s3:// registry keeps its checkpoints on S3 too).",
     )
     run_name: str | None = Field(
         None,
@@ -136,7 +138,16 @@ class CalibrationArgs(_Strict):
 
 
 class TrainConfig(_Strict):
-    output: str = Field("artifacts/bundles/demo", description="Bundle directory to write.")
+    output: str = Field(
+        "artifacts/registry/demo",
+        description="Registry model to publish into, `<registry>/<name>` (a local path or s3://bucket/prefix/name): "
+        "the bundle lands in `<registry>/<name>/<bundle_id>/`, a new immutable id per run, never over another.",
+    )
+    alias: str | None = Field(
+        None,
+        description="Move this alias of the model (e.g. `candidate`) to the new bundle after publishing, with a "
+        "compare-and-swap; None = publish only (promote later with `python -m cotrr_ray.registry`).",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Where the lists come from.")
     model: ModelArgs = Field(default_factory=ModelArgs, description="Reranker shape.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")

@@ -139,11 +139,8 @@ def test_saved_weights_load_with_weights_only(built) -> None:
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def test_save_replaces_an_existing_bundle(built, tmp_path) -> None:
+def test_save_never_rewrites_an_existing_bundle(built, tmp_path) -> None:
     b = Bundle.load(built["path"])
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
     kw = dict(
         model=b.model,
         spec=b.spec,
@@ -154,8 +151,11 @@ def test_save_replaces_an_existing_bundle(built, tmp_path) -> None:
         train_config={},
         data_fingerprint="x",
     )
-    Bundle.save(target, **kw)
-    assert not (target / "stale.txt").exists()
+    target = Bundle.save(tmp_path / "out", **kw)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(BundleError, match="exists; a bundle is written once"):
+        Bundle.save(target, **kw)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert Bundle.load(target).relevance_threshold == 2.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp dirs left behind
 

@@ -217,7 +217,7 @@ def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path):
     cfg["data"].update(path=str(data), splits={"train": 0.8, "validation": 0.1, "test": 0.1})
     cfg["scaling"]["storage_path"] = str(tmp_path / "ray_results")
     cfg["bootstrap_samples"] = 100
-    out = run(TrainConfig.model_validate(cfg), say=lambda _: None)
+    out = run(TrainConfig.model_validate(cfg), say=lambda _: None).local_dir()
     bundle = Bundle.load(out)
     fit_info = json.loads((Path(out) / "metrics.json").read_text())["calibration_fit"]
     assert fit_info["method"] == "cross_fit" and fit_info["folds"] == 3 and len(fit_info["alignment"]) == 3

@@ -67,10 +67,13 @@ def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path
         ],
     )
     said: list[str] = []
-    out = run(cfg, say=said.append)
+    published = run(cfg, say=said.append)
 
-    assert out == (tmp_path / "bundle").resolve()
+    # Published into the registry `output` names, under the new bundle's own id.
+    out = published.local_dir()
+    assert out == tmp_path / "bundle" / published.bundle_id and published.uri == str(out)
     bundle = Bundle.load(out)
+    assert bundle.bundle_id == published.bundle_id and published.alias is None
     assert bundle.top_m == 8 and bundle.model_config.d_model == 32
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -91,4 +94,44 @@ def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path
 
     # The injected failure really happened and Ray Train restarted the worker group because of it,
     # so the finished run above is a resumed one.
+    assert _retried_after_injected_failure(ray_local, run_name)
+
+
+def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(ray_local, s3_bucket, tmp_path, monkeypatch) -> None:
+    """The registry and Ray Train's storage both on the loopback S3 server: no shared directory at all.
+    The injected failure makes the restarted worker group resume from a checkpoint read back from S3."""
+    from cotrr_ray.bundles import storage
+    from cotrr_ray.bundles.bundle import Bundle
+    from cotrr_ray.bundles.registry import Registry
+    from cotrr_ray.training.job import run
+
+    monkeypatch.setenv("COTRR_BUNDLE_CACHE", str(tmp_path / "cache"))
+    registry = f"{s3_bucket}/{tmp_path.name}/registry"
+    run_name = f"cotrr-test-s3-{tmp_path.name}"
+    cfg = tiny_train_config(
+        tmp_path,
+        [
+            f"output={registry}/demo",
+            "alias=candidate",
+            "data.generate={queries: 200, seed: 0, min_candidates: 10, max_candidates: 14}",
+            "optim.max_epochs=2",
+            "scaling.num_workers=2",
+            "scaling.max_failures=1",
+            "scaling.fail_after_epoch=0",
+            f"scaling.run_name={run_name}",
+            "calibration.min_samples=10",
+        ],
+    )
+    published = run(cfg, say=lambda _: None)
+
+    assert published.uri == f"{registry}/demo/{published.bundle_id}"
+    reg = Registry(registry)
+    assert reg.resolve("demo", "candidate") == published.bundle_id and published.alias.previous is None
+    local = published.local_dir()
+    assert local == tmp_path / "cache" / published.bundle_id
+    assert Bundle.load(local).manifest["headline_metrics"]["test_ndcg@10_model"] > 0
+    # Ray Train's checkpoints went to <registry>/_runs on S3, and the run really restarted from one.
+    run_dir = storage.locate(f"{registry}/_runs/{run_name}")
+    assert any(name.startswith("checkpoint_") for name, is_dir in storage.list_dir(run_dir) if is_dir)
+    assert json.loads((local / "metrics.json").read_text())["final_epoch"]["epoch"] == 1
     assert _retried_after_injected_failure(ray_local, run_name)

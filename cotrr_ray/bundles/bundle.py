@@ -156,10 +156,14 @@ class Bundle:
         data_fingerprint: str,
         extra_files: dict[str, Path] | None = None,
     ) -> Path:
-        """Write a bundle atomically: into a temp dir beside `path`, then rename over it."""
+        """Write a new bundle directory atomically: into a temp dir beside `path`, then renamed to it.
+
+        An existing `path` is refused: a bundle is never rewritten (publish new ones into a registry)."""
         import torch
 
         path = Path(path)
+        if path.exists():
+            raise BundleError(f"{path} exists; a bundle is written once (publish new ones into a registry)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp.chmod(0o755)  # mkdtemp is owner-only; a bundle is meant to be read by serving processes
@@ -187,9 +191,7 @@ class Bundle:
                 "files": {name: sha256_file(tmp / name) for name in files},
             }
             _write_json(tmp / MANIFEST, manifest)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            os.rename(tmp, path)  # fails if `path` appeared meanwhile: never over another bundle
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -6,7 +6,8 @@ Phases, in order (`run`):
    NCCL on GPU), checkpointing each epoch, restarting failed worker groups from the latest one;
 3. calibrate: score the calibration split with the best checkpoint, fit the isotonic calibrator;
 4. evaluate: test split only (never data the model or the calibrator was fitted on);
-5. export: write the bundle.
+5. publish: write the bundle into the registry (`cfg.output` = `<registry>/<name>`, local or s3://)
+   under a new immutable id, and move `cfg.alias` to it (compare-and-swap) when one is given.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from cotrr_ray.bundles.bundle import Bundle
+from cotrr_ray.bundles.registry import AliasMove, BundleSource, Registry
+from cotrr_ray.bundles.storage import locate
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.calibration import IsotonicCalibrator
 from cotrr_ray.core.features import CandidateList, labels01
@@ -238,8 +242,25 @@ def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
     return path
 
 
-def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
-    """Run every phase and return the bundle directory."""
+@dataclass(frozen=True)
+class Published:
+    """What a training run published: the bundle's id, its URI in the registry, the alias it moved."""
+
+    bundle_id: str
+    uri: str
+    alias: AliasMove | None = None
+
+    def local_dir(self) -> Path:
+        """The bundle as a local directory (in place for a local registry, else the verified cache copy)."""
+        return BundleSource.parse(self.uri).resolve()[1]
+
+    def __str__(self) -> str:  # train_job.py's last line
+        moved = f" ({self.alias.alias} -> it)" if self.alias else ""
+        return f"bundle {self.bundle_id} {self.uri}{moved}"
+
+
+def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
+    """Run every phase; the bundle is published into the registry `cfg.output` names."""
     import ray
 
     t_start = time.perf_counter()
@@ -266,13 +287,31 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Path:
             "test_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
         },
     }
-    return _export(cfg, data, data_path, model, calibrator, metrics, test_lists, test_logits)
+    with tempfile.TemporaryDirectory() as staging:
+        bundle_dir = _export(cfg, data, data_path, model, calibrator, metrics, test_lists, test_logits, staging)
+        return _publish(cfg, bundle_dir, say)
+
+
+def registry_model(cfg: TrainConfig) -> tuple[Registry, str]:
+    """The registry and model name of `cfg.output` (``<registry>/<name>``)."""
+    source = BundleSource.parse(cfg.output)
+    if source.alias:
+        raise ValueError(f"output {cfg.output!r} names an alias; give the model, <registry>/<name>")
+    return source.registry()
 
 
 def _storage_path(cfg: TrainConfig) -> str:
-    """Ray Train's storage: URIs (s3://, gs://) as they are; local paths absolute (a job's cwd is temporary)."""
+    """Ray Train's storage as a URI (s3://, gs://) or an absolute local path (a job's cwd is temporary).
+
+    Default: ``<registry>/_runs``, beside the bundles, on the same storage (local or object store)."""
     sp = cfg.scaling.storage_path
-    return sp if sp and "://" in sp else str(Path(sp or Path(cfg.output).parent / "ray_results").resolve())
+    loc = locate(sp) if sp else registry_model(cfg)[0].root.child("_runs")
+    if cfg.scaling.num_workers == 0 and not loc.local:
+        raise ValueError(
+            f"scaling.num_workers 0 (local mode) keeps its checkpoints on local disk; storage_path {loc.uri} "
+            "is not local: set scaling.storage_path to a local directory"
+        )
+    return loc.uri
 
 
 def _fit_best(
@@ -346,8 +385,9 @@ def _export(
     metrics: dict[str, Any],
     test_lists: list[CandidateList],
     test_logits: list[np.ndarray],
+    staging: str,
 ) -> Path:
-    """Phase export: the bundle, with the test split's reliability diagram; its resolved directory."""
+    """Phase export: the bundle, with the test split's reliability diagram, in a local staging directory."""
     from cotrr_ray.core.metrics import sigmoid
     from cotrr_ray.training.plots import reliability_diagram
 
@@ -362,7 +402,7 @@ def _export(
             metrics=metrics["test"]["calibration"],
         )
         out = Bundle.save(
-            cfg.output,
+            Path(staging) / "bundle",
             model=model,
             spec=data.spec,
             normalizer=data.normalizer,
@@ -373,4 +413,17 @@ def _export(
             data_fingerprint=file_fingerprint(data_path),
             extra_files={"reliability.png": png},
         )
-    return out.resolve()
+    return out
+
+
+def _publish(cfg: TrainConfig, bundle_dir: Path, say: Callable[[str], None]) -> Published:
+    """Phase publish: the bundle into the registry under its new id, then `cfg.alias` moved to it."""
+    registry, name = registry_model(cfg)
+    uri = registry.publish(bundle_dir, name)
+    bundle_id = uri.rsplit("/", 1)[-1]
+    say(f"published {uri}")
+    move = None
+    if cfg.alias:
+        move = registry.set_alias(name, cfg.alias, bundle_id, reason="train_job")
+        say(f"alias {cfg.alias}: {move.previous} -> {bundle_id} (move {move.seq})")
+    return Published(bundle_id, uri, move)
