@@ -14,7 +14,7 @@ own code end to end, so the comparison measures the serving framework and nothin
 The scorer and calibrator are plain in-process calls (blocking, on the event loop, one torch
 thread), which is what a single-process service does.
 
-    python bench/peer_app.py --bundle artifacts/bundles/demo --port 8100 [--serve-config serve_config.yaml]
+    python bench/peer_app.py --bundle artifacts/registry/demo@production --port 8100 [--serve-config serve_config.yaml]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import orjson  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-from cotrr_ray.bundles.bundle import read_meta, resolve_uri  # noqa: E402
+from cotrr_ray.bundles.bundle import read_meta  # noqa: E402
+from cotrr_ray.bundles.registry import BundleSource, resolve_uri  # noqa: E402
 from cotrr_ray.config import AppArgs, RoutingConfig  # noqa: E402
 from cotrr_ray.serving.api import read_body  # noqa: E402
 from cotrr_ray.serving.coalescer import Downstream  # noqa: E402
@@ -71,7 +72,7 @@ def create_app(
 
     torch.set_num_threads(1)
     bundle_uri = resolve_uri(bundle_uri, os.getcwd())
-    meta = read_meta(bundle_uri)
+    meta = read_meta(BundleSource.parse(bundle_uri).resolve()[1])
     scorer = ScorerCore.load(bundle_uri)
     calibrator = CalibratorCore()
     calibrator.add(bundle_uri)
@@ -129,7 +130,7 @@ def create_app(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Single-process FastAPI + uvicorn peer of the cotrr-ray service.")
-    p.add_argument("--bundle", default="artifacts/bundles/demo")
+    p.add_argument("--bundle", default="artifacts/registry/demo@production")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"), help="routing user_config source")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     routing = (
         routing_from_serve_config(args.serve_config) if args.serve_config else RoutingConfig(rollout_percentage=100)
     )
-    top_m = read_meta(resolve_uri(args.bundle, os.getcwd())).top_m
+    top_m = read_meta(BundleSource.parse(args.bundle, os.getcwd()).resolve()[1]).top_m
     if routing.top_m is not None and routing.top_m > top_m:  # a smaller bundle than the config's (tests)
         routing = routing.model_copy(update={"top_m": top_m})
     app = create_app(args.bundle, routing=routing, exposure_log_path=args.exposure_log)

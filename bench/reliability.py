@@ -29,7 +29,7 @@ after: the box is shared, and latency numbers mean little without it.
   (`--quick`: 1,000): zero errors, p50/p95/p99, throughput, fallbacks.
 
 Request bodies: 32 synthetic queries (fixed seed, queries the model never saw), 40 candidates each,
-the first top_m with base64 features. The bundle (default artifacts/bundles/demo, copied to a temp
+the first top_m with base64 features. The bundle (default artifacts/registry/demo@production, copied to a temp
 dir first so a concurrent retrain cannot change it mid-run) is built tiny on the fly if missing.
 
 tests/test_reliability.py imports this module (LoadGen, check_response, app_config, replica helpers,
@@ -542,7 +542,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("scenario", choices=["autoscale", "faults", "load", "all"])
     p.add_argument("--quick", action="store_true", help="shorter phases; load: 1,000 requests instead of 10,000")
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--bundle", help="bundle directory (default artifacts/bundles/demo; tiny one built if missing)")
+    p.add_argument(
+        "--bundle", help="bundle dir or registry URI (default artifacts/registry/demo@production; tiny one if missing)"
+    )
     p.add_argument("--requests", type=int, help="load: number of requests (default 10,000; --quick 1,000)")
     p.add_argument("--concurrency", type=int, default=32, help="load: concurrency (default 32)")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray (default 2, the box)")

@@ -231,10 +231,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def setup_run(args: argparse.Namespace) -> ServeRun:
     """Bundle, serve_config.yaml, request bodies and the result's header (machine, settings)."""
-    from cotrr_ray.bundles.bundle import read_meta, resolve_uri
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 
     bundle_uri = resolve_uri(args.bundle, str(REPO))
-    meta = read_meta(bundle_uri)
+    meta = read_meta(BundleSource.parse(bundle_uri).resolve()[1])
     serve_cfg_path = Path(args.serve_config).resolve()
     scfg = yaml.safe_load(serve_cfg_path.read_text())
     encodings = [e for e in args.encodings.split(",") if e]
@@ -549,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="environment of Serve's processes: opt = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress)",
     )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray")
-    p.add_argument("--bundle", default="artifacts/bundles/demo")
+    p.add_argument("--bundle", default="artifacts/registry/demo@production")
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"))
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-overload", action="store_true")

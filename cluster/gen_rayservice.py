@@ -27,13 +27,14 @@ RAYSERVICE = ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 
 # Shared storage of the Kubernetes deployment: a ReadWriteMany PVC (`cotrr-shared`, e.g. EFS,
 # Filestore or an NFS CSI volume) mounted at this path in the head and every worker pod; the
-# RayJob (cluster/kuberay/rayjob.yaml) writes the bundle here and the RayService serves it.
-# The app serves bundles from local directories only (no s3://), and the app builder (head pod)
-# as well as the replicas (worker pods) open the bundle, hence the volume on all pods.
-# Alternative without a PVC: bake a bundle into the image (cluster/Dockerfile, `--build-context
-# bundle=...`, at /home/ray/bundles/demo) and point bundle_uri there.
+# RayJob (cluster/kuberay/rayjob.yaml) publishes into the registry here and moves its `production`
+# alias; the RayService serves that alias and its replicas follow it. The app builder (head pod) and
+# the replicas (worker pods) read the registry, hence the volume on all pods. Without a PVC, put the
+# registry on S3 instead (output: s3://bucket/registry/demo, bundle_uri: s3://bucket/registry/demo@production,
+# AWS_* in the pods' env): replicas then download bundles into their local cache.
 SHARED_MOUNT = "/mnt/shared"
-K8S_BUNDLE_URI = f"{SHARED_MOUNT}/bundles/demo"
+K8S_MODEL_URI = f"{SHARED_MOUNT}/registry/demo"
+K8S_BUNDLE_URI = f"{K8S_MODEL_URI}@production"
 
 # Path -> value. A path walks dict keys; inside a list of named items (applications,
 # deployments) a step is the item's `name`.

@@ -249,9 +249,18 @@ class ScorerConfig(_Strict):
     bundle_uri: str | None = Field(
         None,
         description=(
-            "Hot swap: load this bundle directory and switch to it atomically (in-flight batches finish "
-            "on the old one). It must have the same feature spec and a top_m >= the builder's bundle. "
-            "None = the bundle from the builder args."
+            "Hot swap: load this bundle (a directory, a registry id or an alias) and switch to it atomically "
+            "(in-flight batches finish on the old one). It must have the same feature spec and a top_m >= the "
+            "builder's bundle. None = the bundle_uri from the builder args."
+        ),
+    )
+    alias_poll_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description=(
+            "When the served bundle_uri is an alias (`<registry>/<name>@production`): how often each replica "
+            "reads the alias and swaps to the bundle it names now. 0 = never (the id read at start stays)."
         ),
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="@serve.batch size; keep max_ongoing_requests >= this.")
@@ -278,16 +287,19 @@ class AppArgs(_Strict):
     """`args` of `cotrr_ray.serving.app:build_app` (serve_config.yaml)."""
 
     bundle_uri: str = Field(
-        "artifacts/bundles/demo",
+        "artifacts/registry/demo@production",
         description=(
-            "Treatment bundle directory (what `train_job.py --config configs/demo.yaml` writes). A "
-            "relative path resolves against the working directory of the process that builds the "
-            "app (the directory `serve run` was started from); a missing bundle fails the deploy."
+            "Treatment bundle: a registry alias `<registry>/<name>@<alias>` (followed live, see "
+            "ScorerConfig.alias_poll_s), a fixed version `<registry>/<name>/<bundle_id>`, or a bundle "
+            "directory; the registry may be local or s3://. The default is what `python train_job.py "
+            "--config configs/demo.yaml` publishes and aliases. A relative path resolves against the working "
+            "directory of the process that builds the app; a missing bundle or alias fails the deploy."
         ),
     )
     control_bundle_uri: str | None = Field(
         None,
-        description="Optional control bundle (deployment 'ScorerControl'); None = control is the upstream order.",
+        description="Optional control bundle, same forms as bundle_uri (deployment 'ScorerControl'); None = control "
+        "is the upstream order.",
     )
     max_candidates: int = Field(1000, ge=1, description="More candidates in one request -> HTTP 413.")
     max_body_bytes: int = Field(

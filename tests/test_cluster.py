@@ -213,7 +213,8 @@ def test_rayjob_spec() -> None:
     overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
     assert len(overrides) == len(argv) - 6, argv  # python, script, --config X, --output Y
     cfg = TrainConfig.from_yaml(ROOT / config.relative_to(IMAGE_REPO_DIR), [*overrides, f"output={output}"])
-    assert cfg.output == gen_rayservice.K8S_BUNDLE_URI, "the RayJob must write what the RayService serves"
+    served = f"{cfg.output}@{cfg.alias}"
+    assert served == gen_rayservice.K8S_BUNDLE_URI, "the RayJob must publish the alias the RayService serves"
     assert cfg.scaling.use_gpu is True
     assert cfg.scaling.max_failures > 0
     assert cfg.scaling.storage_path is not None and cfg.scaling.storage_path.startswith(SHARED + "/")

@@ -19,7 +19,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cotrr_ray import demo
-from cotrr_ray.bundles.bundle import BundleError
+from cotrr_ray.bundles.bundle import BundleError, read_meta
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig, TrainConfig
 from cotrr_ray.serving.app import build_app
 
@@ -54,7 +54,8 @@ def test_demo_finds_its_configs_outside_the_repo_root(tmp_path, monkeypatch) -> 
     monkeypatch.chdir(tmp_path)
     path = demo.packaged_config("demo.yaml")
     assert path.resolve() == (PACKAGED / "demo.yaml").resolve()
-    assert TrainConfig.from_yaml(path).output == "artifacts/bundles/demo"
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.output, cfg.alias) == ("artifacts/registry/demo", "production")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         demo.packaged_config("missing.yaml")
 
@@ -110,7 +111,8 @@ def test_serve_config_validates(path: Path) -> None:
 def test_default_serve_config_reads_the_demo_bundle() -> None:
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     args = AppArgs.model_validate(raw["applications"][0]["args"])
-    assert args.bundle_uri == TrainConfig.from_yaml(PACKAGED / "demo.yaml").output
+    demo = TrainConfig.from_yaml(PACKAGED / "demo.yaml")
+    assert args.bundle_uri == f"{demo.output}@{demo.alias}"  # serves the alias the demo moves, never its output dir
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -119,18 +121,22 @@ def test_train_config_validates(path: Path) -> None:
 
 
 def test_build_app_resolves_relative_paths_against_the_cwd(bundle_a, tmp_path, monkeypatch) -> None:
-    shutil.copytree(bundle_a, tmp_path / "artifacts" / "bundles" / "demo")
+    from cotrr_ray.bundles.registry import Registry
+
+    registry = Registry(tmp_path / "artifacts" / "registry")
+    registry.publish(bundle_a, "demo")
+    registry.set_alias("demo", "production", read_meta(bundle_a).bundle_id)
     monkeypatch.chdir(tmp_path)
     app = build_app(AppArgs(exposure_log_path="logs/exposure.jsonl"))
     router = app._bound_deployment  # the bound Router and its init args
     args = router.init_args[3]
-    assert args.bundle_uri == str(tmp_path / "artifacts" / "bundles" / "demo")
+    assert args.bundle_uri == f"{tmp_path / 'artifacts' / 'registry' / 'demo'}@production"
     assert args.exposure_log_path == str(tmp_path / "logs" / "exposure.jsonl")
 
 
 def test_build_app_fails_closed_with_the_path(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BundleError, match=str(tmp_path / "artifacts" / "bundles" / "demo")):
+    with pytest.raises(BundleError, match=f"no registry at {tmp_path / 'artifacts' / 'registry'}"):
         build_app(AppArgs())
 
 

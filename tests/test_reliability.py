@@ -31,7 +31,9 @@ import orjson
 import pytest
 from _bundles import TOP_M, make_bundle
 
-from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri, sha256_file
+from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, sha256_file
+from cotrr_ray.bundles.registry import resolve_uri
+from cotrr_ray.bundles.storage import StorageError
 from cotrr_ray.core.schema import CandidateRecord
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
 from cotrr_ray.serving.api import RequestParser, RerankRequest
@@ -374,8 +376,8 @@ def test_requests_cannot_name_a_bundle_or_any_path() -> None:
         with pytest.raises(RequestError) as info:
             parser.parse(orjson.dumps(body), default_top_m=TOP_M)
         assert info.value.status == 422
-    for uri in ("s3://b/x", "gs://b/x", "http://h/x", "https://h/x", "hdfs://h/x", "ftp://h/x"):
-        with pytest.raises(BundleError, match="only local"):
+    for uri in ("http://h/x", "https://h/x", "hdfs://h/x", "ftp://h/x"):  # s3:// and gs:// are registries
+        with pytest.raises(StorageError, match="unsupported storage URI"):
             resolve_uri(uri, "/base")
 
 

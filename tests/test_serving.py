@@ -16,7 +16,9 @@ import orjson
 import pytest
 from _bundles import TOP_M, make_bundle, request_body
 
-from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta
+from cotrr_ray.bundles.registry import resolve_uri
+from cotrr_ray.bundles.storage import StorageError
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
 from cotrr_ray.serving.coalescer import Downstream
@@ -519,7 +521,7 @@ def test_scorer_hot_swap_checks_compatibility(bundle_a, bundle_b, tmp_path, test
 
 
 def test_scorer_fails_closed_on_a_missing_bundle(tmp_path) -> None:
-    with pytest.raises(BundleError, match="no bundle directory"):
+    with pytest.raises(BundleError, match="no published bundle at"):
         ScorerCore.load(str(tmp_path / "nope"))
 
 
@@ -570,8 +572,10 @@ def test_bundle_paths_and_meta(bundle_a, tmp_path, monkeypatch) -> None:
     assert meta.top_m == TOP_M and meta.relevance_threshold == 1.0
     assert resolve_uri("rel/dir", "/base") == "/base/rel/dir"
     assert resolve_uri("file:///abs/dir", "/base") == "/abs/dir"
-    with pytest.raises(BundleError, match="only local"):
-        resolve_uri("s3://bucket/b", "/base")
+    assert resolve_uri("s3://bucket/reg/demo/id-1", "/base") == "s3://bucket/reg/demo/id-1"
+    assert resolve_uri("reg/demo@production", "/base") == "/base/reg/demo@production"
+    with pytest.raises(StorageError, match="unsupported storage URI"):
+        resolve_uri("http://host/b", "/base")
 
 
 # --------------------------------------------------------------------------- replica health checks (Serve's check_health)

@@ -30,7 +30,7 @@ def run_limit(bundle_uri: str, bodies: list[bytes], *, batch_size: int, duration
         t1 = time.perf_counter()
         results = core.score([r.inputs for r in reqs])
         t2 = time.perf_counter()
-        probs = [cal.transform(CalibrationInput(s.model_version, s.bundle_path, s.logits)) for s in results]
+        probs = [cal.transform(CalibrationInput(s.model_version, s.bundle_uri, s.logits)) for s in results]
         t3 = time.perf_counter()
         for r, s, p in zip(reqs, results, probs):
             order = model_order(s.logits, len(r.ids))

@@ -107,6 +107,11 @@ class Bundle:
     normalizer: FeatureNormalizer
     calibrator: IsotonicCalibrator
     device: torch.device
+    uri: str | None = None  # where other processes load it from (registry URI); None = `path`
+
+    @property
+    def source(self) -> str:
+        return self.uri or str(self.path)
 
     @property
     def bundle_id(self) -> str:
@@ -261,23 +266,13 @@ class BundleMeta:
     relevance_threshold: float
 
 
-def resolve_uri(uri: str, base_dir: str | Path) -> str:
-    """A local bundle path (plain or file://) made absolute against `base_dir`."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    elif "://" in uri:
-        raise BundleError(f"unsupported bundle URI {uri!r}: only local directories (or file://) are served")
-    p = Path(uri).expanduser()
-    return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
-
-
 def read_meta(path: str | Path) -> BundleMeta:
     """Read manifest, feature spec and Top-M of a bundle (checksums are verified by the scorer)."""
     p = Path(path)
     if not p.is_dir():
         raise BundleError(
             f"no bundle directory at {p} (cwd {os.getcwd()}): train one with "
-            "`python train_job.py --config configs/demo.yaml`, or point AppArgs.bundle_uri at a bundle"
+            "`python train_job.py --config configs/demo.yaml`, or point AppArgs.bundle_uri at a bundle or alias"
         )
     manifest = _read_json(p / "manifest.json")
     try:

@@ -410,3 +410,8 @@ class BundleSource:
         """(bundle URI of the fixed version, local directory holding it)."""
         _, loc = self.current()
         return loc.uri, fetch_bundle(loc, cache_dir)
+
+
+def resolve_uri(uri: str, base_dir: str | Path | None = None) -> str:
+    """A bundle URI in canonical form: local paths absolute (against `base_dir`), s3:// and @alias kept."""
+    return BundleSource.parse(uri, base_dir).uri

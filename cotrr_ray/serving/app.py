@@ -3,7 +3,7 @@
     serve run serve_config.yaml                 # import_path: cotrr_ray.serving.app:build_app
 
     from cotrr_ray.serving.app import build_app         # or from Python / tests
-    serve.run(build_app(AppArgs(bundle_uri="artifacts/bundles/demo")), route_prefix="/")
+    serve.run(build_app(AppArgs(bundle_uri="artifacts/registry/demo@production")), route_prefix="/")
 
 Relative paths in `AppArgs` resolve against the working directory of the process that runs this
 builder: with `serve run` that is the directory it was started from; with `serve deploy` it is
@@ -17,7 +17,8 @@ import os
 
 from ray.serve import Application
 
-from cotrr_ray.bundles.bundle import BundleError, read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import BundleError, read_meta
+from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs
 from cotrr_ray.serving.deployments import Calibrator, Router, Scorer
 
@@ -30,12 +31,12 @@ def build_app(args: AppArgs) -> Application:
     args = AppArgs.model_validate(args)  # a no-op for AppArgs; validates a dict from other callers
     base_dir = os.getcwd()
     bundle_uri = resolve_uri(args.bundle_uri, base_dir)
-    meta = read_meta(bundle_uri)  # a missing bundle fails the deploy here, with the path
+    meta = read_meta(BundleSource.parse(bundle_uri).resolve()[1])  # a missing bundle or alias fails the deploy here
     max_top_m = meta.top_m
     control_uri = None
     if args.control_bundle_uri is not None:
         control_uri = resolve_uri(args.control_bundle_uri, base_dir)
-        control_meta = read_meta(control_uri)
+        control_meta = read_meta(BundleSource.parse(control_uri).resolve()[1])
         if control_meta.spec.fingerprint() != meta.spec.fingerprint():
             raise BundleError(
                 f"control bundle {control_uri} has feature spec {control_meta.spec.describe()!r}, "

@@ -26,7 +26,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cotrr_ray
-from cotrr_ray.bundles.bundle import read_meta, resolve_uri
+from cotrr_ray.bundles.bundle import read_meta
+from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
 from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
@@ -153,10 +154,10 @@ class Router:
         args: AppArgs,
     ) -> None:
         _route_package_logs_to_serve()
-        meta = read_meta(args.bundle_uri)
+        meta = read_meta(BundleSource.parse(args.bundle_uri).resolve()[1])  # spec and limits; weights stay unread
         max_top_m = meta.top_m
         if control is not None and args.control_bundle_uri is not None:
-            max_top_m = min(max_top_m, read_meta(args.control_bundle_uri).top_m)
+            max_top_m = min(max_top_m, read_meta(BundleSource.parse(args.control_bundle_uri).resolve()[1]).top_m)
         # The request payload (numpy windows) goes with the C pickler: no cloudpickle Python pass
         # over every array (only used by the gRPC transport of RAY_SERVE_THROUGHPUT_OPTIMIZED).
         fast = {"request_serialization": "pickle"}
@@ -224,6 +225,10 @@ class Router:
 class Scorer:
     """Loads a bundle (fails closed), scores batches of windows, hot-swaps; calibrates in fused mode.
 
+    Given an alias (`<registry>/<name>@production`), every replica resolves it when it loads and then
+    polls it every `ScorerConfig.alias_poll_s`: a moved alias is downloaded, checked, warmed up and
+    swapped in, so all replicas converge on the new id within one interval (plus the load).
+
     The model runs on the replica's event loop, not in a thread pool: no hand-off per batch, and
     calls that arrive while a batch runs queue up and form the next batch (with
     max_concurrent_batches=1, a thread pool would let @serve.batch close tiny batches meanwhile).
@@ -237,9 +242,11 @@ class Scorer:
         self.base_dir = base_dir
         self.calibrate = calibrate
         self.args_uri = resolve_uri(bundle_uri, base_dir)
+        self.source = BundleSource.parse(self.args_uri)
         self.core = ScorerCore.load(self.args_uri)  # BundleError -> the replica does not start
         self.config = ScorerConfig()
         self._configured = False
+        self._poller: asyncio.Task | None = None
         # lists / batches = the mean model batch. Both are ours, bumped together in one process, so one
         # scrape sees them consistent (Serve's batches_processed is exported on its own schedule, and
         # its actual_batch_size histogram sum is approximated from bucket midpoints).
@@ -257,7 +264,7 @@ class Scorer:
         self._score_batch.set_max_batch_size(config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         target = resolve_uri(config.bundle_uri, self.base_dir) if config.bundle_uri else self.args_uri
-        if target != str(self.core.bundle.path):
+        if target != self.source.uri:
             try:
                 bundle = await asyncio.to_thread(self.core.load_replacement, target)
             except Exception as e:
@@ -266,8 +273,24 @@ class Scorer:
                 self.core.swap_failed(target, e)
             else:
                 self.core.swap(bundle)
+                self.source = BundleSource.parse(target)
         self.config = config
         self._configured = True
+        if self._poller is None:  # reconfigure runs on the replica's loop; __init__ may not
+            self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
+
+    async def _follow_alias(self) -> None:
+        """Poll the served alias (if it is one) and swap when it moves; errors are logged, never fatal."""
+        while True:
+            await asyncio.sleep(self.config.alias_poll_s or 1.0)
+            if not (self.source.moving and self.config.alias_poll_s):
+                continue
+            try:
+                await asyncio.to_thread(self.core.follow, self.source)
+            except Exception as e:  # registry unreachable: keep serving what is loaded
+                logger.warning(
+                    "alias poll of %s failed; still serving %s: %r", self.source.uri, self.core.bundle.bundle_id, e
+                )
 
     async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult]:
         """Windows of several requests (one coalesced router call) -> one result per window."""
@@ -293,7 +316,12 @@ class Scorer:
         return out
 
     async def info(self) -> dict[str, Any]:
-        return {**self.core.info(), "fused_calibration": self.calibrate, "config": self.config.model_dump()}
+        return {
+            **self.core.info(),
+            "source": self.source.uri,
+            "fused_calibration": self.calibrate,
+            "config": self.config.model_dump(),
+        }
 
 
 @serve.deployment(

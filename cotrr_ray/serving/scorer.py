@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cotrr_ray.bundles.bundle import load_calibrator
+from cotrr_ray.bundles.registry import BundleSource
 from cotrr_ray.core.features import CandidateList
 from cotrr_ray.core.spec import FeatureSpec
 
@@ -53,7 +54,7 @@ class ScoreResult:
 
     logits: np.ndarray  # (window,) float32
     model_version: str
-    bundle_path: str
+    bundle_uri: str  # where the calibrator (any node) loads this bundle from: a registry URI or shared path
     probabilities: np.ndarray | None = None  # (window,) float64, set only in fused mode (calibrated by the scorer)
     # Wall time (ms) of the `ScorerCore.score` call that produced it: the forward pass of the whole
     # batch plus the per-result work. Every window of a batch carries the batch's time, so this is
@@ -65,7 +66,7 @@ class ScoreResult:
 @dataclass
 class CalibrationInput:
     bundle_id: str
-    bundle_path: str
+    bundle_uri: str
     logits: np.ndarray  # (window,)
 
 
@@ -80,6 +81,7 @@ class ScorerCore:
         self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
         self.swaps: collections.Counter = collections.Counter()
         self.last_swap_error: str | None = None
+        self._failed_id: str | None = None
         self.batches = 0  # model calls
         self.lists = 0  # Top-M windows they scored
 
@@ -92,14 +94,23 @@ class ScorerCore:
             return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "cpu", "none"
 
-    @classmethod
-    def load(cls, path: str) -> ScorerCore:
-        """Load and warm up a bundle; raises `BundleError` (fail closed, never a random model)."""
+    @staticmethod
+    def load_bundle(uri: str, device: Any) -> Any:
+        """The `Bundle` a URI names now (a directory, a registry id or an alias; remote ones through the
+        local cache), tagged with the URI of its fixed version so other processes can load it too."""
         from cotrr_ray.bundles.bundle import Bundle
 
+        fixed_uri, local = BundleSource.parse(uri).resolve()
+        bundle = Bundle.load(local, device=device)
+        bundle.uri = fixed_uri
+        return bundle
+
+    @classmethod
+    def load(cls, uri: str) -> ScorerCore:
+        """Load and warm up a bundle; raises `BundleError` (fail closed, never a random model)."""
         device, amp = cls.device_and_amp()
         t0 = time.perf_counter()
-        bundle = Bundle.load(path, device=device)
+        bundle = cls.load_bundle(uri, device)
         core = cls(bundle, amp=amp)
         warm_ms = core.warm_up(bundle)
         logger.info(
@@ -126,9 +137,7 @@ class ScorerCore:
 
     def load_replacement(self, path: str) -> Any:
         """Load a bundle for a hot swap and check it can serve this app's requests (blocking)."""
-        from cotrr_ray.bundles.bundle import Bundle
-
-        bundle = Bundle.load(path, device=self.bundle.device)
+        bundle = self.load_bundle(path, self.bundle.device)
         if bundle.spec.fingerprint() != self.reference_fingerprint:
             raise ValueError(
                 f"bundle {path} has feature spec {bundle.spec.describe()!r}, not the served one; "
@@ -144,6 +153,26 @@ class ScorerCore:
         self.swaps["ok"] += 1
         self.last_swap_error = None
         logger.info("hot-swapped bundle %s -> %s", old.bundle_id, bundle.bundle_id)
+
+    def follow(self, source: BundleSource) -> bool:
+        """Swap to the bundle `source` names now if that is not the served one (an alias moved).
+
+        Blocking (a registry read, and a download and load when it moved); returns whether it swapped.
+        A bundle that failed to load is not retried until the alias moves again, so one bad publish
+        costs one error, not one per poll.
+        """
+        bundle_id = source.current_id()
+        if bundle_id in (self.bundle.bundle_id, self._failed_id):
+            return False
+        try:
+            bundle = self.load_replacement(source.uri)
+        except Exception as e:
+            self._failed_id = bundle_id
+            self.swap_failed(f"{source.uri} ({bundle_id})", e)
+            return False
+        self._failed_id = None
+        self.swap(bundle)
+        return True
 
     def swap_failed(self, path: str, error: BaseException) -> None:
         self.swaps["error"] += 1
@@ -161,12 +190,12 @@ class ScorerCore:
         logits = bundle.score(lists, amp=self.amp)
         self.batches += 1
         self.lists += len(lists)
-        path = str(bundle.path)
+        uri = bundle.source
         out = []
         for x in logits:
             x = np.array(x, dtype=np.float32)
             probs = bundle.calibrator.predict(x.astype(np.float64)) if calibrate else None
-            out.append(ScoreResult(x, bundle.bundle_id, path, probs))
+            out.append(ScoreResult(x, bundle.bundle_id, uri, probs))
         compute_ms = (time.perf_counter() - t0) * 1000
         for r in out:  # the whole batch's time on each of its windows (see ScoreResult.compute_ms)
             r.compute_ms = compute_ms
@@ -185,6 +214,7 @@ class ScorerCore:
         b = self.bundle
         return {
             "bundle_id": b.bundle_id,
+            "bundle_uri": b.source,
             "bundle_path": str(b.path),
             "device": str(b.device),
             "amp": self.amp,
@@ -202,14 +232,16 @@ class ScorerCore:
 
 
 class CalibratorCore:
-    """Calibrators by bundle id (LRU). Unknown ids are loaded from the path the scorer reported."""
+    """Calibrators by bundle id (LRU). An unknown id is loaded from the URI the scorer reported (through
+    the local cache for a remote registry), so after an alias moves the calibrator of the new id is
+    there as soon as the first window scored by it arrives, and the old one stays for in-flight ones."""
 
     def __init__(self, max_bundles: int = 8):
         self.max_bundles = max_bundles
         self._by_id: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
-    def add(self, path: str) -> str:
-        bundle_id, calibrator = load_calibrator(path)
+    def add(self, uri: str) -> str:
+        bundle_id, calibrator = load_calibrator(BundleSource.parse(uri).resolve()[1])
         self._by_id[bundle_id] = calibrator
         self._by_id.move_to_end(bundle_id)
         while len(self._by_id) > self.max_bundles:
@@ -217,8 +249,8 @@ class CalibratorCore:
         return bundle_id
 
     def missing(self, items: list[CalibrationInput]) -> dict[str, str]:
-        """{bundle_id: path} of the items whose calibrator is not loaded yet."""
-        return {it.bundle_id: it.bundle_path for it in items if it.bundle_id not in self._by_id}
+        """{bundle_id: uri} of the items whose calibrator is not loaded yet."""
+        return {it.bundle_id: it.bundle_uri for it in items if it.bundle_id not in self._by_id}
 
     def load_missing(self, missing: dict[str, str]) -> dict[str, str]:
         """Load calibrators (blocking); returns {bundle_id: error} for those that failed."""

@@ -221,7 +221,7 @@ class RerankService:
             return _check_probabilities(np.asarray(result.probabilities), window), None
         if timeout_s <= 0:
             raise TimeoutError
-        cal = CalibrationInput(result.model_version, result.bundle_path, result.logits)
+        cal = CalibrationInput(result.model_version, result.bundle_uri, result.logits)
         t0 = time.perf_counter()
         probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
         return _check_probabilities(probs, window), (time.perf_counter() - t0) * 1000
