@@ -111,6 +111,10 @@ def test_a_publish_killed_mid_write_leaves_no_visible_bundle(published, registry
         BundleSource.parse(published.bundle_uri("demo", "torn-bundle")).resolve(tmp_path / "cache")
     with pytest.raises(RegistryError, match="unfinished publish"):
         published.set_alias("demo", "production", "torn-bundle")
+    # gc leaves a fresh unfinished publish alone (it may still be uploading), then removes it once idle.
+    assert published.gc("demo", keep=10) == []
+    assert published.gc("demo", keep=10, unfinished_after_s=-1) == ["torn-bundle"]
+    assert storage.list_dir(published.bundle_location("demo", "torn-bundle")) == []
 
 
 # ----------------------------------------------------------------------------- aliases
@@ -293,3 +297,18 @@ def test_cli_runs_as_a_module(published):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["bundles"]) == 2
+
+
+def test_storage_uris_and_unsupported_writes(tmp_path):
+    assert storage.locate("s3://bucket/a/b/").uri == "s3://bucket/a/b"
+    assert storage.locate("file:///x/y").uri == "/x/y" and storage.locate("rel", tmp_path).uri == str(tmp_path / "rel")
+    for bad in ("http://h/x", "hdfs://nn/x", "s3://"):
+        with pytest.raises(storage.StorageError):
+            storage.locate(bad)
+    with pytest.raises(storage.StorageError, match="conditional writes.*local paths and s3:// only"):
+        storage.create_exclusive(storage.Location("gs", "bucket/registry/registry.json"), b"{}")
+    target = storage.locate(tmp_path / "x.json")
+    storage.create_exclusive(target, b"1")
+    with pytest.raises(storage.AlreadyExists):
+        storage.create_exclusive(target, b"2")
+    assert storage.read_bytes(target) == b"1" and not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]

@@ -7,7 +7,7 @@
     python -m cotrr_ray.registry alias   set artifacts/registry/demo ALIAS ID [--expect ID|none]
     python -m cotrr_ray.registry promote artifacts/registry/demo [--source candidate] [--target production]
     python -m cotrr_ray.registry rollback artifacts/registry/demo [--alias production]
-    python -m cotrr_ray.registry gc      artifacts/registry/demo --keep N [--dry-run]
+    python -m cotrr_ray.registry gc      artifacts/registry/demo --keep N [--dry-run] [--unfinished-after-s S]
 
 A model is named by `<registry>/<name>` (what `train_job.py` takes as `output`); the registry may
 be a local path or ``s3://bucket/prefix``. Errors (missing registry, model, bundle or alias, a lost
@@ -95,7 +95,7 @@ def cmd_rollback(args: argparse.Namespace) -> Any:
 
 def cmd_gc(args: argparse.Namespace) -> Any:
     registry, name = _model(args.uri)
-    deleted = registry.gc(name, args.keep, dry_run=args.dry_run)
+    deleted = registry.gc(name, args.keep, dry_run=args.dry_run, unfinished_after_s=args.unfinished_after_s)
     return {
         "deleted" if not args.dry_run else "would_delete": deleted,
         "kept_aliased": sorted(registry.protected(name)),
@@ -132,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     s.add_argument("--keep", type=int, required=True)
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--unfinished-after-s",
+        type=float,
+        default=3600.0,
+        help="also delete publishes that died before their manifest, once idle this long",
+    )
     s.set_defaults(fn=cmd_gc)
     return p
 

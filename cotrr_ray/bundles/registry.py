@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -282,13 +283,28 @@ class Registry:
                     keep.add(head.previous)
         return keep
 
-    def gc(self, name: str, keep: int, *, dry_run: bool = False) -> list[str]:
-        """Delete all but the `keep` newest bundles, never an aliased one or a rollback target."""
+    def unfinished(self, name: str, older_than_s: float) -> list[str]:
+        """Ids of publishes that never wrote their manifest (killed mid-write), idle for `older_than_s`.
+
+        The age keeps gc off a publish that is still uploading."""
+        now, out = time.time(), []
+        for entry, is_dir in storage.list_dir(self._model(name)):
+            loc = self._model(name).child(entry)
+            if is_dir and not entry.startswith("_") and not storage.is_file(loc.child(MANIFEST)):
+                mtime = storage.newest_mtime(loc)
+                if mtime is None or now - mtime > older_than_s:
+                    out.append(entry)
+        return out
+
+    def gc(self, name: str, keep: int, *, dry_run: bool = False, unfinished_after_s: float = 3600.0) -> list[str]:
+        """Delete all but the `keep` newest bundles, never an aliased one or a rollback target, and the
+        leftovers of publishes that died before their manifest (idle for `unfinished_after_s`)."""
         if keep < 0:
             raise RegistryError("gc --keep must be >= 0")
         published = [m["bundle_id"] for m in self.bundles(name)]
         newest = set(published[-keep:]) if keep else set()
         doomed = [b for b in published if b not in newest and b not in self.protected(name)]
+        doomed += self.unfinished(name, unfinished_after_s)
         if not dry_run:
             for bundle_id in doomed:
                 self.delete(name, bundle_id)

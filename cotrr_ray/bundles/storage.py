@@ -151,6 +151,16 @@ def list_dir(loc: Location) -> list[tuple[str, bool]]:
     return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
 
 
+def newest_mtime(loc: Location) -> float | None:
+    """The latest modification time (epoch seconds) of any file under `loc`; None when there is none."""
+    if loc.local:
+        times = [p.stat().st_mtime for p in Path(loc.path).rglob("*") if p.is_file()]
+        return max(times, default=None)
+    infos = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    times = [i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File and i.mtime is not None]
+    return max(times, default=None)
+
+
 # ----------------------------------------------------------------------------- writes
 
 

@@ -1,6 +1,6 @@
 """Held-out evaluation of a bundle: ranking quality and calibration, with bootstrap intervals.
 
-    python -m cotrr_ray.training.evaluate --bundle DIR --data FILE [--format letor|jsonl] [--json OUT] [--all-queries]
+    python -m cotrr_ray.training.evaluate --bundle DIR|<registry>/<name>@<alias>|<registry>/<name>/<id> --data FILE [--format letor|jsonl] [--json OUT] [--all-queries]
 
 When FILE is the very file the bundle was trained on (same sha256 as the bundle's data fingerprint),
 only the queries of its test split are scored: the others trained the model or its calibrator.
@@ -122,10 +122,11 @@ def held_out_only(lists: list[CandidateList], data_path: str | Path, manifest: d
 
 def main(argv: list[str] | None = None) -> None:
     from cotrr_ray.bundles.bundle import Bundle
+    from cotrr_ray.bundles.registry import BundleSource
     from cotrr_ray.data.readers import read_jsonl, read_letor
 
     p = argparse.ArgumentParser(prog="python -m cotrr_ray.training.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="bundle directory, registry id or alias (local or s3://)")
     p.add_argument("--data", required=True)
     p.add_argument("--format", choices=["jsonl", "letor"], default=None, help="default: by file extension")
     p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         help="score every query even when --data is the bundle's training file (not a held-out estimate)",
     )
     args = p.parse_args(argv)
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(BundleSource.parse(args.bundle).resolve()[1])
     fmt = args.format or ("jsonl" if str(args.data).endswith((".jsonl", ".json")) else "letor")
     if fmt == "letor":
         ((group, dim),) = bundle.spec.candidate.items()
