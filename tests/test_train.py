@@ -15,7 +15,7 @@ from cotrr_ray.core.model import Reranker
 from cotrr_ray.core.scoring import predict_logits
 from cotrr_ray.data.synthetic import generate
 from cotrr_ray.training.checkpoints import load_state
-from cotrr_ray.training.loop import VAL_METRIC, fit, warmup_cosine, window_ndcg
+from cotrr_ray.training.loop import VAL_METRIC, epoch_seed, fit, warmup_cosine, window_ndcg
 from cotrr_ray.training.prepare import PreparedData, prepare_data
 from cotrr_ray.training.torchrun import TorchContext
 
@@ -175,3 +175,46 @@ def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path
     resumed = _fit(cfg_b, data, tmp_path / "b").history
     assert [h["epoch"] for h in resumed] == [2, 3]
     assert load_state(tmp_path / "b" / "epoch_003")["bad_epochs"] == 3
+
+
+# ------------------------------------------------------------------------- per-rank seeds
+
+
+def test_epoch_seed_is_a_pure_function_of_seed_rank_and_epoch() -> None:
+    assert epoch_seed(0, 0, 0) == epoch_seed(0, 0, 0) and epoch_seed(7, 1, 3) == epoch_seed(7, 1, 3)
+    seeds = {epoch_seed(s, r, e) for s in (0, 1, 100_003) for r in range(4) for e in range(20)}
+    assert len(seeds) == 3 * 4 * 20  # no two (seed, rank, epoch) share a stream
+    assert epoch_seed(-1, 0, 0) != epoch_seed(1, 0, 0)
+
+
+def test_ranks_draw_different_dropout_and_each_rank_replays_its_own(
+    data: PreparedData, tmp_path: Path, monkeypatch
+) -> None:
+    # Two single-process "ranks" on the same data and weights: only the rank differs, so with one
+    # seed for all ranks their dropout (and losses) would be identical.
+    model_config = dataclasses.replace(data.model_config, dropout=0.3)
+    cfg = _cfg(tmp_path, "optim.max_epochs=1", "optim.input_noise_std=0.1")
+    losses = {}
+    for name, rank in (("r0", "0"), ("r0-again", "0"), ("r1", "1")):
+        monkeypatch.setenv("RANK", rank)
+        losses[name] = _fit(cfg, data, tmp_path / name, model_config).history[0]["train_loss"]
+    assert losses["r0"] == losses["r0-again"]
+    assert losses["r0"] != losses["r1"]
+
+
+def test_ddp_shuffle_comes_from_the_sampler_and_agrees_across_ranks(data: PreparedData, tmp_path: Path) -> None:
+    # The per-rank torch seed must not leak into DDP shuffling: every rank's DistributedSampler
+    # permutes with its own seed and the epoch, so the shards stay disjoint and cover the data.
+    ctx = TorchContext(tmp_path)
+    n = len(data.padded["train"])
+    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=16, shuffle=True)
+    for epoch in (0, 3):
+        shards = []
+        for rank in (0, 1):
+            ctx.world_size, ctx.rank = 2, rank  # prepare_loader as rank `rank` of 2 (no process group needed)
+            sampler = ctx.prepare_loader(loader).sampler
+            torch.manual_seed(epoch_seed(0, rank, epoch))  # what _train_epoch does before iterating
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        assert not set(shards[0]) & set(shards[1])
+        assert set(shards[0]) | set(shards[1]) == set(range(n))

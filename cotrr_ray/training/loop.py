@@ -94,6 +94,17 @@ def _collate(padded: PaddedLists) -> Callable[[list[int]], tuple[dict[str, Any],
     return collate
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of one rank's epoch (dropout, input noise).
+
+    A pure function of (seed, rank, epoch), so a resumed run replays what an undisturbed one would
+    have drawn. The rank is in it so that DDP ranks draw different dropout masks and noise: with
+    one seed for all, every rank would apply the same masks to its shard. SeedSequence mixes the
+    three (no collisions between nearby tuples); it takes non-negative entropy, hence the modulo.
+    """
+    return int(np.random.SeedSequence([seed % 2**64, rank, epoch]).generate_state(1, np.uint64)[0])
+
+
 def _add_noise(inputs: dict[str, Any], std: float) -> None:
     for scope in ("candidate", "query"):
         for g, t in inputs[scope].items():
@@ -158,9 +169,10 @@ def _resume(t: _Training, ctx: LoopContext) -> _Progress:
 def _train_epoch(cfg: TrainConfig, t: _Training, epoch: int, ctx: LoopContext) -> tuple[list[float], float]:
     """One pass over the loader with gradient accumulation; the per-batch losses and the seconds it took."""
     o = cfg.optim
-    # Seeding per epoch makes shuffling and dropout a function of (seed, epoch), so a run
-    # resumed from a checkpoint replays exactly what an undisturbed run would have done.
-    torch.manual_seed(o.seed * 100_003 + epoch)
+    # Under DDP the DistributedSampler shuffles from its own seed and the epoch (set_epoch), the
+    # same on every rank, so the ranks keep disjoint shards; this seed only drives dropout, noise
+    # and the single-process loader's shuffle.
+    torch.manual_seed(epoch_seed(o.seed, ctx.rank, epoch))
     loader, model = t.loader, t.model
     if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
