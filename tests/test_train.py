@@ -12,11 +12,12 @@ import torch
 from factories import tiny_train_config
 
 from cotrr_ray.core.model import Reranker
-from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.scoring import inference_amp, predict_logits
 from cotrr_ray.data.synthetic import generate
+from cotrr_ray.training import loop, prepare
 from cotrr_ray.training.checkpoints import load_state
 from cotrr_ray.training.loop import VAL_METRIC, epoch_seed, fit, warmup_cosine, window_ndcg
-from cotrr_ray.training.prepare import PreparedData, prepare_data
+from cotrr_ray.training.prepare import PreparedData, pad_split, prepare_data, window_logits
 from cotrr_ray.training.torchrun import TorchContext
 
 SPLITS = "data.splits={train: 0.7, validation: 0.3, test: 0.0}"
@@ -218,3 +219,36 @@ def test_ddp_shuffle_comes_from_the_sampler_and_agrees_across_ranks(data: Prepar
             shards.append(list(sampler))
         assert not set(shards[0]) & set(shards[1])
         assert set(shards[0]) | set(shards[1]) == set(range(n))
+
+
+# ------------------------------------------------------------------------- scoring precision
+
+
+def test_validation_scores_at_serving_precision_not_trainings(data: PreparedData, tmp_path: Path, monkeypatch) -> None:
+    # Checkpoint selection must rank the scores that will be served: on CPU that is fp32 even when
+    # training runs under bf16 autocast.
+    amps = []
+    real = loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", lambda *a, **kw: amps.append(kw.get("amp")) or real(*a, **kw))
+    _fit(_cfg(tmp_path, "optim.amp=bf16", "optim.max_epochs=2"), data, tmp_path / "ckpt")
+    assert amps == [inference_amp("cpu")] * 2 == ["none", "none"]
+
+
+def test_window_logits_score_at_the_inference_amp_of_the_models_device(data: PreparedData, monkeypatch) -> None:
+    # Calibration (and test) scores come from window_logits: the rule must be serving's for the
+    # model's device. Pretend that device serves bf16 and check the logits are bf16-autocast ones.
+    torch.manual_seed(0)
+    model = Reranker(data.model_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    devices = []
+    monkeypatch.setattr(prepare, "inference_amp", lambda d: devices.append(torch.device(d)) or "bf16")
+    lists = data.lists["validation"][:8]
+    got = window_logits(model, lists, data)
+    assert devices == [torch.device("cpu")]
+    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
+    bf16, fp32 = predict_logits(model, padded, amp="bf16"), predict_logits(model, padded, amp="none")
+    for i, (z, cl) in enumerate(zip(got, lists)):
+        np.testing.assert_array_equal(z, bf16[i, : cl.window])
+    assert any(not np.array_equal(z, fp32[i, : cl.window]) for i, (z, cl) in enumerate(zip(got, lists)))

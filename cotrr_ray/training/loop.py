@@ -27,7 +27,7 @@ from cotrr_ray.core.features import PaddedLists
 from cotrr_ray.core.losses import ranking_loss
 from cotrr_ray.core.metrics import ndcg_at_k
 from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.core.scoring import autocast, predict_logits, to_tensors
+from cotrr_ray.core.scoring import autocast, inference_amp, predict_logits, to_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,9 @@ def _optimizer_step(t: _Training, grad_clip: float) -> None:
 def _validate(cfg: TrainConfig, t: _Training, val: PaddedLists, ctx: LoopContext) -> float:
     """The validation metric (`VAL_METRIC`: nDCG@10 over the Top-M windows) of the current weights."""
     # Every rank scores the whole validation split with identical weights, so all ranks agree
-    # on early stopping without extra communication.
-    amp = "none" if cfg.optim.amp == "fp16" else cfg.optim.amp
+    # on early stopping without extra communication. At the precision serving scores with on this
+    # device, not training's optim.amp: the checkpoint is chosen for the scores it will serve.
+    amp = inference_amp(ctx.device)
     return window_ndcg(predict_logits(t.raw_model, val, device=ctx.device, amp=amp), val)
 
 

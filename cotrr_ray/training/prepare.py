@@ -15,7 +15,7 @@ import numpy as np
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer, PaddedLists, pad_lists
 from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.scoring import inference_amp, predict_logits
 from cotrr_ray.core.spec import FeatureSpec
 from cotrr_ray.data.readers import read_jsonl, read_letor
 from cotrr_ray.data.splits import split_by_query
@@ -86,9 +86,12 @@ def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
 
 
 def window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
-    """Raw logits of each list's window, featurised with `data`'s normaliser (as the bundle does)."""
+    """Raw logits of each list's window, featurised with `data`'s normaliser (as the bundle does),
+    on the model's device at serving's precision there (`inference_amp`), so that a calibrator
+    fitted on them sees the scores a Scorer on that device produces."""
     if not lists:
         return []
     padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
-    logits = predict_logits(model, padded)
+    device = next(model.parameters()).device
+    logits = predict_logits(model, padded, device=device, amp=inference_amp(device))
     return [logits[i, : cl.window] for i, cl in enumerate(lists)]
