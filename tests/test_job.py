@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from factories import tiny_train_config
+
+from cotrr_ray.config import FAULT_INJECTION_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +21,8 @@ def ray_local():
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
+        # The Train workers validate scaling.fail_after_epoch again: they inherit the gate from here.
+        os.environ[FAULT_INJECTION_ENV] = "1"
         ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     # A Ray instance another fixture started (e.g. the session's Serve cluster) is shared and left
@@ -25,6 +30,7 @@ def ray_local():
     # unconditionally and would fail ("called ray.init twice") if a later module requested it.
     if started_here:
         ray.shutdown()
+        os.environ.pop(FAULT_INJECTION_ENV, None)
 
 
 def _retried_after_injected_failure(ray, run_name: str) -> bool:
@@ -47,7 +53,7 @@ def _retried_after_injected_failure(ray, run_name: str) -> bool:
     return False
 
 
-def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path) -> None:
+def test_two_worker_job_resumes_after_injected_failure(ray_local, fault_injection, tmp_path: Path) -> None:
     from cotrr_ray.bundles.bundle import Bundle
     from cotrr_ray.training.job import run
 

@@ -123,7 +123,9 @@ def test_early_stopping_when_the_metric_plateaus(data: PreparedData, tmp_path: P
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_000", "epoch_001", "epoch_002"]
 
 
-def test_resume_after_injected_failure_matches_uninterrupted_run(data: PreparedData, tmp_path: Path) -> None:
+def test_resume_after_injected_failure_matches_uninterrupted_run(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
     # Dropout on, so the per-epoch reseeding of shuffling and dropout is part of what is checked.
     model_config = dataclasses.replace(data.model_config, dropout=0.1)
     epochs = "optim.max_epochs=4"
@@ -152,7 +154,9 @@ def test_resume_from_a_finished_run_does_nothing(data: PreparedData, tmp_path: P
     assert _fit(cfg, data, tmp_path / "ckpt").history == []
 
 
-def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(data: PreparedData, tmp_path: Path) -> None:
+def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
     plateau = ("optim.lr=1e-9", "optim.patience=2", "optim.max_epochs=10")
     a = _fit(_cfg(tmp_path, *plateau), data, tmp_path / "a").history
     assert a[-1]["epoch"] == 2  # early stop after epoch 2
@@ -164,7 +168,7 @@ def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(data: Prepar
     assert resumed == []
 
 
-def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path) -> None:
+def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path, fault_injection) -> None:
     # Plateau from epoch 0 with patience 3: uninterrupted, the run stops after epoch 3. A failure
     # after epoch 1 must not reset `best`/`bad_epochs`, or the resumed run would train longer.
     plateau = ("optim.lr=1e-9", "optim.patience=3", "optim.max_epochs=10")
