@@ -13,9 +13,10 @@ from factories import tiny_train_config
 
 from cotrr_ray.core.model import Reranker
 from cotrr_ray.core.scoring import inference_amp, predict_logits
+from cotrr_ray.data.readers import file_fingerprint
 from cotrr_ray.data.synthetic import generate
 from cotrr_ray.training import loop, prepare
-from cotrr_ray.training.checkpoints import load_state
+from cotrr_ray.training.checkpoints import ResumeMismatchError, config_fingerprint, load_state
 from cotrr_ray.training.loop import VAL_METRIC, epoch_seed, fit, warmup_cosine, window_ndcg
 from cotrr_ray.training.prepare import PreparedData, pad_split, prepare_data, window_logits
 from cotrr_ray.training.torchrun import TorchContext
@@ -35,9 +36,10 @@ def _cfg(tmp_path: Path, *overrides: str):
     return tiny_train_config(tmp_path, [SPLITS, *overrides])
 
 
-def _fit(cfg, data: PreparedData, ckpt_dir: Path, model_config=None) -> TorchContext:
+def _fit(cfg, data: PreparedData, ckpt_dir: Path, model_config=None, data_fingerprint=None) -> TorchContext:
     ctx = TorchContext(ckpt_dir)
-    fit(cfg, model_config or data.model_config, data.padded["train"], data.padded["validation"], ctx)
+    train, val = data.padded["train"], data.padded["validation"]
+    fit(cfg, model_config or data.model_config, train, val, ctx, data_fingerprint=data_fingerprint)
     return ctx
 
 
@@ -256,3 +258,69 @@ def test_window_logits_score_at_the_inference_amp_of_the_models_device(data: Pre
     for i, (z, cl) in enumerate(zip(got, lists)):
         np.testing.assert_array_equal(z, bf16[i, : cl.window])
     assert any(not np.array_equal(z, fp32[i, : cl.window]) for i, (z, cl) in enumerate(zip(got, lists)))
+
+
+# ------------------------------------------------------------------------- resume fingerprint
+
+INTERRUPTED = ("optim.max_epochs=3", "scaling.fail_after_epoch=0")
+
+
+def _interrupted_run(data: PreparedData, tmp_path: Path, ckpt: Path, fingerprint: str) -> None:
+    with pytest.raises(RuntimeError, match="injected failure after epoch 0"):
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint=fingerprint)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    other = _cfg(tmp_path, *INTERRUPTED, "optim.lr=0.001")
+    with pytest.raises(ResumeMismatchError) as err:
+        _fit(other, data, ckpt, data_fingerprint="sha256:data-a")
+    msg = str(err.value)
+    mine = config_fingerprint(other, data.model_config)
+    theirs = config_fingerprint(_cfg(tmp_path, *INTERRUPTED), data.model_config)
+    assert mine != theirs and mine in msg and theirs in msg
+    assert "the config fingerprint differs" in msg and msg.count("sha256:data-a") == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000"]  # nothing trained on the old weights
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    with pytest.raises(ResumeMismatchError, match="the data fingerprint differs") as err:
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint="sha256:data-b")
+    assert "sha256:data-a" in str(err.value) and "sha256:data-b" in str(err.value)
+
+
+def test_resume_refuses_a_checkpoint_without_a_fingerprint(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    state = load_state(ckpt / "epoch_000")
+    del state["fingerprint"]  # written before checkpoints carried one: whose it is cannot be told
+    torch.save(state, ckpt / "epoch_000" / "state.pt")
+    with pytest.raises(ResumeMismatchError, match="config and data fingerprints differ"):
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint="sha256:data-a")
+
+
+def test_resume_accepts_the_same_config_and_data_whatever_the_run_knobs(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("the bytes of a data file\n")
+    fp = file_fingerprint(data_file)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, fp)
+    knobs = (
+        f"output={tmp_path / 'elsewhere'}",
+        f"data.cache_dir={tmp_path / 'other-cache'}",
+        "bootstrap_samples=500",
+        "calibration.method=cross_fit",
+        "scaling.num_workers=0",
+        "scaling.cpus_per_worker=2",
+        "scaling.max_failures=0",
+        "scaling.run_name=renamed",
+        "scaling.fail_after_epoch=null",
+    )
+    resumed = _fit(_cfg(tmp_path, "optim.max_epochs=3", *knobs), data, ckpt, data_fingerprint=fp).history
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    assert load_state(ckpt / "epoch_002")["fingerprint"] == load_state(ckpt / "epoch_000")["fingerprint"]

@@ -7,6 +7,7 @@ Also the one place that turns a `TrainConfig` and a feature spec into the model'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNorm
 from cotrr_ray.core.model import Reranker, RerankerConfig
 from cotrr_ray.core.scoring import inference_amp, predict_logits
 from cotrr_ray.core.spec import FeatureSpec
-from cotrr_ray.data.readers import read_jsonl, read_letor
+from cotrr_ray.data.readers import file_fingerprint, read_jsonl, read_letor
 from cotrr_ray.data.splits import split_by_query
 
 
@@ -30,6 +31,9 @@ class PreparedData:
     model_config: RerankerConfig
     lists: dict[str, list[CandidateList]]  # split -> raw lists (full length, for evaluation)
     padded: dict[str, PaddedLists]  # split -> normalised Top-M windows
+    # `file_fingerprint` of the file the lists came from (None: built from lists in memory); part of
+    # each checkpoint's fingerprint, so a rerun on other data never resumes these weights.
+    data_fingerprint: str | None = None
 
 
 def load_lists(cfg: TrainConfig, data_path: str | Path) -> tuple[FeatureSpec, list[CandidateList]]:
@@ -82,7 +86,7 @@ def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
     for name in ("train", "validation"):
         if not splits[name]:
             raise ValueError(f"split {name!r} is empty: {len(lists)} queries are too few for {cfg.data.splits}")
-    return prepare_splits(cfg, spec, splits)
+    return dataclasses.replace(prepare_splits(cfg, spec, splits), data_fingerprint=file_fingerprint(data_path))
 
 
 def window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
