@@ -208,8 +208,9 @@ class RoutingConfig(_Strict):
         ge=0,
         le=100,
         description=(
-            "Share of units (0-100) assigned to the treatment arm: treatment iff "
-            "bucket(experiment_salt, unit) <= rollout_percentage (see cotrr_ray.experiments.assignment)."
+            "Share of units (0-100, in steps of 0.01) assigned to the treatment arm: treatment iff "
+            "bucket(experiment_salt, unit) <= round(rollout_percentage * 100), buckets 1..10000 "
+            "(basis points; see cotrr_ray.experiments.assignment)."
         ),
     )
     shadow_mode: bool = Field(
@@ -255,6 +256,18 @@ class RoutingConfig(_Strict):
         description="Send the Server-Timing response header (stage times of each rerank); off for "
         "deployments that must not reveal internal timings to clients.",
     )
+
+    @model_validator(mode="after")
+    def _check_rollout_resolution(self) -> RoutingConfig:
+        # Buckets are basis points: a finer percentage would be logged as the rollout (exposure log,
+        # gauge) while a different share was assigned. Same rule as cotrr_ray.experiments.assignment._threshold.
+        basis_points = self.rollout_percentage * 100
+        if abs(basis_points - round(basis_points)) > 1e-6:
+            raise ValueError(
+                f"rollout_percentage must be a multiple of 0.01 (buckets are basis points), "
+                f"got {self.rollout_percentage!r}"
+            )
+        return self
 
 
 class ScorerConfig(_Strict):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cotrr_ray.config import FAULT_INJECTION_ENV, AppArgs, ScorerConfig, TrainConfig, apply_override
+from cotrr_ray.config import FAULT_INJECTION_ENV, AppArgs, RoutingConfig, ScorerConfig, TrainConfig, apply_override
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -154,3 +154,15 @@ def test_fault_injection_is_refused_unless_the_env_var_is_set(monkeypatch) -> No
     assert ScorerConfig(fault="raise").fault == "raise"
     assert AppArgs.model_validate({"scorer": {"fault": "slow"}}).scorer.fault == "slow"
     assert TrainConfig.from_yaml(None, ["scaling.fail_after_epoch=0"]).scaling.fail_after_epoch == 0
+
+
+@pytest.mark.parametrize("rollout", [0.005, 12.345, 99.999])
+def test_rollout_percentage_finer_than_a_basis_point_is_rejected(rollout: float) -> None:
+    # Buckets are basis points: 0.005 would be logged as the rollout while nobody is assigned.
+    with pytest.raises(ValidationError, match="multiple of 0.01"):
+        RoutingConfig(rollout_percentage=rollout)
+
+
+@pytest.mark.parametrize("rollout", [0, 0.01, 0.07, 0.5, 33.33, 100])
+def test_rollout_percentage_in_basis_points_is_accepted(rollout: float) -> None:
+    assert RoutingConfig(rollout_percentage=rollout).rollout_percentage == rollout
