@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,22 @@ from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC, FeatureSpec
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Fault injection (ScorerConfig.fault, scaling.fail_after_epoch) validates only where this is "1":
+# a production `serve deploy` or training job must not be able to switch it on by a config edit.
+# Tests and benches set it before they start Ray, so their Serve replicas and Train workers (which
+# validate the config again) inherit it.
+FAULT_INJECTION_ENV = "COTRR_ENABLE_FAULT_INJECTION"
+
+
+def _require_fault_injection(setting: str) -> None:
+    if os.environ.get(FAULT_INJECTION_ENV) != "1":
+        raise ValueError(
+            f"{setting} is fault injection for tests; it is refused unless {FAULT_INJECTION_ENV}=1 is set in "
+            "the environment of every process that validates this config (the driver, Serve replicas, Ray "
+            "Train workers)"
+        )
 
 
 class GenerateConfig(_Strict):
@@ -124,8 +141,16 @@ class ScalingArgs(_Strict):
         "of a crashed job resume from its last checkpoint in storage_path.",
     )
     fail_after_epoch: int | None = Field(
-        None, description="Testing only: rank 0 raises once after reporting this epoch, to exercise resume."
+        None,
+        description=f"Testing only: rank 0 raises once after reporting this epoch, to exercise resume. Refused "
+        f"unless {FAULT_INJECTION_ENV}=1 in the environment (of the driver and the Ray Train workers).",
     )
+
+    @model_validator(mode="after")
+    def _gate_fault_injection(self) -> ScalingArgs:
+        if self.fail_after_epoch is not None:
+            _require_fault_injection(f"scaling.fail_after_epoch={self.fail_after_epoch}")
+        return self
 
 
 class CalibrationArgs(_Strict):
@@ -194,8 +219,9 @@ class RoutingConfig(_Strict):
         ge=0,
         le=100,
         description=(
-            "Share of units (0-100) assigned to the treatment arm: treatment iff "
-            "bucket(experiment_salt, unit) <= rollout_percentage (see cotrr_ray.experiments.assignment)."
+            "Share of units (0-100, in steps of 0.01) assigned to the treatment arm: treatment iff "
+            "bucket(experiment_salt, unit) <= round(rollout_percentage * 100), buckets 1..10000 "
+            "(basis points; see cotrr_ray.experiments.assignment)."
         ),
     )
     shadow_mode: bool = Field(
@@ -242,6 +268,18 @@ class RoutingConfig(_Strict):
         "deployments that must not reveal internal timings to clients.",
     )
 
+    @model_validator(mode="after")
+    def _check_rollout_resolution(self) -> RoutingConfig:
+        # Buckets are basis points: a finer percentage would be logged as the rollout (exposure log,
+        # gauge) while a different share was assigned. Same rule as cotrr_ray.experiments.assignment._threshold.
+        basis_points = self.rollout_percentage * 100
+        if abs(basis_points - round(basis_points)) > 1e-6:
+            raise ValueError(
+                f"rollout_percentage must be a multiple of 0.01 (buckets are basis points), "
+                f"got {self.rollout_percentage!r}"
+            )
+        return self
+
 
 class ScorerConfig(_Strict):
     """A Scorer deployment's `user_config`: bundle hot swap and dynamic batching."""
@@ -277,10 +315,18 @@ class ScorerConfig(_Strict):
         "none",
         description=(
             "TESTING ONLY (fault injection, like scaling.fail_after_epoch): 'raise' fails every "
-            "scoring call, 'slow' delays it by fault_delay_s. Never set in a production config."
+            "scoring call, 'slow' delays it by fault_delay_s. Anything but 'none' is refused unless "
+            f"{FAULT_INJECTION_ENV}=1 is set in the environment of the Scorer replicas (they validate "
+            "user_config in reconfigure) and of the process that builds the app."
         ),
     )
     fault_delay_s: float = Field(5.0, ge=0, le=600, description="TESTING ONLY: delay of fault='slow'.")
+
+    @model_validator(mode="after")
+    def _gate_fault_injection(self) -> ScorerConfig:
+        if self.fault != "none":
+            _require_fault_injection(f"ScorerConfig.fault={self.fault!r}")
+        return self
 
 
 class AppArgs(_Strict):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from _bundles import make_bundle, make_data, read_records
 
+from cotrr_ray.config import FAULT_INJECTION_ENV
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from kit.s3 import LoopbackS3, env_for, free_port  # noqa: E402
 
@@ -32,6 +34,12 @@ def one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fault_injection(monkeypatch) -> None:
+    """Open the fault-injection gate (ScorerConfig.fault, scaling.fail_after_epoch) in this process."""
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "1")
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +104,10 @@ def serve_session():
     from ray import serve
 
     http_port, dashboard_port, metrics_port = _free_port(), _free_port(), _free_port()
+    # The fault tests switch ScorerConfig.fault through user_config and the Scorer replicas validate
+    # it, so this Ray's processes need the gate open: set before ray.init, the raylet and every worker
+    # it starts inherit it (the job's runtime_env carries it too).
+    os.environ[FAULT_INJECTION_ENV] = "1"
     ray.init(
         address="local",
         num_cpus=8,  # logical; replicas reserve 0.25-1 each
@@ -104,7 +116,7 @@ def serve_session():
         dashboard_port=dashboard_port,
         _metrics_export_port=metrics_port,
         log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", FAULT_INJECTION_ENV: "1"}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:
@@ -117,6 +129,7 @@ def serve_session():
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop(FAULT_INJECTION_ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cotrr_ray.config import TrainConfig, apply_override
+from cotrr_ray.config import FAULT_INJECTION_ENV, AppArgs, RoutingConfig, ScorerConfig, TrainConfig, apply_override
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -25,7 +25,7 @@ def test_defaults_without_a_file() -> None:
     assert abs(sum(cfg.data.splits.values()) - 1) < 1e-9
 
 
-def test_overrides_are_yaml_typed_and_nested() -> None:
+def test_overrides_are_yaml_typed_and_nested(fault_injection) -> None:
     cfg = TrainConfig.from_yaml(
         DEMO,
         [
@@ -130,3 +130,39 @@ def test_feature_spec_from_config_is_validated() -> None:
     assert cfg.data.feature_spec.transform_for("candidate", "f") == "none"
     with pytest.raises(ValidationError):
         TrainConfig.from_yaml(None, ["data.feature_spec={version: x, candidate: {f: 0}}"])
+
+
+def test_fault_injection_is_refused_unless_the_env_var_is_set(monkeypatch) -> None:
+    # A production `serve deploy` or training job must not be able to switch faults on by a config edit.
+    monkeypatch.delenv(FAULT_INJECTION_ENV, raising=False)
+    for make in (
+        lambda: ScorerConfig(fault="raise"),
+        lambda: ScorerConfig.model_validate({"fault": "slow", "fault_delay_s": 2.0}),
+        lambda: AppArgs.model_validate({"control_scorer": {"fault": "raise"}}),
+        lambda: TrainConfig.from_yaml(None, ["scaling.fail_after_epoch=0"]),
+    ):
+        with pytest.raises(ValidationError, match=f"{FAULT_INJECTION_ENV}=1"):
+            make()
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "0")
+    with pytest.raises(ValidationError, match=FAULT_INJECTION_ENV):
+        ScorerConfig(fault="raise")
+    # The settings' off values never need it.
+    assert ScorerConfig().fault == "none" and ScorerConfig(fault="none", fault_delay_s=1.0).fault_delay_s == 1.0
+    assert TrainConfig.from_yaml(None, ["scaling.fail_after_epoch=null"]).scaling.fail_after_epoch is None
+
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "1")
+    assert ScorerConfig(fault="raise").fault == "raise"
+    assert AppArgs.model_validate({"scorer": {"fault": "slow"}}).scorer.fault == "slow"
+    assert TrainConfig.from_yaml(None, ["scaling.fail_after_epoch=0"]).scaling.fail_after_epoch == 0
+
+
+@pytest.mark.parametrize("rollout", [0.005, 12.345, 99.999])
+def test_rollout_percentage_finer_than_a_basis_point_is_rejected(rollout: float) -> None:
+    # Buckets are basis points: 0.005 would be logged as the rollout while nobody is assigned.
+    with pytest.raises(ValidationError, match="multiple of 0.01"):
+        RoutingConfig(rollout_percentage=rollout)
+
+
+@pytest.mark.parametrize("rollout", [0, 0.01, 0.07, 0.5, 33.33, 100])
+def test_rollout_percentage_in_basis_points_is_accepted(rollout: float) -> None:
+    assert RoutingConfig(rollout_percentage=rollout).rollout_percentage == rollout

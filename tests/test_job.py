@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from factories import tiny_train_config
+
+from cotrr_ray.config import FAULT_INJECTION_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +21,8 @@ def ray_local():
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
+        # The Train workers validate scaling.fail_after_epoch again: they inherit the gate from here.
+        os.environ[FAULT_INJECTION_ENV] = "1"
         ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     # A Ray instance another fixture started (e.g. the session's Serve cluster) is shared and left
@@ -25,6 +30,7 @@ def ray_local():
     # unconditionally and would fail ("called ray.init twice") if a later module requested it.
     if started_here:
         ray.shutdown()
+        os.environ.pop(FAULT_INJECTION_ENV, None)
 
 
 def _retried_after_injected_failure(ray, run_name: str) -> bool:
@@ -47,7 +53,7 @@ def _retried_after_injected_failure(ray, run_name: str) -> bool:
     return False
 
 
-def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path) -> None:
+def test_two_worker_job_resumes_after_injected_failure(ray_local, fault_injection, tmp_path: Path) -> None:
     from cotrr_ray.bundles.bundle import Bundle
     from cotrr_ray.training.job import run
 
@@ -97,7 +103,9 @@ def test_two_worker_job_resumes_after_injected_failure(ray_local, tmp_path: Path
     assert _retried_after_injected_failure(ray_local, run_name)
 
 
-def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(ray_local, s3_bucket, tmp_path, monkeypatch) -> None:
+def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(
+    ray_local, fault_injection, s3_bucket, tmp_path, monkeypatch
+) -> None:
     """The registry and Ray Train's storage both on the loopback S3 server: no shared directory at all.
     The injected failure makes the restarted worker group resume from a checkpoint read back from S3."""
     from cotrr_ray.bundles import storage
@@ -135,3 +143,48 @@ def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(ray_local, s3_bu
     assert any(name.startswith("checkpoint_") for name, is_dir in storage.list_dir(run_dir) if is_dir)
     assert json.loads((local / "metrics.json").read_text())["final_epoch"]["epoch"] == 1
     assert _retried_after_injected_failure(ray_local, run_name)
+
+
+def test_local_mode_keeps_only_this_runs_epochs_and_refuses_another_runs(tmp_path: Path) -> None:
+    """Ray Train local mode (num_workers=0) keeps its epochs under storage/run_name; a rerun under the
+    same name picks its model only among epochs with its own fingerprint, and a rerun with another
+    config refuses to resume the old weights."""
+    import torch
+
+    from cotrr_ray.data.synthetic import generate
+    from cotrr_ray.training.checkpoints import load_state
+    from cotrr_ray.training.job import run_ray_train
+    from cotrr_ray.training.loop import VAL_METRIC
+    from cotrr_ray.training.prepare import prepare_data
+
+    path = generate(
+        tmp_path / "d.jsonl", queries=60, seed=0, min_candidates=10, max_candidates=12, top_m=8, progress=False
+    )
+    base = [
+        "data.splits={train: 0.7, validation: 0.3, test: 0.0}",
+        "optim.max_epochs=2",
+        "scaling.num_workers=0",
+        f"scaling.storage_path={tmp_path / 'ray_results'}",
+        "scaling.run_name=same-name",
+    ]
+    cfg = tiny_train_config(tmp_path, base)
+    data = prepare_data(cfg, path)
+    storage = tmp_path / "ray_results"
+    first = run_ray_train(cfg, data, storage)
+    local = storage / "same-name" / "local_checkpoints"
+    assert sorted(p.name for p in local.iterdir()) == ["epoch_000", "epoch_001"]
+    mine = first["fingerprint"]
+    assert mine["data"] == data.data_fingerprint is not None
+
+    # A stale epoch of another run, with a validation score nothing of ours can beat.
+    stale = load_state(local / "epoch_000")
+    stale["fingerprint"] = {"config": "sha256:someone-else", "data": mine["data"]}
+    stale["metrics"] = {**stale["metrics"], VAL_METRIC: 99.0}
+    torch.save(stale, local / "epoch_000" / "state.pt")
+    again = run_ray_train(cfg, data, storage)  # resumes the finished run: nothing left to train
+    assert again["epoch"] == 1 and again["fingerprint"] == mine
+
+    other = tiny_train_config(tmp_path, [*base, "optim.lr=0.0001"])
+    with pytest.raises(Exception, match="refusing to resume") as err:
+        run_ray_train(other, data, storage)
+    assert "config fingerprint differs" in str(err.value)

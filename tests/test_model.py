@@ -200,3 +200,23 @@ def test_bf16_autocast_forward_backward():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_head_and_logits_stay_fp32_under_bf16_autocast():
+    # Served logits must not be rounded to bf16 (~0.016 apart near |z| = 3): ties and orders would
+    # differ from the fp32 logits the calibrator was fitted on.
+    model = make_model()
+    candidate, query, context, mask = make_inputs(model.config, B=4, M=8)
+    seen = []
+    hook = model.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(candidate, query, context, mask)
+    hook.remove()
+    assert logits.dtype == torch.float32
+    # The head's output is the fp32 head of the same (bf16-autocast) hidden states, bit for bit.
+    with torch.inference_mode():
+        expected = model.head(seen[0].float()).squeeze(-1)
+    assert torch.equal(logits, expected)
+    # And the logits carry more than bf16's 8 bits of mantissa.
+    assert not torch.equal(logits, logits.bfloat16().float())
+    assert logits.unique().numel() == logits.numel()

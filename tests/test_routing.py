@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cotrr_ray.experiments.assignment import RoutingDecision, assign_arm, bucket, decide, unit_for
+from cotrr_ray.experiments.assignment import BUCKETS, RoutingDecision, assign_arm, bucket, decide, unit_for
 
 N_UNITS = 20_000
 UNITS = [f"user-{i}" for i in range(N_UNITS)]
@@ -14,14 +14,14 @@ UNITS = [f"user-{i}" for i in range(N_UNITS)]
 # (salt, unit_id, unsigned murmur3 of f"{salt}:{unit_id}", bucket). Hard-coded so a library or
 # contract change shows up as a failure rather than silently re-bucketing live traffic.
 GOLDEN = [
-    ("rerank-v2", "user-42", 76515606, 7),
-    ("rerank-v2", "user-43", 903944133, 34),
-    ("rerank-v2", "session-abc123", 1950009149, 50),
-    ("", "user-42", 3362924191, 92),
-    ("exp-2024", "q_000017", 706180657, 58),
-    ("rerank-v2", "用户-ünïcødé-🙂", 3983848532, 33),
-    ("exp-2024", "user-42", 525732264, 65),
-    ("s", "", 1046795059, 60),
+    ("rerank-v2", "user-42", 76515606, 5607),
+    ("rerank-v2", "user-43", 903944133, 4134),
+    ("rerank-v2", "session-abc123", 1950009149, 9150),
+    ("", "user-42", 3362924191, 4192),
+    ("exp-2024", "q_000017", 706180657, 658),
+    ("rerank-v2", "用户-ünïcødé-🙂", 3983848532, 8533),
+    ("exp-2024", "user-42", 525732264, 2265),
+    ("s", "", 1046795059, 5060),
 ]
 
 
@@ -73,20 +73,22 @@ def test_golden_vectors_match_reference_implementation(salt: str, unit_id: str, 
     # Independent of mmh3: the golden values follow from the written contract alone.
     h = murmur3_x86_32(f"{salt}:{unit_id}".encode(), 0)
     assert h == hashed
-    assert h % 100 + 1 == expected
+    assert h % 10000 + 1 == expected
 
 
 def test_worked_example_from_docstring() -> None:
-    assert bucket("user-42", "rerank-v2") == 7
-    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=10) == "treatment"
-    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=5) == "control"
-    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=7) == "treatment"
+    assert bucket("user-42", "rerank-v2") == 5607
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=60) == "treatment"
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=56.07) == "treatment"
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=56.06) == "control"
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=10) == "control"
 
 
 def test_bucket_range() -> None:
-    buckets = {bucket(u, "range") for u in UNITS}
-    assert min(buckets) == 1 and max(buckets) == 100
-    assert buckets == set(range(1, 101))
+    # 200,000 units: every one of the 10,000 buckets is hit (a bucket missed has odds ~e^-20).
+    buckets = {bucket(f"unit-{i}", "range") for i in range(200_000)}
+    assert BUCKETS == 10_000
+    assert buckets == set(range(1, 10_001))
 
 
 @pytest.mark.parametrize("rollout", [5, 20, 50])
@@ -108,9 +110,18 @@ def test_zero_and_full_rollout() -> None:
 
 
 def test_fractional_rollout_uses_bucket_threshold() -> None:
-    # bucket 7 is in at 7.0 and 7.5, out at 6.99.
-    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=7.5) == "treatment"
-    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=6.99) == "control"
+    # bucket 5607 is in at 56.07 and 56.5, out at 56.06.
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=56.5) == "treatment"
+    assert assign_arm("user-42", salt="rerank-v2", rollout_percentage=56.06) == "control"
+
+
+@pytest.mark.parametrize("rollout", [0.5, 0.07, 2.25])
+def test_sub_percent_rollouts_assign_the_share_they_log(rollout: float) -> None:
+    # With whole-percent buckets 0.5 assigned nobody while the exposure log recorded 0.5.
+    units = [f"unit-{i}" for i in range(200_000)]
+    share = sum(assign_arm(u, salt="exp-sub", rollout_percentage=rollout) == "treatment" for u in units)
+    assert share > 0
+    assert abs(100 * share / len(units) - rollout) <= max(0.1 * rollout, 0.02)
 
 
 def test_sticky_across_calls() -> None:
@@ -133,12 +144,12 @@ def test_unit_for_falls_back_to_query_id() -> None:
 
 
 def test_decide_combines_fallback_bucket_and_arm() -> None:
-    d = decide("user-42", "q-9", salt="rerank-v2", rollout_percentage=10)
-    assert d == RoutingDecision(unit="user-42", bucket=7, arm="treatment")
+    d = decide("user-42", "q-9", salt="rerank-v2", rollout_percentage=60)
+    assert d == RoutingDecision(unit="user-42", bucket=5607, arm="treatment")
 
-    fallback = decide(None, "user-42", salt="rerank-v2", rollout_percentage=5)
-    assert fallback == RoutingDecision(unit="user-42", bucket=7, arm="control")
-    assert decide("", "user-42", salt="rerank-v2", rollout_percentage=5) == fallback
+    fallback = decide(None, "user-42", salt="rerank-v2", rollout_percentage=50)
+    assert fallback == RoutingDecision(unit="user-42", bucket=5607, arm="control")
+    assert decide("", "user-42", salt="rerank-v2", rollout_percentage=50) == fallback
 
 
 def test_decision_is_frozen() -> None:
@@ -153,3 +164,16 @@ def test_invalid_rollout_raises(rollout: float) -> None:
         assign_arm("u", salt="s", rollout_percentage=rollout)
     with pytest.raises(ValueError):
         decide("u", "q", salt="s", rollout_percentage=rollout)
+
+
+@pytest.mark.parametrize("rollout", [0.005, 12.345, 99.999, 0.0001])
+def test_rollout_finer_than_a_basis_point_raises(rollout: float) -> None:
+    with pytest.raises(ValueError, match="multiple of 0.01"):
+        assign_arm("u", salt="s", rollout_percentage=rollout)
+    with pytest.raises(ValueError, match="multiple of 0.01"):
+        decide("u", "q", salt="s", rollout_percentage=rollout)
+
+
+@pytest.mark.parametrize("rollout", [0, 0.01, 0.07, 0.5, 33.33, 99.99, 100])
+def test_rollouts_in_basis_points_are_accepted(rollout: float) -> None:
+    decide("u", "q", salt="s", rollout_percentage=rollout)

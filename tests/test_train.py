@@ -12,11 +12,13 @@ import torch
 from factories import tiny_train_config
 
 from cotrr_ray.core.model import Reranker
-from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.scoring import inference_amp, predict_logits
+from cotrr_ray.data.readers import file_fingerprint
 from cotrr_ray.data.synthetic import generate
-from cotrr_ray.training.checkpoints import load_state
-from cotrr_ray.training.loop import VAL_METRIC, fit, warmup_cosine, window_ndcg
-from cotrr_ray.training.prepare import PreparedData, prepare_data
+from cotrr_ray.training import loop, prepare
+from cotrr_ray.training.checkpoints import ResumeMismatchError, config_fingerprint, load_state
+from cotrr_ray.training.loop import VAL_METRIC, epoch_seed, fit, warmup_cosine, window_ndcg
+from cotrr_ray.training.prepare import PreparedData, pad_split, prepare_data, window_logits
 from cotrr_ray.training.torchrun import TorchContext
 
 SPLITS = "data.splits={train: 0.7, validation: 0.3, test: 0.0}"
@@ -34,9 +36,10 @@ def _cfg(tmp_path: Path, *overrides: str):
     return tiny_train_config(tmp_path, [SPLITS, *overrides])
 
 
-def _fit(cfg, data: PreparedData, ckpt_dir: Path, model_config=None) -> TorchContext:
+def _fit(cfg, data: PreparedData, ckpt_dir: Path, model_config=None, data_fingerprint=None) -> TorchContext:
     ctx = TorchContext(ckpt_dir)
-    fit(cfg, model_config or data.model_config, data.padded["train"], data.padded["validation"], ctx)
+    train, val = data.padded["train"], data.padded["validation"]
+    fit(cfg, model_config or data.model_config, train, val, ctx, data_fingerprint=data_fingerprint)
     return ctx
 
 
@@ -122,7 +125,9 @@ def test_early_stopping_when_the_metric_plateaus(data: PreparedData, tmp_path: P
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_000", "epoch_001", "epoch_002"]
 
 
-def test_resume_after_injected_failure_matches_uninterrupted_run(data: PreparedData, tmp_path: Path) -> None:
+def test_resume_after_injected_failure_matches_uninterrupted_run(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
     # Dropout on, so the per-epoch reseeding of shuffling and dropout is part of what is checked.
     model_config = dataclasses.replace(data.model_config, dropout=0.1)
     epochs = "optim.max_epochs=4"
@@ -151,7 +156,9 @@ def test_resume_from_a_finished_run_does_nothing(data: PreparedData, tmp_path: P
     assert _fit(cfg, data, tmp_path / "ckpt").history == []
 
 
-def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(data: PreparedData, tmp_path: Path) -> None:
+def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
     plateau = ("optim.lr=1e-9", "optim.patience=2", "optim.max_epochs=10")
     a = _fit(_cfg(tmp_path, *plateau), data, tmp_path / "a").history
     assert a[-1]["epoch"] == 2  # early stop after epoch 2
@@ -163,7 +170,7 @@ def test_resume_after_failure_at_the_early_stopping_epoch_stops_too(data: Prepar
     assert resumed == []
 
 
-def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path) -> None:
+def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path, fault_injection) -> None:
     # Plateau from epoch 0 with patience 3: uninterrupted, the run stops after epoch 3. A failure
     # after epoch 1 must not reset `best`/`bad_epochs`, or the resumed run would train longer.
     plateau = ("optim.lr=1e-9", "optim.patience=3", "optim.max_epochs=10")
@@ -175,3 +182,145 @@ def test_early_stopping_state_survives_resume(data: PreparedData, tmp_path: Path
     resumed = _fit(cfg_b, data, tmp_path / "b").history
     assert [h["epoch"] for h in resumed] == [2, 3]
     assert load_state(tmp_path / "b" / "epoch_003")["bad_epochs"] == 3
+
+
+# ------------------------------------------------------------------------- per-rank seeds
+
+
+def test_epoch_seed_is_a_pure_function_of_seed_rank_and_epoch() -> None:
+    assert epoch_seed(0, 0, 0) == epoch_seed(0, 0, 0) and epoch_seed(7, 1, 3) == epoch_seed(7, 1, 3)
+    seeds = {epoch_seed(s, r, e) for s in (0, 1, 100_003) for r in range(4) for e in range(20)}
+    assert len(seeds) == 3 * 4 * 20  # no two (seed, rank, epoch) share a stream
+    assert epoch_seed(-1, 0, 0) != epoch_seed(1, 0, 0)
+
+
+def test_ranks_draw_different_dropout_and_each_rank_replays_its_own(
+    data: PreparedData, tmp_path: Path, monkeypatch
+) -> None:
+    # Two single-process "ranks" on the same data and weights: only the rank differs, so with one
+    # seed for all ranks their dropout (and losses) would be identical.
+    model_config = dataclasses.replace(data.model_config, dropout=0.3)
+    cfg = _cfg(tmp_path, "optim.max_epochs=1", "optim.input_noise_std=0.1")
+    losses = {}
+    for name, rank in (("r0", "0"), ("r0-again", "0"), ("r1", "1")):
+        monkeypatch.setenv("RANK", rank)
+        losses[name] = _fit(cfg, data, tmp_path / name, model_config).history[0]["train_loss"]
+    assert losses["r0"] == losses["r0-again"]
+    assert losses["r0"] != losses["r1"]
+
+
+def test_ddp_shuffle_comes_from_the_sampler_and_agrees_across_ranks(data: PreparedData, tmp_path: Path) -> None:
+    # The per-rank torch seed must not leak into DDP shuffling: every rank's DistributedSampler
+    # permutes with its own seed and the epoch, so the shards stay disjoint and cover the data.
+    ctx = TorchContext(tmp_path)
+    n = len(data.padded["train"])
+    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=16, shuffle=True)
+    for epoch in (0, 3):
+        shards = []
+        for rank in (0, 1):
+            ctx.world_size, ctx.rank = 2, rank  # prepare_loader as rank `rank` of 2 (no process group needed)
+            sampler = ctx.prepare_loader(loader).sampler
+            torch.manual_seed(epoch_seed(0, rank, epoch))  # what _train_epoch does before iterating
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        assert not set(shards[0]) & set(shards[1])
+        assert set(shards[0]) | set(shards[1]) == set(range(n))
+
+
+# ------------------------------------------------------------------------- scoring precision
+
+
+def test_validation_scores_at_serving_precision_not_trainings(data: PreparedData, tmp_path: Path, monkeypatch) -> None:
+    # Checkpoint selection must rank the scores that will be served: on CPU that is fp32 even when
+    # training runs under bf16 autocast.
+    amps = []
+    real = loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", lambda *a, **kw: amps.append(kw.get("amp")) or real(*a, **kw))
+    _fit(_cfg(tmp_path, "optim.amp=bf16", "optim.max_epochs=2"), data, tmp_path / "ckpt")
+    assert amps == [inference_amp("cpu")] * 2 == ["none", "none"]
+
+
+def test_window_logits_score_at_the_inference_amp_of_the_models_device(data: PreparedData, monkeypatch) -> None:
+    # Calibration (and test) scores come from window_logits: the rule must be serving's for the
+    # model's device. Pretend that device serves bf16 and check the logits are bf16-autocast ones.
+    torch.manual_seed(0)
+    model = Reranker(data.model_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    devices = []
+    monkeypatch.setattr(prepare, "inference_amp", lambda d: devices.append(torch.device(d)) or "bf16")
+    lists = data.lists["validation"][:8]
+    got = window_logits(model, lists, data)
+    assert devices == [torch.device("cpu")]
+    padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
+    bf16, fp32 = predict_logits(model, padded, amp="bf16"), predict_logits(model, padded, amp="none")
+    for i, (z, cl) in enumerate(zip(got, lists)):
+        np.testing.assert_array_equal(z, bf16[i, : cl.window])
+    assert any(not np.array_equal(z, fp32[i, : cl.window]) for i, (z, cl) in enumerate(zip(got, lists)))
+
+
+# ------------------------------------------------------------------------- resume fingerprint
+
+INTERRUPTED = ("optim.max_epochs=3", "scaling.fail_after_epoch=0")
+
+
+def _interrupted_run(data: PreparedData, tmp_path: Path, ckpt: Path, fingerprint: str) -> None:
+    with pytest.raises(RuntimeError, match="injected failure after epoch 0"):
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint=fingerprint)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    other = _cfg(tmp_path, *INTERRUPTED, "optim.lr=0.001")
+    with pytest.raises(ResumeMismatchError) as err:
+        _fit(other, data, ckpt, data_fingerprint="sha256:data-a")
+    msg = str(err.value)
+    mine = config_fingerprint(other, data.model_config)
+    theirs = config_fingerprint(_cfg(tmp_path, *INTERRUPTED), data.model_config)
+    assert mine != theirs and mine in msg and theirs in msg
+    assert "the config fingerprint differs" in msg and msg.count("sha256:data-a") == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000"]  # nothing trained on the old weights
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    with pytest.raises(ResumeMismatchError, match="the data fingerprint differs") as err:
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint="sha256:data-b")
+    assert "sha256:data-a" in str(err.value) and "sha256:data-b" in str(err.value)
+
+
+def test_resume_refuses_a_checkpoint_without_a_fingerprint(data: PreparedData, tmp_path: Path, fault_injection) -> None:
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, "sha256:data-a")
+    state = load_state(ckpt / "epoch_000")
+    del state["fingerprint"]  # written before checkpoints carried one: whose it is cannot be told
+    torch.save(state, ckpt / "epoch_000" / "state.pt")
+    with pytest.raises(ResumeMismatchError, match="config and data fingerprints differ"):
+        _fit(_cfg(tmp_path, *INTERRUPTED), data, ckpt, data_fingerprint="sha256:data-a")
+
+
+def test_resume_accepts_the_same_config_and_data_whatever_the_run_knobs(
+    data: PreparedData, tmp_path: Path, fault_injection
+) -> None:
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("the bytes of a data file\n")
+    fp = file_fingerprint(data_file)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_run(data, tmp_path, ckpt, fp)
+    knobs = (
+        f"output={tmp_path / 'elsewhere'}",
+        f"data.cache_dir={tmp_path / 'other-cache'}",
+        "bootstrap_samples=500",
+        "calibration.method=cross_fit",
+        "scaling.num_workers=0",
+        "scaling.cpus_per_worker=2",
+        "scaling.max_failures=0",
+        "scaling.run_name=renamed",
+        "scaling.fail_after_epoch=null",
+    )
+    resumed = _fit(_cfg(tmp_path, "optim.max_epochs=3", *knobs), data, ckpt, data_fingerprint=fp).history
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    assert load_state(ckpt / "epoch_002")["fingerprint"] == load_state(ckpt / "epoch_000")["fingerprint"]

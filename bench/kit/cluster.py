@@ -460,7 +460,8 @@ def wait_config(
 
 
 class Cluster:
-    """A fresh local Ray (ours alone) + Serve on 127.0.0.1:<free port>, dashboard off."""
+    """A fresh local Ray (ours alone) + Serve on 127.0.0.1:<free port>, dashboard off, with fault
+    injection allowed (the reliability bench's cluster: it switches ScorerConfig.fault live)."""
 
     def __init__(self, num_cpus: int) -> None:
         self.num_cpus = num_cpus
@@ -469,8 +470,13 @@ class Cluster:
     def __enter__(self) -> Cluster:
         from ray import serve
 
+        from cotrr_ray.config import FAULT_INJECTION_ENV
+
         t0 = time.perf_counter()
-        init_local_ray(self.num_cpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        # The Scorer replicas validate the fault settings: set before ray.init, so that the raylet and
+        # every worker it starts inherit it.
+        os.environ[FAULT_INJECTION_ENV] = "1"
+        init_local_ray(self.num_cpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", FAULT_INJECTION_ENV: "1"}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         self.start_s = time.perf_counter() - t0
         return self

@@ -274,7 +274,11 @@ class Reranker(nn.Module):
         list_mask = key_ok[:, None, None, :]  # (B, 1, 1, M), broadcast over heads and query rows
         for block in self.blocks:
             x = block(x, memory, list_mask)
-        return self.head(x).squeeze(-1).float()  # (B, M)
+        # The head runs in fp32 even under autocast: bf16 logits have ~0.016 resolution near |z| = 3,
+        # enough for ties and orders that differ from the fp32 logits the calibrator was fitted on.
+        # It is a few small matmuls per candidate, so the cost is negligible.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float()).squeeze(-1)  # (B, M) float32
 
     def _check_inputs(
         self, candidate: dict[str, Tensor], query: dict[str, Tensor], context: Tensor, mask: Tensor

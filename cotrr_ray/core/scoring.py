@@ -20,6 +20,17 @@ def to_tensors(batch: PaddedLists, device: torch.device | str) -> dict[str, obje
     }
 
 
+def inference_amp(device: torch.device | str) -> str:
+    """The autocast of inference on `device`: bf16 on CUDA (fp16 where bf16 is unsupported), none on CPU.
+
+    The one rule for every score that has to match a served one: the Scorer, checkpoint selection
+    (validation) and the logits the calibrator is fitted on. Training's own `optim.amp` may differ.
+    """
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on `device`, or a no-op for amp='none'."""
     if amp == "none":

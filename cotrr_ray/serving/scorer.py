@@ -87,12 +87,13 @@ class ScorerCore:
 
     @staticmethod
     def device_and_amp() -> tuple[str, str]:
-        """cuda with bf16 (fp16 where bf16 is unsupported) when a GPU is visible, else cpu/fp32."""
+        """cuda when a GPU is visible, else cpu; the autocast is `inference_amp`'s for that device."""
         import torch
 
-        if torch.cuda.is_available():
-            return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "cpu", "none"
+        from cotrr_ray.core.scoring import inference_amp
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return device, inference_amp(device)
 
     @staticmethod
     def load_bundle(uri: str, device: Any) -> Any:

@@ -229,6 +229,7 @@ def cross_fit(
     salt: str = "cotrr-crossfit",
     final_model: Reranker | None = None,
     final_data: PreparedData | None = None,
+    data_fingerprint: str | None = None,
 ) -> CrossFitResult:
     """Out-of-fold raw scores for every list in `pool` and the isotonic calibrator fitted on them.
 
@@ -239,6 +240,8 @@ def cross_fit(
     split: only for a `train_fn` that keeps the last epoch (fixed epochs), never one that selects
     on validation. With `final_model` (and the `final_data` it was trained with), each fold's OOF
     logits are mapped onto the final model's scale (`moment_alignment`) before the isotonic fit.
+    `data_fingerprint` (of the file `pool` came from) gives each fold's data its own fingerprint, so
+    a fold run resumed by name (a fixed `scaling.run_name`) refuses another file's or fold's weights.
     """
     if (final_model is None) != (final_data is None):
         raise ValueError("give both final_model and final_data, or neither")
@@ -259,6 +262,8 @@ def cross_fit(
         held = [j for j in range(len(pool)) if fold[j] == i]
         rest = [pool[j] for j in range(len(pool)) if fold[j] != i]
         fold_data = prepare_splits(cfg, spec, {"train": rest, "validation": rest if validation is None else validation})
+        if data_fingerprint is not None:  # a fold run trains on part of the file: its own data fingerprint
+            fold_data.data_fingerprint = f"{data_fingerprint}:{salt}:fold{i}of{k}"
         state = train_fn(_fold_config(cfg, i, base), fold_data)
         epochs.append(int(state.get("epoch", -1)))
         model = model_from_state(state, fold_data.model_config)
@@ -297,5 +302,6 @@ def cross_fit_calibrator(
         train_fn,
         final_model=final_model,
         final_data=None if final_model is None else data,
+        data_fingerprint=data.data_fingerprint,
     )
     return res.calibrator, res.info()

@@ -32,7 +32,7 @@ from cotrr_ray.core.calibration import IsotonicCalibrator
 from cotrr_ray.core.features import CandidateList, labels01
 from cotrr_ray.core.model import Reranker, RerankerConfig
 from cotrr_ray.data.readers import file_fingerprint
-from cotrr_ray.training.checkpoints import load_state, model_from_state, save_state
+from cotrr_ray.training.checkpoints import kept_epochs, load_state, model_from_state, run_fingerprint, save_state
 from cotrr_ray.training.evaluate import evaluate_lists, format_report
 from cotrr_ray.training.loop import VAL_METRIC, fit
 from cotrr_ray.training.prepare import PreparedData, prepare_data, window_logits
@@ -116,8 +116,9 @@ class RayContext:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker loop: `fit` with a `RayContext`. Config keys: cfg, model_config, train,
-    validation (arrays or object refs), local_dir (local mode), and optionally on_report (a picklable
-    `ReportHook`, shipped to the workers with the config)."""
+    validation (arrays or object refs), local_dir (local mode), data_fingerprint (of the data file,
+    None for lists built in memory), and optionally on_report (a picklable `ReportHook`, shipped to
+    the workers with the config)."""
     t_start = time.time()
     import ray
 
@@ -127,7 +128,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
     model_config = RerankerConfig.from_dict(config["model_config"])
     ctx = RayContext(config.get("local_dir"), on_report=config.get("on_report"), t_start=t_start)
-    fit(cfg, model_config, resolve(config["train"]), resolve(config["validation"]), ctx)
+    train, val = resolve(config["train"]), resolve(config["validation"])
+    fit(cfg, model_config, train, val, ctx, data_fingerprint=config.get("data_fingerprint"))
 
 
 def make_trainer(
@@ -182,6 +184,7 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
         "train": train,
         "validation": val,
         "local_dir": str(local_dir) if local_dir else None,
+        "data_fingerprint": data.data_fingerprint,
     }
     trainer = make_trainer(
         cfg, _worker_loop, loop_config, name=run_name, storage_path=storage_path, max_failures=s.max_failures
@@ -190,9 +193,9 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     if local_dir is not None:
-        # Local mode returns only the last report; choose among the epochs kept in local_dir.
-        kept = [(load_state(p.parent), p.parent) for p in sorted(local_dir.glob("epoch_*/state.pt"))]
-        candidates = [(Checkpoint.from_directory(str(d)), st["metrics"]) for st, d in kept]
+        # Local mode returns only the last report; choose among this run's epochs in local_dir.
+        kept = kept_epochs(local_dir, run_fingerprint(cfg, data.model_config, data.data_fingerprint))
+        candidates = [(Checkpoint.from_directory(str(d)), metrics) for d, metrics in kept]
         last = candidates[-1] if candidates else None
     else:
         candidates = list(result.best_checkpoints or [])

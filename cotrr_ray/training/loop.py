@@ -27,7 +27,8 @@ from cotrr_ray.core.features import PaddedLists
 from cotrr_ray.core.losses import ranking_loss
 from cotrr_ray.core.metrics import ndcg_at_k
 from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.core.scoring import autocast, predict_logits, to_tensors
+from cotrr_ray.core.scoring import autocast, inference_amp, predict_logits, to_tensors
+from cotrr_ray.training.checkpoints import check_resumable, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ def _collate(padded: PaddedLists) -> Callable[[list[int]], tuple[dict[str, Any],
     return collate
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of one rank's epoch (dropout, input noise).
+
+    A pure function of (seed, rank, epoch), so a resumed run replays what an undisturbed one would
+    have drawn. The rank is in it so that DDP ranks draw different dropout masks and noise: with
+    one seed for all, every rank would apply the same masks to its shard. SeedSequence mixes the
+    three (no collisions between nearby tuples); it takes non-negative entropy, hence the modulo.
+    """
+    return int(np.random.SeedSequence([seed % 2**64, rank, epoch]).generate_state(1, np.uint64)[0])
+
+
 def _add_noise(inputs: dict[str, Any], std: float) -> None:
     for scope in ("candidate", "query"):
         for g, t in inputs[scope].items():
@@ -142,11 +154,13 @@ def _setup(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, c
     return _Training(model, raw_model, opt, sched, scaler, loader)
 
 
-def _resume(t: _Training, ctx: LoopContext) -> _Progress:
-    """Restore the launcher's latest checkpoint, if any, into `t`; where to go on from."""
+def _resume(t: _Training, ctx: LoopContext, fingerprint: dict[str, Any]) -> _Progress:
+    """Restore the launcher's latest checkpoint, if any, into `t`; where to go on from. A checkpoint
+    of another config or other data is refused (`check_resumable`), never continued."""
     state = ctx.load_checkpoint()
     if state is None:
         return _Progress()
+    check_resumable(state, fingerprint)
     t.raw_model.load_state_dict(state["model"])
     t.opt.load_state_dict(state["optimizer"])
     t.sched.load_state_dict(state["scheduler"])
@@ -158,9 +172,10 @@ def _resume(t: _Training, ctx: LoopContext) -> _Progress:
 def _train_epoch(cfg: TrainConfig, t: _Training, epoch: int, ctx: LoopContext) -> tuple[list[float], float]:
     """One pass over the loader with gradient accumulation; the per-batch losses and the seconds it took."""
     o = cfg.optim
-    # Seeding per epoch makes shuffling and dropout a function of (seed, epoch), so a run
-    # resumed from a checkpoint replays exactly what an undisturbed run would have done.
-    torch.manual_seed(o.seed * 100_003 + epoch)
+    # Under DDP the DistributedSampler shuffles from its own seed and the epoch (set_epoch), the
+    # same on every rank, so the ranks keep disjoint shards; this seed only drives dropout, noise
+    # and the single-process loader's shuffle.
+    torch.manual_seed(epoch_seed(o.seed, ctx.rank, epoch))
     loader, model = t.loader, t.model
     if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
@@ -202,12 +217,15 @@ def _optimizer_step(t: _Training, grad_clip: float) -> None:
 def _validate(cfg: TrainConfig, t: _Training, val: PaddedLists, ctx: LoopContext) -> float:
     """The validation metric (`VAL_METRIC`: nDCG@10 over the Top-M windows) of the current weights."""
     # Every rank scores the whole validation split with identical weights, so all ranks agree
-    # on early stopping without extra communication.
-    amp = "none" if cfg.optim.amp == "fp16" else cfg.optim.amp
+    # on early stopping without extra communication. At the precision serving scores with on this
+    # device, not training's optim.amp: the checkpoint is chosen for the scores it will serve.
+    amp = inference_amp(ctx.device)
     return window_ndcg(predict_logits(t.raw_model, val, device=ctx.device, amp=amp), val)
 
 
-def _checkpoint(t: _Training, p: _Progress, epoch: int, model_config: RerankerConfig, metrics: dict) -> dict[str, Any]:
+def _checkpoint(
+    t: _Training, p: _Progress, epoch: int, model_config: RerankerConfig, metrics: dict, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
     """The resumable state of the end of `epoch` (what `ctx.report` keeps on rank 0)."""
     return {
         "model": t.raw_model.state_dict(),
@@ -219,18 +237,30 @@ def _checkpoint(t: _Training, p: _Progress, epoch: int, model_config: RerankerCo
         "bad_epochs": p.bad_epochs,
         "model_config": model_config.to_dict(),
         "metrics": metrics,
+        "fingerprint": fingerprint,
     }
 
 
-def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val: PaddedLists, ctx: LoopContext) -> None:
+def fit(
+    cfg: TrainConfig,
+    model_config: RerankerConfig,
+    train: PaddedLists,
+    val: PaddedLists,
+    ctx: LoopContext,
+    *,
+    data_fingerprint: str | None = None,
+) -> None:
     """Train with early stopping on `VAL_METRIC`; every epoch reports a resumable checkpoint.
 
     The recipe: set up, resume, then per epoch train, validate, report (metrics on every rank, the
     checkpoint from rank 0), and stop early once `optim.patience` epochs in a row did not improve.
+    `data_fingerprint` (`file_fingerprint` of the data file) goes into each checkpoint's fingerprint
+    with the config's (`run_fingerprint`); resuming from a checkpoint with another one raises.
     """
     o = cfg.optim
+    fingerprint = run_fingerprint(cfg, model_config, data_fingerprint)
     t = _setup(cfg, model_config, train, ctx)
-    p = _resume(t, ctx)
+    p = _resume(t, ctx, fingerprint)
     stopping = o.select == "best_val"
     if stopping and p.bad_epochs >= o.patience:
         return  # the checkpoint we resumed from had already triggered early stopping
@@ -250,7 +280,7 @@ def fit(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, val:
             "epoch_s": epoch_s,
             "train_samples_per_s_per_worker": len(train) / ctx.world_size / epoch_s,
         }
-        ctx.report(metrics, _checkpoint(t, p, epoch, model_config, metrics) if ctx.rank == 0 else None)
+        ctx.report(metrics, _checkpoint(t, p, epoch, model_config, metrics, fingerprint) if ctx.rank == 0 else None)
         if cfg.scaling.fail_after_epoch == epoch and not p.resumed and ctx.rank == 0:
             raise RuntimeError(f"injected failure after epoch {epoch} (scaling.fail_after_epoch)")
         if stopping and p.bad_epochs >= o.patience:

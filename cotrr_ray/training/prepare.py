@@ -7,6 +7,7 @@ Also the one place that turns a `TrainConfig` and a feature spec into the model'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import numpy as np
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.features import CONTEXT_FEATURES, CandidateList, FeatureNormalizer, PaddedLists, pad_lists
 from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.core.scoring import predict_logits
+from cotrr_ray.core.scoring import inference_amp, predict_logits
 from cotrr_ray.core.spec import FeatureSpec
-from cotrr_ray.data.readers import read_jsonl, read_letor
+from cotrr_ray.data.readers import file_fingerprint, read_jsonl, read_letor
 from cotrr_ray.data.splits import split_by_query
 
 
@@ -30,6 +31,9 @@ class PreparedData:
     model_config: RerankerConfig
     lists: dict[str, list[CandidateList]]  # split -> raw lists (full length, for evaluation)
     padded: dict[str, PaddedLists]  # split -> normalised Top-M windows
+    # `file_fingerprint` of the file the lists came from (None: built from lists in memory); part of
+    # each checkpoint's fingerprint, so a rerun on other data never resumes these weights.
+    data_fingerprint: str | None = None
 
 
 def load_lists(cfg: TrainConfig, data_path: str | Path) -> tuple[FeatureSpec, list[CandidateList]]:
@@ -82,13 +86,16 @@ def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
     for name in ("train", "validation"):
         if not splits[name]:
             raise ValueError(f"split {name!r} is empty: {len(lists)} queries are too few for {cfg.data.splits}")
-    return prepare_splits(cfg, spec, splits)
+    return dataclasses.replace(prepare_splits(cfg, spec, splits), data_fingerprint=file_fingerprint(data_path))
 
 
 def window_logits(model: Reranker, lists: list[CandidateList], data: PreparedData) -> list[np.ndarray]:
-    """Raw logits of each list's window, featurised with `data`'s normaliser (as the bundle does)."""
+    """Raw logits of each list's window, featurised with `data`'s normaliser (as the bundle does),
+    on the model's device at serving's precision there (`inference_amp`), so that a calibrator
+    fitted on them sees the scores a Scorer on that device produces."""
     if not lists:
         return []
     padded = pad_split(lists, data.normalizer, data.model_config.max_list_len)
-    logits = predict_logits(model, padded)
+    device = next(model.parameters()).device
+    logits = predict_logits(model, padded, device=device, amp=inference_amp(device))
     return [logits[i, : cl.window] for i, cl in enumerate(lists)]

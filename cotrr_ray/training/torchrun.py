@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
     data = prepare_data(cfg, args.data)
     ctx = TorchContext(args.checkpoint_dir, use_gpu=cfg.scaling.use_gpu)
-    fit(cfg, data.model_config, data.padded["train"], data.padded["validation"], ctx)
+    fit(
+        cfg,
+        data.model_config,
+        data.padded["train"],
+        data.padded["validation"],
+        ctx,
+        data_fingerprint=data.data_fingerprint,
+    )
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
