@@ -413,7 +413,7 @@ def _export(
             relevance_threshold=thr,
             metrics=metrics,
             train_config=cfg.model_dump(mode="json"),
-            data_fingerprint=file_fingerprint(data_path),
+            data_fingerprint=data.data_fingerprint or file_fingerprint(data_path),
             extra_files={"reliability.png": png},
         )
     return out

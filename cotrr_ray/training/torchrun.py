@@ -53,7 +53,7 @@ class TorchContext:
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        done = sorted(self.checkpoint_dir.glob("epoch_*/state.pt"))
+        done = sorted(self.checkpoint_dir.glob("epoch_[0-9][0-9][0-9]/state.pt"))  # not epoch_NNN.tmp/
         return load_state(done[-1].parent) if done else None
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
