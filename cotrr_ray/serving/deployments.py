@@ -113,6 +113,21 @@ class ServeMetrics:
         )
         self._rollout = Gauge("cotrr_rollout_percentage", description="Current rollout percentage.")
         self._shadow_mode = Gauge("cotrr_shadow_mode", description="1 when shadow mode is on.")
+        self._by_model = Counter(
+            "cotrr_responses_by_model",
+            description="Served responses by the bundle id that ordered them.",
+            tag_keys=("model_version",),
+        )
+        self._fallback_ratio = Gauge(
+            "cotrr_fallback_ratio",
+            description="Fallbacks / served responses of this router replica over the last 60 s, by arm.",
+            tag_keys=("arm",),
+        )
+        self._versions = Gauge(
+            "cotrr_model_versions_served",
+            description="Distinct treatment bundle ids that answered this replica in the last 60 s (>1: skew).",
+        )
+        self._ratio_arms: set[str] = set()
 
     def request(self, arm: str, outcome: str, latency_ms: float) -> None:
         self._requests.inc(1, tags={"arm": arm, "outcome": outcome})
@@ -138,6 +153,16 @@ class ServeMetrics:
     def routing(self, config: RoutingConfig) -> None:
         self._rollout.set(config.rollout_percentage)
         self._shadow_mode.set(1.0 if config.shadow_mode else 0.0)
+
+    def response_model(self, model_version: str) -> None:
+        self._by_model.inc(1, tags={"model_version": model_version})
+
+    def window(self, fallback_ratio: dict[str, float], model_versions: int) -> None:
+        # An arm without traffic in the window had no fallbacks there: 0, not its last ratio forever.
+        self._ratio_arms.update(fallback_ratio)
+        for arm in self._ratio_arms:
+            self._fallback_ratio.set(fallback_ratio.get(arm, 0.0), tags={"arm": arm})
+        self._versions.set(model_versions)
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5})
