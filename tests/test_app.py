@@ -385,6 +385,15 @@ def test_fallback_when_the_scorer_raises_and_health_fails(client, cfg_app, recor
     health = client.get("/cfg/healthz")
     assert health.status_code == 503 and health.json()["checks"]["scorer"]["ok"] is False
     assert client.get("/cfg/v1/stats").json()["fallbacks"]["scorer_error:RuntimeError"] >= 1
+    # The failure comes back as a value per window, not raised (no per-call traceback, log, RayTaskError).
+    from ray import serve
+
+    from cotrr_ray.serving.scorer import synthetic_list
+
+    spec = read_meta(cfg_app.base["applications"][0]["args"]["bundle_uri"]).spec
+    handle = serve.get_deployment_handle("Scorer", app_name="cfg").options(method_name="score_many")
+    answers = handle.remote([synthetic_list(spec), synthetic_list(spec, seed=1)]).result(timeout_s=30)
+    assert [type(a).__name__ for a in answers] == ["RuntimeError"] * 2 and "injected" in str(answers[0])
     cfg_app.deploy(routing=routing, scorer={"fault": "none"})
     assert client.get("/cfg/healthz").status_code == 200
 

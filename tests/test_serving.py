@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pickle
 import shutil
 import time
 
@@ -20,11 +21,11 @@ from _bundles import TOP_M, make_bundle, request_body
 from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
-from cotrr_ray.serving.coalescer import Downstream
+from cotrr_ray.serving.coalescer import Breaker, Coalescer, Downstream, answer_each
 from cotrr_ray.serving.errors import RequestError, exception_name
 from cotrr_ray.serving.observability import ExposureLog, ModelVersions, NullMetrics, RateLimitedLog, RecentTraffic
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
-from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.service import SHADOW_MAX_FAILURES, SHADOW_PAUSE_S, RerankService
 from cotrr_ray.serving.timing import StageTimings, parse_server_timing
 
 RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
@@ -408,6 +409,79 @@ def test_shadow_is_bounded_never_awaited_and_errors_are_swallowed(bundle_a, scor
     assert failing.stats_snapshot()["shadow"]["errors"] == 1
 
 
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):  # pickles as (a,) and cannot be rebuilt from it
+        super().__init__(a)
+
+
+def test_a_failed_coalesced_call_answers_each_item_with_its_exception_as_a_value() -> None:
+    """The Scorer's side of a coalesced call (`answer_each`): a failure comes back as one value per
+    item, reported once, instead of one raised (logged, traceback-formatted) exception per call."""
+    reported = []
+
+    async def batch(items, error=None):
+        if error is not None:
+            raise error
+        return [i * 10 for i in items]
+
+    async def go(error):
+        def score_many(items):
+            return asyncio.ensure_future(answer_each(batch(items, error), len(items), reported.append))
+
+        c = Coalescer(score_many, max_items=8)
+        return await asyncio.gather(*(c(i) for i in range(5)), return_exceptions=True)
+
+    assert asyncio.run(go(None)) == [0, 10, 20, 30, 40] and reported == []
+    out = asyncio.run(go(RuntimeError("model on fire")))
+    assert all(type(e) is RuntimeError and str(e) == "model on fire" for e in out) and len(reported) == 1
+    values = asyncio.run(answer_each(batch([1, 2, 3], NeedsTwoArgs("x", "y")), 3, reported.append))
+    assert type(values[0]) is RuntimeError and str(values[0]) == "NeedsTwoArgs: x" and values[0] is values[2]
+    assert [str(e) for e in pickle.loads(pickle.dumps(values))] == ["NeedsTwoArgs: x"] * 3  # crosses the handle
+
+
+def test_breaker_pauses_after_consecutive_failures_then_probes_once() -> None:
+    clock = FakeClock(0.0)
+    b = Breaker(max_failures=3, pause_s=5.0, clock=clock)
+    assert not b.record(False) and not b.record(False) and b.allow()
+    assert not b.record(True) and b.failures == 0  # a success in between: consecutive count reset
+    assert [b.record(False) for _ in range(3)] == [False, False, True] and not b.allow()
+    clock.t = 4.9
+    assert not b.allow()
+    clock.t = 5.0
+    assert b.allow() and not b.allow()  # one probe at a time
+    assert b.record(False) and not b.allow()  # the probe failed: paused again
+    clock.t = 10.0
+    assert b.allow() and not b.record(True) and b.allow() and b.allow()  # it succeeded: calls resume
+    assert not any(b.record(None) for _ in range(10)) and b.allow()  # timeouts alone never pause
+    assert [b.record(False) for _ in range(3)] == [False, False, True]
+    clock.t = 15.0
+    assert b.allow() and b.record(None) and not b.allow()  # ... but a probe that times out failed
+    with pytest.raises(ValueError):
+        Breaker(max_failures=0)
+
+
+def test_a_failing_shadow_is_paused_instead_of_called_on_every_request(bundle_a, scorer_a, calibrators, records):
+    failing = Local(error=RuntimeError("shadow down"))
+    routing = RoutingConfig(rollout_percentage=100, shadow_mode=True)
+    service = make_service(bundle_a, scorer_a, calibrators, routing=routing, score=failing)
+    service.shadow_breaker._clock = clock = FakeClock(0.0)
+    body = orjson.dumps(request_body(records[146]))
+
+    async def requests(n: int) -> None:
+        for _ in range(n):
+            assert (await service.rerank(body))["arm"] == "control"
+            await service.drain()
+
+    asyncio.run(requests(50))
+    shadow = service.stats_snapshot()["shadow"]
+    assert failing.calls == SHADOW_MAX_FAILURES and (shadow["errors"], shadow["paused"]) == (SHADOW_MAX_FAILURES, 45)
+    clock.t += SHADOW_PAUSE_S
+    service.down.score = score_with(scorer_a)  # the treatment recovers: the next probe resumes comparisons
+    asyncio.run(requests(10))
+    shadow = service.stats_snapshot()["shadow"]
+    assert shadow["comparisons"] == 10 and shadow["paused"] == 45
+
+
 # ----------------------------------------------------------------------------- warnings, windows, model versions
 
 
@@ -498,10 +572,11 @@ def test_calibrator_and_shadow_failures_are_logged_with_the_error(bundle_a, scor
     with caplog.at_level(logging.WARNING, logger=SERVICE_LOG):
         asyncio.run(go())
     by_reason = {r.reason: r for r in warnings_of(caplog)}
-    assert len(warnings_of(caplog)) == 2  # one per reason, though each failed 5 times
-    assert set(by_reason) == {"calibrator_error:KeyError", "shadow_error:OSError"}
+    assert len(warnings_of(caplog)) == 3  # one per reason, though each failed 5 times
+    assert set(by_reason) == {"calibrator_error:KeyError", "shadow_error:OSError", "shadow_paused"}
     assert "'no table for v9'" in by_reason["calibrator_error:KeyError"].getMessage()
     assert "OSError: gone" in by_reason["shadow_error:OSError"].getMessage()
+    assert "5 failures in a row" in by_reason["shadow_paused"].getMessage()
     assert shadow.stats_snapshot()["shadow"]["errors"] == 5
 
 

@@ -30,14 +30,18 @@ from cotrr_ray.bundles.bundle import read_meta, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
 from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
-from cotrr_ray.serving.coalescer import Coalescer, Downstream
-from cotrr_ray.serving.errors import HTTP_CODES, error_body
-from cotrr_ray.serving.observability import ExposureLog
+from cotrr_ray.serving.coalescer import Coalescer, Downstream, answer_each
+from cotrr_ray.serving.errors import HTTP_CODES, error_body, exception_name
+from cotrr_ray.serving.observability import ExposureLog, RateLimitedLog
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
-from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.service import WARNING_INTERVAL_S, RerankService
 from cotrr_ray.serving.timing import SERVER_TIMING
 
 logger = logging.getLogger("ray.serve")
+
+# A Scorer's failures travel back as values (`answer_each`), without their traceback: logged here,
+# with it, at most once a minute per exception type (one replica per process).
+_SCORING_FAILURES = RateLimitedLog(logger, WARNING_INTERVAL_S, level=logging.ERROR)
 
 api = FastAPI(
     title="cotrr-ray rerank",
@@ -294,8 +298,16 @@ class Scorer:
         self.config = config
         self._configured = True
 
-    async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult]:
-        """Windows of several requests (one coalesced router call) -> one result per window."""
+    async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult | Exception]:
+        """Windows of several requests (one coalesced router call) -> one result per window; if
+        scoring fails, its exception per window, returned (cheap), logged here (`answer_each`)."""
+        return await answer_each(self._score_lists(lists), len(lists), self._scoring_failed)
+
+    def _scoring_failed(self, e: Exception) -> None:
+        reason = f"score_error:{exception_name(e)}"
+        _SCORING_FAILURES.log(reason, "scoring failed; each list of the call answers with the error", e)
+
+    async def _score_lists(self, lists: list[CandidateList]) -> list[ScoreResult]:
         step = self.config.max_batch_size
         if len(lists) <= step:
             return await self._score_batch(lists)

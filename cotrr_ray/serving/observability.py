@@ -79,7 +79,7 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
 
 
 class RateLimitedLog:
-    """Warnings of a recurring failure: at most one record per reason per `interval_s`.
+    """Records of a recurring failure, at `level`: at most one per reason per `interval_s`.
 
     A scorer that fails every request would otherwise log from the router on every request, the
     busiest process of the box; the first failure is logged at once, with the exception (and its
@@ -87,9 +87,12 @@ class RateLimitedLog:
     only once the interval has passed, with the count of those suppressed meanwhile.
     """
 
-    def __init__(self, log: logging.Logger, interval_s: float = 60.0, *, clock=time.monotonic):
+    def __init__(
+        self, log: logging.Logger, interval_s: float = 60.0, *, level: int = logging.WARNING, clock=time.monotonic
+    ):
         self._log = log
         self.interval_s = interval_s
+        self.level = level
         self._clock = clock
         self._state: dict[str, list] = {}  # reason -> [time of its last record, suppressed since]
 
@@ -106,7 +109,8 @@ class RateLimitedLog:
         detail = f": {describe_error(error)}" if error is not None else ""
         tail = f" ({suppressed} more since the last record {since_s:.0f} s ago)" if suppressed else ""
         traceback = error if error is not None and not isinstance(error, TimeoutError) else None
-        self._log.warning(
+        self._log.log(
+            self.level,
             "%s [%s]%s%s",
             message,
             reason,
@@ -290,6 +294,7 @@ class ServingStats:
                 "errors": self.shadow["error"],
                 "timeouts": self.shadow["timeout"],
                 "dropped": self.shadow["dropped"],
+                "paused": self.shadow["paused"],
                 "mean_kendall_tau": self.shadow_tau_sum / ok if ok else None,
                 "mean_overlap_at_10": self.shadow_overlap_sum / ok if ok else None,
                 "latency_ms": self._percentiles(self.shadow_latencies_ms),

@@ -4,7 +4,7 @@ Per request it parses and validates the body (`api.RequestParser`), assigns the 
 (`experiments.assignment.decide`), scores the window and calibrates it within one time budget
 through the injected `coalescer.Downstream` calls, orders the list, and falls back to the upstream
 order (flagged, still a 200) when the scorer fails; in shadow mode it scores the treatment in the
-background. What happened goes to `observability` (stats with
+background, pausing it while it keeps failing. What happened goes to `observability` (stats with
 their sliding windows, metrics, exposure log, rate-limited warnings with the exception) and `timing`.
 It also answers the GET endpoints' questions (health, model info, stats).
 
@@ -28,7 +28,7 @@ from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
 from cotrr_ray.experiments.assignment import decide
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
-from cotrr_ray.serving.coalescer import Downstream, DownstreamCall, call_with_timeout
+from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
 from cotrr_ray.serving.errors import InvalidOutput, RequestError, exception_name
 from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, RateLimitedLog, ServingStats
 from cotrr_ray.serving.scorer import CalibrationInput, ScoreResult, synthetic_list
@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 WARNING_INTERVAL_S = 60.0
 """At most one warning per failure reason per this many seconds (`RateLimitedLog`)."""
+
+SHADOW_MAX_FAILURES, SHADOW_PAUSE_S = 5, 5.0
+"""The shadow pauses after this many consecutive errors, for this long (`Breaker`)."""
 
 
 @dataclass
@@ -91,6 +94,7 @@ class RerankService:
         self._model_version = meta.bundle_id  # last treatment version seen (changes on hot swap)
         self._background: set[asyncio.Task] = set()
         self._shadow_in_flight = 0
+        self.shadow_breaker = Breaker(SHADOW_MAX_FAILURES, SHADOW_PAUSE_S)
         self._health_list = synthetic_list(meta.spec, n=4, window=min(4, self.max_top_m))
         self.configure(args.routing)
 
@@ -285,6 +289,10 @@ class RerankService:
             self.stats.shadow["dropped"] += 1
             self.metrics.shadow("dropped", None, None)
             return
+        if not self.shadow_breaker.allow():  # last: an allowed probe is always sent, so it always reports
+            self.stats.shadow["paused"] += 1
+            self.metrics.shadow("paused", None, None)
+            return
         self._shadow_in_flight += 1
         task = asyncio.get_running_loop().create_task(self._shadow(request_id, req, control_order, cfg))
         self._background.add(task)  # strong reference until done
@@ -307,6 +315,7 @@ class RerankService:
             now = self.clock()
             s.versions.add(result.model_version, now)
             self.metrics.shadow("ok", comparison, latency_ms)
+            self.shadow_breaker.record(True)
             self.exposure.write(
                 {
                     "event": "shadow_comparison",
@@ -318,16 +327,19 @@ class RerankService:
                 }
             )
         except TimeoutError as e:
-            self._shadow_failed("timeout", "shadow_timeout", "shadow scoring timed out", e)
+            self._shadow_failed("timeout", "shadow_timeout", "shadow scoring timed out", e, None)
         except Exception as e:  # swallowed, counted and logged: the shadow never affects responses
-            self._shadow_failed("error", f"shadow_error:{exception_name(e)}", "shadow scoring failed", e)
+            self._shadow_failed("error", f"shadow_error:{exception_name(e)}", "shadow scoring failed", e, False)
         finally:
             self._shadow_in_flight -= 1
 
-    def _shadow_failed(self, outcome: str, reason: str, what: str, error: BaseException) -> None:
+    def _shadow_failed(self, outcome: str, reason: str, what: str, error: BaseException, ok: bool | None) -> None:
         self.stats.shadow[outcome] += 1
         self.metrics.shadow(outcome, None, None)
         self.warnings.log(reason, f"{what} (the response was not affected)", error)
+        if self.shadow_breaker.record(ok):
+            pause = f"shadow paused for {SHADOW_PAUSE_S:.0f} s after {self.shadow_breaker.failures} failures in a row"
+            self.warnings.log("shadow_paused", pause, error)
 
     async def drain(self) -> None:
         """Wait for background shadow tasks (tests, graceful shutdown)."""
