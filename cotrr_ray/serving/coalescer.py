@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import pickle
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,23 +62,15 @@ async def answer_each(results: Awaitable[list[Any]], n: int, on_error: Callable[
     twice more into a `RayTaskError` and pickles it, and the caller unpickles that into a new dual
     exception class. A failing scorer then spent more CPU per call than scoring does, on the cores
     the control arm shares. As a value the exception pickles as its type and args, once per call
-    however many items share it, and `Coalescer` fails each item with it. `on_error` is where the
-    callee logs it (rate-limited), since its traceback does not travel.
+    however many items share it, and `Coalescer` fails each item with it. (One that cannot be
+    pickled fails the call on the way back, which fails every item too: the old, dearer path.)
+    `on_error` is where the callee logs it (rate-limited), since its traceback does not travel.
     """
     try:
         return await results
     except Exception as e:
         on_error(e)
-        return [_portable(e)] * n
-
-
-def _portable(e: Exception) -> Exception:
-    """`e` if it survives pickling (the trip back to the caller), else a RuntimeError naming it."""
-    try:
-        pickle.loads(pickle.dumps(e))
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
-    return e
+        return [e] * n
 
 
 class Breaker:
