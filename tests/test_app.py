@@ -228,11 +228,20 @@ def test_model_health_stats_and_docs(client, py_app, bundle_a, bundle_b) -> None
     assert after["requests"] == before["requests"]  # health checks are not traffic
     assert after["served"] > 0 and after["by_arm"]["treatment"] > 0 and after["by_arm"]["control"] > 0
     assert after["rejected"].get("invalid_request", 0) >= 1 and after["latency_ms"]["p50"] > 0
+    version_a, version_b = read_meta(bundle_a).bundle_id, read_meta(bundle_b).bundle_id
+    assert after["by_model"][version_a] > 0 and after["by_model"][version_b] > 0  # treatment and control bundles
+    assert sum(after["by_model"].values()) == after["served"] - sum(after["fallbacks"].values())
+    seen = after["model_versions"][version_a]  # treatment ids only: the control bundle is not a skew
+    assert set(after["model_versions"]) == {version_a} and seen["first_seen"] <= seen["last_seen"] <= time.time()
+    assert after["model_versions_recent"] == {version_a: seen["last_seen"]}
+    ratio = after["fallback_ratio"]
+    assert ratio["window_s"] == 60 and set(ratio["by_arm"]) == {"treatment", "control"}
+    assert ratio["served"] > 0 and 0.0 <= ratio["all"] <= 1.0
     assert client.get("/py/docs").status_code == 200
     assert "RerankRequest" in client.get("/py/openapi.json").json()["components"]["schemas"]
 
 
-def test_metrics_on_the_prometheus_endpoint(serve_session, client, py_app, records) -> None:
+def test_metrics_on_the_prometheus_endpoint(serve_session, client, py_app, records, bundle_a) -> None:
     post(client, "/py/v1/rerank", request_body(records[136], unit_id="metrics-unit"))
 
     def scrape():
@@ -241,11 +250,23 @@ def test_metrics_on_the_prometheus_endpoint(serve_session, client, py_app, recor
         except httpx.HTTPError:
             return None
         # Every series this test reads: Ray exports each metric on its own schedule, so one may lag another.
-        series = ("ray_cotrr_rerank_requests_total", "ray_cotrr_rerank_latency_ms", "ray_cotrr_rollout_percentage")
+        series = (
+            "ray_cotrr_rerank_requests_total",
+            "ray_cotrr_rerank_latency_ms",
+            "ray_cotrr_rollout_percentage",
+            "ray_cotrr_fallback_ratio",
+            "ray_cotrr_model_versions_served",
+            "ray_cotrr_responses_by_model_total",
+        )
         return text if all(s in text for s in series) else None
 
     text = wait_for(scrape, 60, 2, "custom metrics on the Prometheus endpoint")
     assert 'application="py"' in text and "ray_cotrr_rollout_percentage" in text
+    lines = text.splitlines()
+    by_model = [x for x in lines if x.startswith("ray_cotrr_responses_by_model_total{") and 'application="py"' in x]
+    assert any(f'model_version="{read_meta(bundle_a).bundle_id}"' in x for x in by_model), by_model
+    ratios = [x for x in lines if x.startswith("ray_cotrr_fallback_ratio{") and 'application="py"' in x]
+    assert ratios and all('arm="' in x and 0.0 <= float(x.rsplit(" ", 1)[1]) <= 1.0 for x in ratios), ratios
 
 
 # ============================================================================ app deployed from serve_config.yaml
@@ -364,6 +385,15 @@ def test_fallback_when_the_scorer_raises_and_health_fails(client, cfg_app, recor
     health = client.get("/cfg/healthz")
     assert health.status_code == 503 and health.json()["checks"]["scorer"]["ok"] is False
     assert client.get("/cfg/v1/stats").json()["fallbacks"]["scorer_error:RuntimeError"] >= 1
+    # The failure comes back as a value per window, not raised (no per-call traceback, log, RayTaskError).
+    from ray import serve
+
+    from cotrr_ray.serving.scorer import synthetic_list
+
+    spec = read_meta(cfg_app.base["applications"][0]["args"]["bundle_uri"]).spec
+    handle = serve.get_deployment_handle("Scorer", app_name="cfg").options(method_name="score_many")
+    answers = handle.remote([synthetic_list(spec), synthetic_list(spec, seed=1)]).result(timeout_s=30)
+    assert [type(a).__name__ for a in answers] == ["RuntimeError"] * 2 and "injected" in str(answers[0])
     cfg_app.deploy(routing=routing, scorer={"fault": "none"})
     assert client.get("/cfg/healthz").status_code == 200
 

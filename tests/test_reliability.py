@@ -202,7 +202,7 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
             time.sleep(2.0)
             s = kit_load.summarize(gen.stop())
             after = httpx.get(url + "/v1/stats").json()["shadow"]
-            shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped")}
+            shadow = {k: after[k] - before[k] for k in ("comparisons", "errors", "timeouts", "dropped", "paused")}
             phases[phase] = {
                 **s,
                 "shadow": shadow,
@@ -236,6 +236,7 @@ def test_slow_or_failing_shadow_treatment_leaves_control_unaffected(app) -> None
     assert phases["slow"]["shadow"]["comparisons"] == 0
     assert phases["slow"]["shadow"]["timeouts"] + phases["slow"]["shadow"]["dropped"] > 0
     assert phases["failing"]["shadow"]["errors"] > 0
+    assert phases["failing"]["shadow"]["paused"] > 0  # a failing shadow is not called on every request
 
 
 @pytest.mark.integration

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import pickle
 import shutil
 import time
 
@@ -21,11 +23,11 @@ from cotrr_ray.bundles.registry import resolve_uri
 from cotrr_ray.bundles.storage import StorageError
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
-from cotrr_ray.serving.coalescer import Downstream
+from cotrr_ray.serving.coalescer import Breaker, Coalescer, Downstream, answer_each
 from cotrr_ray.serving.errors import RequestError, exception_name
-from cotrr_ray.serving.observability import ExposureLog
+from cotrr_ray.serving.observability import ExposureLog, ModelVersions, NullMetrics, RateLimitedLog, RecentTraffic
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
-from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.service import SHADOW_MAX_FAILURES, SHADOW_PAUSE_S, RerankService
 from cotrr_ray.serving.timing import StageTimings, parse_server_timing
 
 RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
@@ -102,6 +104,7 @@ def make_service(
     calibrate=None,
     control=None,
     exposure_path=None,
+    metrics=None,
     **args,
 ) -> RerankService:
     score = score or score_with(scorer_a)
@@ -114,7 +117,7 @@ def make_service(
         info_control=Local(lambda _: {"bundle_id": "control"}) if control else None,
     )
     app_args = AppArgs(bundle_uri=str(bundle_a), routing=routing or RoutingConfig(rollout_percentage=100), **args)
-    return RerankService(read_meta(bundle_a), app_args, down, exposure=ExposureLog(exposure_path))
+    return RerankService(read_meta(bundle_a), app_args, down, metrics=metrics, exposure=ExposureLog(exposure_path))
 
 
 def rerank(service: RerankService, body: dict) -> dict:
@@ -406,6 +409,258 @@ def test_shadow_is_bounded_never_awaited_and_errors_are_swallowed(bundle_a, scor
 
     assert asyncio.run(go_failing())["fallback"] is None
     assert failing.stats_snapshot()["shadow"]["errors"] == 1
+
+
+def test_a_failed_coalesced_call_answers_each_item_with_its_exception_as_a_value() -> None:
+    """The Scorer's side of a coalesced call (`answer_each`): a failure comes back as one value per
+    item, reported once, instead of one raised (logged, traceback-formatted) exception per call."""
+    reported = []
+
+    async def batch(items, error=None):
+        if error is not None:
+            raise error
+        return [i * 10 for i in items]
+
+    async def go(error):
+        def score_many(items):
+            return asyncio.ensure_future(answer_each(batch(items, error), len(items), reported.append))
+
+        c = Coalescer(score_many, max_items=8)
+        return await asyncio.gather(*(c(i) for i in range(5)), return_exceptions=True)
+
+    assert asyncio.run(go(None)) == [0, 10, 20, 30, 40] and reported == []
+    out = asyncio.run(go(RuntimeError("model on fire")))
+    assert all(type(e) is RuntimeError and str(e) == "model on fire" for e in out) and len(reported) == 1
+    values = asyncio.run(answer_each(batch([1, 2, 3], KeyError("v9")), 3, reported.append))
+    assert values[0] is values[2] and len(values) == 3 and reported[-1] is values[0]
+    # What crosses the handle: one pickled exception (type and args) however many windows share it.
+    assert [repr(e) for e in pickle.loads(pickle.dumps(values))] == ["KeyError('v9')"] * 3
+    assert len(pickle.dumps(values)) < len(pickle.dumps(KeyError("v9"))) + 16
+
+
+def test_breaker_pauses_after_consecutive_failures_then_probes_once() -> None:
+    clock = FakeClock(0.0)
+    b = Breaker(max_failures=3, pause_s=5.0, clock=clock)
+    assert not b.record(False) and not b.record(False) and b.allow()
+    assert not b.record(True) and b.failures == 0  # a success in between: consecutive count reset
+    assert [b.record(False) for _ in range(3)] == [False, False, True] and not b.allow()
+    clock.t = 4.9
+    assert not b.allow()
+    clock.t = 5.0
+    assert b.allow() and not b.allow()  # one probe at a time
+    assert b.record(False) and not b.allow()  # the probe failed: paused again
+    clock.t = 10.0
+    assert b.allow() and not b.record(True) and b.allow() and b.allow()  # it succeeded: calls resume
+    assert not any(b.record(None) for _ in range(10)) and b.allow()  # timeouts alone never pause
+    assert [b.record(False) for _ in range(3)] == [False, False, True]
+    clock.t = 15.0
+    assert b.allow() and b.record(None) and not b.allow()  # ... but a probe that times out failed
+    with pytest.raises(ValueError):
+        Breaker(max_failures=0)
+
+
+def test_a_failing_shadow_is_paused_instead_of_called_on_every_request(bundle_a, scorer_a, calibrators, records):
+    failing = Local(error=RuntimeError("shadow down"))
+    routing = RoutingConfig(rollout_percentage=100, shadow_mode=True)
+    service = make_service(bundle_a, scorer_a, calibrators, routing=routing, score=failing)
+    service.shadow_breaker._clock = clock = FakeClock(0.0)
+    body = orjson.dumps(request_body(records[146]))
+
+    async def requests(n: int) -> None:
+        for _ in range(n):
+            assert (await service.rerank(body))["arm"] == "control"
+            await service.drain()
+
+    asyncio.run(requests(50))
+    shadow = service.stats_snapshot()["shadow"]
+    assert failing.calls == SHADOW_MAX_FAILURES and (shadow["errors"], shadow["paused"]) == (SHADOW_MAX_FAILURES, 45)
+    clock.t += SHADOW_PAUSE_S
+    service.down.score = score_with(scorer_a)  # the treatment recovers: the next probe resumes comparisons
+    asyncio.run(requests(10))
+    shadow = service.stats_snapshot()["shadow"]
+    assert shadow["comparisons"] == 10 and shadow["paused"] == 45
+
+
+# ----------------------------------------------------------------------------- warnings, windows, model versions
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class RecordingMetrics(NullMetrics):
+    def __init__(self):
+        self.windows: list[tuple[dict[str, float], int]] = []
+        self.models: list[str] = []
+
+    def window(self, fallback_ratio: dict[str, float], model_versions: int) -> None:
+        self.windows.append((dict(fallback_ratio), model_versions))
+
+    def response_model(self, model_version: str) -> None:
+        self.models.append(model_version)
+
+
+SERVICE_LOG = "cotrr_ray.serving.service"
+
+
+def warnings_of(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == SERVICE_LOG and r.levelno == logging.WARNING]
+
+
+def test_rate_limited_log_one_record_per_reason_per_interval(caplog) -> None:
+    clock = FakeClock()
+    log = RateLimitedLog(logging.getLogger("test.ratelimit"), interval_s=60, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        assert log.log("a", "it failed", RuntimeError("first"))
+        assert not any(log.log("a", "it failed", RuntimeError("again")) for _ in range(9))
+        assert log.log("b", "timed out", TimeoutError())  # another reason: its own budget
+        clock.t += 59.9
+        assert not log.log("a", "it failed", RuntimeError("still"))
+        clock.t += 0.2
+        assert log.log("a", "it failed", ValueError("later"))
+    first, other, later = caplog.records
+    assert "RuntimeError: first" in first.getMessage() and "[a]" in first.getMessage()
+    assert first.exc_info is not None and first.suppressed == 0  # a real error carries its traceback
+    assert other.exc_info is None and "TimeoutError" in other.getMessage()  # a timeout's traceback says nothing
+    assert later.suppressed == 10 and "10 more since the last record 60 s ago" in later.getMessage()
+    assert "ValueError: later" in later.getMessage()
+
+
+def test_a_burst_of_scorer_failures_logs_one_warning_per_interval(bundle_a, scorer_a, calibrators, records, caplog):
+    service = make_service(bundle_a, scorer_a, calibrators, score=Local(error=RuntimeError("weights on fire")))
+    clock = FakeClock()
+    service.warnings = RateLimitedLog(logging.getLogger(SERVICE_LOG), interval_s=60, clock=clock)
+    body = orjson.dumps(request_body(records[142]))
+
+    async def burst(n: int) -> None:
+        for _ in range(n):
+            assert (await service.rerank(body))["fallback"] == "scorer_error:RuntimeError"
+
+    with caplog.at_level(logging.WARNING, logger=SERVICE_LOG):
+        asyncio.run(burst(100))
+        (first,) = warnings_of(caplog)
+        clock.t += 61
+        asyncio.run(burst(100))
+    first, second = warnings_of(caplog)
+    for rec in (first, second):
+        assert "upstream order" in rec.getMessage() and "RuntimeError: weights on fire" in rec.getMessage()
+        assert rec.reason == "scorer_error:RuntimeError" and rec.exc_info is not None
+    assert first.suppressed == 0 and second.suppressed == 99 and "99 more" in second.getMessage()
+    assert service.stats_snapshot()["fallbacks"] == {"scorer_error:RuntimeError": 200}
+
+
+def test_calibrator_and_shadow_failures_are_logged_with_the_error(bundle_a, scorer_a, calibrators, records, caplog):
+    routing = RoutingConfig(rollout_percentage=100, timeout_ms=1000)
+    uncalibrated = make_service(
+        bundle_a, scorer_a, calibrators, routing=routing, calibrate=Local(error=KeyError("no table for v9"))
+    )
+    shadow_routing = RoutingConfig(rollout_percentage=100, shadow_mode=True)
+    shadow = make_service(bundle_a, scorer_a, calibrators, routing=shadow_routing, score=Local(error=OSError("gone")))
+    body = orjson.dumps(request_body(records[143]))
+
+    async def go() -> None:
+        for _ in range(5):
+            await uncalibrated.rerank(body)
+            await shadow.rerank(body)
+            await shadow.drain()
+
+    with caplog.at_level(logging.WARNING, logger=SERVICE_LOG):
+        asyncio.run(go())
+    by_reason = {r.reason: r for r in warnings_of(caplog)}
+    assert len(warnings_of(caplog)) == 3  # one per reason, though each failed 5 times
+    assert set(by_reason) == {"calibrator_error:KeyError", "shadow_error:OSError", "shadow_paused"}
+    assert "'no table for v9'" in by_reason["calibrator_error:KeyError"].getMessage()
+    assert "OSError: gone" in by_reason["shadow_error:OSError"].getMessage()
+    assert "5 failures in a row" in by_reason["shadow_paused"].getMessage()
+    assert shadow.stats_snapshot()["shadow"]["errors"] == 5
+
+
+def test_recent_traffic_ratio_over_a_sliding_window() -> None:
+    w = RecentTraffic(window_s=60)
+    t = 5_000.0
+    assert w.add(t, "treatment", True) and not w.add(t + 0.5, "treatment", False)  # one new second, once
+    for k in range(8):
+        w.add(t + 1 + k, "treatment", k == 7)
+        if k == 1:
+            w.add(t + 2, "control", True)
+    assert w.ratios() == {"treatment": 0.2, "control": 1.0}
+    assert w.ratios(t + 60.5) == {"treatment": 1 / 8, "control": 1.0}  # the first second has left the window
+    assert w.ratios(t + 62) == {"treatment": 1 / 6}  # ... then the control arm's only answer
+    assert w.add(t + 500, "treatment", True) and w.ratios() == {"treatment": 1.0}  # a long gap clears everything
+    assert sum(w.served.values()) == 1 and sum(sum(r) for r in w._served.values()) == 1
+    w.add(t + 499, "treatment", False)  # a clock stepping back counts in the newest second
+    assert w.ratios() == {"treatment": 0.5}
+
+
+def test_fallback_ratio_in_stats_and_the_window_gauges(bundle_a, scorer_a, calibrators, records) -> None:
+    metrics = RecordingMetrics()
+    service = make_service(bundle_a, scorer_a, calibrators, metrics=metrics)
+    service.clock = clock = FakeClock()
+    good, failing = service.down.score, Local(error=RuntimeError("x"))
+    body = orjson.dumps(request_body(records[144]))
+
+    async def go() -> None:
+        for i in range(10):
+            service.down.score = failing if i < 3 else good
+            await service.rerank(body)
+            clock.t += 0.25  # 10 requests over 2.5 s: three seconds opened
+
+    asyncio.run(go())
+    ratio = service.stats_snapshot()["fallback_ratio"]
+    assert ratio == {"window_s": 60, "all": 0.3, "by_arm": {"treatment": 0.3}, "served": 10}
+    # Published by the first request of each second (requests 1, 5 and 9), never per request.
+    assert [w[0]["treatment"] for w in metrics.windows] == pytest.approx([1 / 1, 3 / 5, 3 / 9])
+    assert len(metrics.models) == 7 and set(metrics.models) == {scorer_a.bundle.bundle_id}
+    clock.t += 61
+    assert service.stats_snapshot()["fallback_ratio"]["all"] is None  # nothing served in the last minute
+
+
+def with_version(core: ScorerCore, version: str):
+    def score(cl):
+        r = core.score([cl])[0]
+        r.model_version = version
+        return r
+
+    return score
+
+
+def test_model_versions_by_id_with_first_and_last_seen(bundle_a, scorer_a, calibrators, records) -> None:
+    """An alias moving from v1 to v2 while replicas converge: answers from both ids for a while."""
+    metrics = RecordingMetrics()
+    calls = {"n": 0}
+
+    def converging(cl):  # v1 for the first 4 answers, then alternating, then v2 only
+        calls["n"] += 1
+        n = calls["n"]
+        return with_version(scorer_a, "v1" if n <= 4 or (n <= 8 and n % 2) else "v2")(cl)
+
+    service = make_service(bundle_a, scorer_a, calibrators, metrics=metrics, score=Local(converging))
+    service.clock = clock = FakeClock(2_000.0)
+    body = orjson.dumps(request_body(records[145]))
+
+    async def go() -> None:
+        for _ in range(12):
+            await service.rerank(body)
+            clock.t += 1.0
+
+    asyncio.run(go())
+    stats = service.stats_snapshot()
+    assert stats["by_model"] == {"v1": 6, "v2": 6}
+    versions = stats["model_versions"]
+    assert versions["v1"] == {"first_seen": 2_000.0, "last_seen": 2_006.0, "responses": 6}
+    assert versions["v2"] == {"first_seen": 2_005.0, "last_seen": 2_011.0, "responses": 6}
+    assert versions["v1"]["last_seen"] - versions["v2"]["first_seen"] == 1.0  # the skew window
+    assert stats["model_versions_recent"] == {"v1": 2_006.0, "v2": 2_011.0}
+    assert [w[1] for w in metrics.windows] == [1] * 5 + [2] * 7  # cotrr_model_versions_served
+    clock.t = 2_006.0 + 60.5
+    assert service.stats_snapshot()["model_versions_recent"] == {"v2": 2_011.0}
+    vs = ModelVersions(window_s=60)
+    vs.add("v3", 0.0)
+    assert vs.recent(60.0) == {"v3": 0.0} and vs.recent(60.1) == {}
 
 
 # ----------------------------------------------------------------------------- Server-Timing stages

@@ -1,5 +1,7 @@
 """How the router calls the other deployments: the `Downstream` callables it is given, a deadline
-per call (`call_with_timeout`), and the `Coalescer` that merges concurrent calls into one.
+per call (`call_with_timeout`), the `Coalescer` that merges concurrent calls into one, the
+callee's side of a coalesced call (`answer_each`), and a `Breaker` that pauses optional calls to a
+downstream that keeps failing.
 
 Nothing here knows what is being scored: items are opaque, a call is any `DownstreamCall` (a Serve
 handle method in a deployment, a local coroutine in the peer and the tests).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,69 @@ async def call_with_timeout(fn: DownstreamCall, arg: Any, timeout_s: float) -> A
         if callable(cancel):
             cancel()
         raise
+
+
+async def answer_each(results: Awaitable[list[Any]], n: int, on_error: Callable[[Exception], Any]) -> list[Any]:
+    """The callee's side of a coalesced call of `n` items: `await results` (one entry per item), or,
+    if that raises, the exception as the entry of every item, reported once to `on_error`.
+
+    Returned, not raised, because raising is the expensive way out of a Serve method: per call the
+    replica logs the exception with its traceback ("Request failed."), Ray formats the traceback
+    twice more into a `RayTaskError` and pickles it, and the caller unpickles that into a new dual
+    exception class. A failing scorer then spent more CPU per call than scoring does, on the cores
+    the control arm shares. As a value the exception pickles as its type and args, once per call
+    however many items share it, and `Coalescer` fails each item with it. (One that cannot be
+    pickled fails the call on the way back, which fails every item too: the old, dearer path.)
+    `on_error` is where the callee logs it (rate-limited), since its traceback does not travel.
+    """
+    try:
+        return await results
+    except Exception as e:
+        on_error(e)
+        return [e] * n
+
+
+class Breaker:
+    """Pauses optional calls to a downstream after `max_failures` consecutive failures, for `pause_s`;
+    then lets one call through (a probe): its success resumes, its failure pauses again.
+
+    For the shadow scorer. A slow one costs the router little: the coalescer's in-flight cap holds
+    the windows back and their timeouts drop them unsent, so a timeout only fails a probe. A failing
+    one answers at once, so without this every request would still ship its window there and back,
+    the whole transport cost of a healthy shadow on the cores the control arm shares, for no
+    comparison at all.
+    """
+
+    def __init__(self, max_failures: int = 5, pause_s: float = 5.0, *, clock=time.monotonic):
+        if max_failures < 1 or pause_s <= 0:
+            raise ValueError("max_failures must be >= 1 and pause_s > 0")
+        self.max_failures, self.pause_s, self._clock = max_failures, pause_s, clock
+        self.failures = 0  # consecutive
+        self.paused_until: float | None = None
+        self._probing = False
+
+    def allow(self) -> bool:
+        """Whether to make a call now (when paused: one probe once the pause is over)."""
+        if self.paused_until is None:
+            return True
+        if self._probing or self._clock() < self.paused_until:
+            return False
+        self._probing = True
+        return True
+
+    def record(self, ok: bool | None) -> bool:
+        """The outcome of a call (None: it timed out); True when this failure paused the calls."""
+        probe, self._probing = self._probing, False
+        if ok:
+            self.failures, self.paused_until = 0, None
+            return False
+        if ok is None and not probe:
+            return False
+        self.failures += 1
+        if probe or self.failures >= self.max_failures:
+            self.paused_until = self._clock() + self.pause_s
+            return True
+        return False
 
 
 class Coalescer:

@@ -31,14 +31,18 @@ from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
 from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
-from cotrr_ray.serving.coalescer import Coalescer, Downstream
-from cotrr_ray.serving.errors import HTTP_CODES, error_body
-from cotrr_ray.serving.observability import ExposureLog
+from cotrr_ray.serving.coalescer import Coalescer, Downstream, answer_each
+from cotrr_ray.serving.errors import HTTP_CODES, error_body, exception_name
+from cotrr_ray.serving.observability import ExposureLog, RateLimitedLog
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
-from cotrr_ray.serving.service import RerankService
+from cotrr_ray.serving.service import WARNING_INTERVAL_S, RerankService
 from cotrr_ray.serving.timing import SERVER_TIMING
 
 logger = logging.getLogger("ray.serve")
+
+# A Scorer's failures travel back as values (`answer_each`), without their traceback: logged here,
+# with it, at most once a minute per exception type (one replica per process).
+_SCORING_FAILURES = RateLimitedLog(logger, WARNING_INTERVAL_S, level=logging.ERROR)
 
 api = FastAPI(
     title="cotrr-ray rerank",
@@ -114,6 +118,21 @@ class ServeMetrics:
         )
         self._rollout = Gauge("cotrr_rollout_percentage", description="Current rollout percentage.")
         self._shadow_mode = Gauge("cotrr_shadow_mode", description="1 when shadow mode is on.")
+        self._by_model = Counter(
+            "cotrr_responses_by_model",
+            description="Served responses by the bundle id that ordered them.",
+            tag_keys=("model_version",),
+        )
+        self._fallback_ratio = Gauge(
+            "cotrr_fallback_ratio",
+            description="Fallbacks / served responses of this router replica over the last 60 s, by arm.",
+            tag_keys=("arm",),
+        )
+        self._versions = Gauge(
+            "cotrr_model_versions_served",
+            description="Distinct treatment bundle ids that answered this replica in the last 60 s (>1: skew).",
+        )
+        self._ratio_arms: set[str] = set()
 
     def request(self, arm: str, outcome: str, latency_ms: float) -> None:
         self._requests.inc(1, tags={"arm": arm, "outcome": outcome})
@@ -139,6 +158,16 @@ class ServeMetrics:
     def routing(self, config: RoutingConfig) -> None:
         self._rollout.set(config.rollout_percentage)
         self._shadow_mode.set(1.0 if config.shadow_mode else 0.0)
+
+    def response_model(self, model_version: str) -> None:
+        self._by_model.inc(1, tags={"model_version": model_version})
+
+    def window(self, fallback_ratio: dict[str, float], model_versions: int) -> None:
+        # An arm without traffic in the window had no fallbacks there: 0, not its last ratio forever.
+        self._ratio_arms.update(fallback_ratio)
+        for arm in self._ratio_arms:
+            self._fallback_ratio.set(fallback_ratio.get(arm, 0.0), tags={"arm": arm})
+        self._versions.set(model_versions)
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.5})
@@ -292,8 +321,16 @@ class Scorer:
                     "alias poll of %s failed; still serving %s: %r", self.source.uri, self.core.bundle.bundle_id, e
                 )
 
-    async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult]:
-        """Windows of several requests (one coalesced router call) -> one result per window."""
+    async def score_many(self, lists: list[CandidateList]) -> list[ScoreResult | Exception]:
+        """Windows of several requests (one coalesced router call) -> one result per window; if
+        scoring fails, its exception per window, returned (cheap), logged here (`answer_each`)."""
+        return await answer_each(self._score_lists(lists), len(lists), self._scoring_failed)
+
+    def _scoring_failed(self, e: Exception) -> None:
+        reason = f"score_error:{exception_name(e)}"
+        _SCORING_FAILURES.log(reason, "scoring failed; each list of the call answers with the error", e)
+
+    async def _score_lists(self, lists: list[CandidateList]) -> list[ScoreResult]:
         step = self.config.max_batch_size
         if len(lists) <= step:
             return await self._score_batch(lists)

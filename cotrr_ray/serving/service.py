@@ -4,7 +4,8 @@ Per request it parses and validates the body (`api.RequestParser`), assigns the 
 (`experiments.assignment.decide`), scores the window and calibrates it within one time budget
 through the injected `coalescer.Downstream` calls, orders the list, and falls back to the upstream
 order (flagged, still a 200) when the scorer fails; in shadow mode it scores the treatment in the
-background. What happened goes to `observability` (stats, metrics, exposure log) and `timing`.
+background, pausing it while it keeps failing. What happened goes to `observability` (stats with
+their sliding windows, metrics, exposure log, rate-limited warnings with the exception) and `timing`.
 It also answers the GET endpoints' questions (health, model info, stats).
 
 `deployments.Router` (Serve) and `bench/peer_app.py` (one process) are HTTP shells around it.
@@ -27,13 +28,19 @@ from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
 from cotrr_ray.experiments.assignment import decide
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
-from cotrr_ray.serving.coalescer import Downstream, DownstreamCall, call_with_timeout
+from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
 from cotrr_ray.serving.errors import InvalidOutput, RequestError, exception_name
-from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, ServingStats
+from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, RateLimitedLog, ServingStats
 from cotrr_ray.serving.scorer import CalibrationInput, ScoreResult, synthetic_list
 from cotrr_ray.serving.timing import StageTimings
 
 logger = logging.getLogger(__name__)
+
+WARNING_INTERVAL_S = 60.0
+"""At most one warning per failure reason per this many seconds (`RateLimitedLog`)."""
+
+SHADOW_MAX_FAILURES, SHADOW_PAUSE_S = 5, 5.0
+"""The shadow pauses after this many consecutive errors, for this long (`Breaker`)."""
 
 
 @dataclass
@@ -81,10 +88,13 @@ class RerankService:
         self.metrics: Metrics = metrics or NullMetrics()
         self.exposure = exposure or ExposureLog(None)
         self.stats = ServingStats()
+        self.warnings = RateLimitedLog(logger, WARNING_INTERVAL_S)
+        self.clock = time.time  # wall clock of the stats windows and exposure records (replaceable in tests)
         self.replica = {"id": uuid.uuid4().hex, "pid": os.getpid(), "started_at": time.time()}
         self._model_version = meta.bundle_id  # last treatment version seen (changes on hot swap)
         self._background: set[asyncio.Task] = set()
         self._shadow_in_flight = 0
+        self.shadow_breaker = Breaker(SHADOW_MAX_FAILURES, SHADOW_PAUSE_S)
         self._health_list = synthetic_list(meta.spec, n=4, window=min(4, self.max_top_m))
         self.configure(args.routing)
 
@@ -190,10 +200,10 @@ class RerankService:
         n = len(req.ids)
         try:
             result = _check_logits(await call_with_timeout(score, req.inputs, timeout_s), req.window)
-        except TimeoutError:
-            return self._fallback(n, f"{who}_timeout")
-        except Exception as e:  # any downstream failure: serve the upstream order, flagged
-            return self._fallback(n, f"{who}_error:{exception_name(e)}")
+        except TimeoutError as e:
+            return self._fallback(n, f"{who}_timeout", e)
+        except Exception as e:  # any downstream failure: serve the upstream order, flagged and logged
+            return self._fallback(n, f"{who}_error:{exception_name(e)}", e)
         scored = time.perf_counter()
         timings.score = (scored - start) * 1000
         timings.model = result.compute_ms
@@ -201,17 +211,18 @@ class RerankService:
             self._model_version = result.model_version
         out = _Outcome(model_order(result.logits, n), logits=result.logits, model_version=result.model_version)
         remaining = timeout_s - (scored - start)
-        reason = None
         try:
             out.probabilities, timings.calibrate = await self._calibrate(result, req.window, remaining)
-        except TimeoutError:
-            reason = "calibrator_timeout"
+        except TimeoutError as e:
+            self._calibration_failed("calibrator_timeout", e)
         except Exception as e:  # ordered by the scorer anyway; probabilities are null
-            reason = f"calibrator_error:{exception_name(e)}"
-        if reason is not None:
-            self.stats.calibration_failures[reason] += 1
-            self.metrics.calibration_failure(reason)
+            self._calibration_failed(f"calibrator_error:{exception_name(e)}", e)
         return out
+
+    def _calibration_failed(self, reason: str, error: BaseException) -> None:
+        self.stats.calibration_failures[reason] += 1
+        self.metrics.calibration_failure(reason)
+        self.warnings.log(reason, "calibration failed; answered in the scorer's order without probabilities", error)
 
     async def _calibrate(self, result: ScoreResult, window: int, timeout_s: float) -> tuple[np.ndarray, float | None]:
         """Checked probabilities of a scored window and the calibrator's round trip (None when fused)."""
@@ -226,9 +237,10 @@ class RerankService:
         probs = np.asarray(await call_with_timeout(self.down.calibrate, cal, timeout_s))
         return _check_probabilities(probs, window), (time.perf_counter() - t0) * 1000
 
-    def _fallback(self, n: int, reason: str) -> _Outcome:
+    def _fallback(self, n: int, reason: str, error: BaseException) -> _Outcome:
         self.stats.fallbacks[reason] += 1
         self.metrics.fallback(reason)
+        self.warnings.log(reason, "scoring failed; answered in upstream order (fallback)", error)
         return _Outcome(upstream_order(n), fallback=reason)
 
     def _record(self, request_id, req, decision, arm, cfg, out: _Outcome, latency_ms: float) -> None:
@@ -240,10 +252,18 @@ class RerankService:
             s.reranked += 1
         outcome = "fallback" if out.fallback else ("reranked" if out.logits is not None else "upstream")
         self.metrics.request(arm, outcome, latency_ms)
+        now = self.clock()
+        if out.model_version is not None:
+            s.by_model[out.model_version] += 1
+            self.metrics.response_model(out.model_version)
+            if arm == "treatment":
+                s.versions.add(out.model_version, now)
+        if s.recent.add(now, arm, out.fallback is not None):  # a new second: refresh the window gauges
+            self.metrics.window(s.recent.ratios(), len(s.versions.recent(now)))
         self.exposure.write(
             {
                 "event": "exposure",
-                "ts": round(time.time(), 3),
+                "ts": round(now, 3),
                 "request_id": request_id,
                 "query_id": req.query_id,
                 "unit": decision.unit,
@@ -269,6 +289,10 @@ class RerankService:
             self.stats.shadow["dropped"] += 1
             self.metrics.shadow("dropped", None, None)
             return
+        if not self.shadow_breaker.allow():  # last: an allowed probe is always sent, so it always reports
+            self.stats.shadow["paused"] += 1
+            self.metrics.shadow("paused", None, None)
+            return
         self._shadow_in_flight += 1
         task = asyncio.get_running_loop().create_task(self._shadow(request_id, req, control_order, cfg))
         self._background.add(task)  # strong reference until done
@@ -288,26 +312,34 @@ class RerankService:
             s.shadow_overlap_sum += comparison["overlap_at_10"]
             s.shadow_latencies_ms.append(latency_ms)
             s.last_shadow = {"request_id": request_id, "model_version": result.model_version, **comparison}
+            now = self.clock()
+            s.versions.add(result.model_version, now)
             self.metrics.shadow("ok", comparison, latency_ms)
+            self.shadow_breaker.record(True)
             self.exposure.write(
                 {
                     "event": "shadow_comparison",
-                    "ts": round(time.time(), 3),
+                    "ts": round(now, 3),
                     "request_id": request_id,
                     "model_version": result.model_version,
                     **comparison,
                     "latency_ms": round(latency_ms, 3),
                 }
             )
-        except TimeoutError:
-            self.stats.shadow["timeout"] += 1
-            self.metrics.shadow("timeout", None, None)
-        except Exception as e:  # swallowed and counted: the shadow never affects responses
-            self.stats.shadow["error"] += 1
-            self.metrics.shadow("error", None, None)
-            logger.debug("shadow scoring failed for %s: %r", request_id, e)
+        except TimeoutError as e:
+            self._shadow_failed("timeout", "shadow_timeout", "shadow scoring timed out", e, None)
+        except Exception as e:  # swallowed, counted and logged: the shadow never affects responses
+            self._shadow_failed("error", f"shadow_error:{exception_name(e)}", "shadow scoring failed", e, False)
         finally:
             self._shadow_in_flight -= 1
+
+    def _shadow_failed(self, outcome: str, reason: str, what: str, error: BaseException, ok: bool | None) -> None:
+        self.stats.shadow[outcome] += 1
+        self.metrics.shadow(outcome, None, None)
+        self.warnings.log(reason, f"{what} (the response was not affected)", error)
+        if self.shadow_breaker.record(ok):
+            pause = f"shadow paused for {SHADOW_PAUSE_S:.0f} s after {self.shadow_breaker.failures} failures in a row"
+            self.warnings.log("shadow_paused", pause, error)
 
     async def drain(self) -> None:
         """Wait for background shadow tasks (tests, graceful shutdown)."""
@@ -370,7 +402,7 @@ class RerankService:
 
     def stats_snapshot(self) -> dict[str, Any]:
         return {
-            **self.stats.snapshot(),
+            **self.stats.snapshot(self.clock()),
             "model_version": self._model_version,
             "routing": self.config.model_dump(),
             "replica": self.replica,
