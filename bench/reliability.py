@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Reliability checks of the Serve application on a fresh local Ray: autoscaling, faults, load.
+"""Reliability checks of the Serve application on a fresh local Ray: autoscaling, faults, load, alias moves.
 
-    python bench/reliability.py autoscale|faults|load|all [--quick] [--json OUT] [--bundle DIR]
+    python bench/reliability.py autoscale|faults|load|alias|all [--quick] [--json OUT] [--bundle DIR]
 
 Each scenario deploys a copy of serve_config.yaml through Serve's config path (what `serve deploy`
 does: `serve_start(http_options)` + `deploy_apps(config)`) on its own `ray.init(address="local")`
@@ -26,6 +26,17 @@ after: the box is shared, and latency numbers mean little without it.
   killed replicas, control latency unchanged by a slow shadow, a failing shadow paused and costing
   control no more than a slow one (p50 within 15 %, requests served within 15 %), the refused
   bundles are reported and the previous bundle keeps serving.
+- alias: a registry on a loopback S3 server (its address in the environment before Ray starts, so the
+  replicas read only from the object store); the bundle published there and `production` set; the app
+  serves `s3://.../demo@production` with Scorer replicas polling the alias every 2 s: one at deploy, a
+  second added once it runs, so that the two poll at different phases as replicas added by autoscaling
+  do; after 50 warm-up requests, under load (concurrency 4, 8 without --quick), the real train_job.py
+  (shrunk to seconds) publishes a new bundle into the same registry as `candidate`, then production is
+  promoted to it and rolled back. Each replica's bundle id is sampled through the Scorer handle's
+  `info` every 0.25 s. Checks: zero failed requests and fallbacks, every response from the old or the
+  new id and calibrated, every replica on the moved-to id within alias_poll_s + a 5 s load allowance;
+  reported: convergence times, the version-skew window (first new-id response to the last old-id one)
+  and the training wall time.
 - load: serve_config.yaml as shipped (host/port/bundle only), 10,000 requests at concurrency 32
   (`--quick`: 1,000): zero errors, p50/p95/p99, throughput, fallbacks.
 
@@ -76,7 +87,7 @@ from kit.cluster import (  # noqa: E402
 )
 from kit.contract import LoadGen  # noqa: E402
 from kit.faults import kill_under_load, tamper  # noqa: E402
-from kit.load import RecordingLoadGen, summarize  # noqa: E402
+from kit.load import Rec, RecordingLoadGen, summarize  # noqa: E402
 from kit.machine import basic_machine, loadavg, say  # noqa: E402
 from kit.report import Report, load_windows, print_windows, write_json  # noqa: E402
 
@@ -554,6 +565,285 @@ def scenario_load(url: str, bundle: Path, *, n: int, concurrency: int, http_port
     return rep
 
 
+# ============================================================================ alias
+
+
+ALIAS_POLL_S = 2.0  # ScorerConfig.alias_poll_s here (serve_config.yaml ships 10 s): a short run still sees a few polls
+# What a replica may take past its poll interval before it serves the new id: the registry read (one LIST + GET
+# on loopback S3), downloading and verifying the bundle into its cache, torch load and warm-up, all on 2 cores
+# that the load, the Router and the training job's tail are also using. On the idle box that is well under a
+# second for the tiny bundle; 5 s leaves room for the CPU contention, not for a missed poll.
+ALIAS_LOAD_ALLOWANCE_S = 5.0
+ALIAS_MODEL = "demo"
+
+
+@dataclass
+class AliasRun:
+    """What the alias phases share: the app, the registry and its bundle ids, the load and the report."""
+
+    url: str
+    app: str
+    registry: Any  # cotrr_ray.bundles.registry.Registry
+    start_id: str
+    top_m: int
+    workdir: Path
+    quick: bool
+    rep: Report
+    gen: RecordingLoadGen | None = None
+    new_id: str | None = None
+
+
+@contextlib.contextmanager
+def object_store(needed: bool, workdir: Path):
+    """The loopback S3 server for the alias scenario, yielding a registry root on it (None if not needed).
+
+    Its endpoint and fake credentials go into os.environ before the caller starts Ray: every raylet,
+    replica and the training subprocess inherit them, so s3:// means this server and nothing else. The
+    bundle cache goes to `workdir`, so replicas download from the object store rather than reuse a copy
+    another run left in ~/.cache."""
+    if not needed:
+        yield None
+        return
+    from kit.s3 import LoopbackS3
+
+    from cotrr_ray.bundles.registry import CACHE_ENV
+
+    saved = dict(os.environ)
+    with LoopbackS3(log=workdir / "moto.log") as s3:
+        os.environ.update({**s3.env, CACHE_ENV: str(workdir / "bundle-cache")})
+        try:
+            yield s3.create_bucket("cotrr-bench") + "/registry"
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def scenario_alias(
+    url: str,
+    http_port: int,
+    registry_root: str,
+    bundle: Path,
+    workdir: Path,
+    *,
+    quick: bool,
+    app: str = APP,
+    route_prefix: str = "/",
+    poll_s: float = ALIAS_POLL_S,
+) -> Report:
+    """The recipe: publish and serve @production, load, train a new bundle, promote it, roll back.
+    `url` includes the route prefix; Serve must run with `registry_root`'s store in its environment."""
+    a = publish_start_bundle(url, app, registry_root, bundle, workdir, quick=quick)
+    cfg = deploy_alias_app(a, http_port, route_prefix, poll_s)
+    scale_out(a, cfg)
+    bodies, hold_s = make_bodies(a.top_m), 3.0 if quick else 10.0
+    LoadGen(url, bodies, concurrency=4, total=50).start().join()  # warm-up, not recorded (as the load scenario)
+    a.gen = LoadGen(url, bodies, concurrency=4 if quick else 8).start()
+    time.sleep(hold_s)
+    train_candidate(a)
+    move_and_converge(a, "promote", a.new_id, poll_s)
+    time.sleep(hold_s)
+    move_and_converge(a, "rollback", a.start_id, poll_s)
+    time.sleep(hold_s)
+    records = a.gen.stop()
+    check_alias(a, records, poll_s)
+    return a.rep
+
+
+def publish_start_bundle(url: str, app: str, root: str, bundle: Path, workdir: Path, *, quick: bool) -> AliasRun:
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.bundles.registry import Registry
+
+    meta = read_meta(bundle)
+    registry = Registry(root)
+    t0 = time.monotonic()
+    uri = registry.publish(bundle, ALIAS_MODEL)
+    registry.set_alias(ALIAS_MODEL, "production", meta.bundle_id, expected=None, reason="bench start")
+    rep = Report("alias")
+    rep.data.update(registry=root, start_bundle=uri, publish_s=round(time.monotonic() - t0, 2))
+    say(f"  published {meta.bundle_id} -> {uri}; production -> it")
+    return AliasRun(url, app, registry, meta.bundle_id, meta.top_m, workdir, quick, rep)
+
+
+def deploy_alias_app(a: AliasRun, http_port: int, route_prefix: str, poll_s: float) -> dict[str, Any]:
+    """Serve `<registry>/demo@production` with one Scorer replica that polls the alias every `poll_s`."""
+    cfg = app_config(
+        http_port=http_port,
+        bundle=f"{a.registry.uri}/{ALIAS_MODEL}@production",
+        name=a.app,
+        route_prefix=route_prefix,
+        top_m=a.top_m,
+        fixed_replicas={"Router": 1, "Scorer": 1, "Calibrator": 1},
+        deployment_overrides={d: {"ray_actor_options": {"num_cpus": 0.25}} for d in ("Router", "Scorer", "Calibrator")},
+    )
+    cfg = set_user_config(set_user_config(cfg, "Router", rollout_percentage=100), "Scorer", alias_poll_s=poll_s)
+    deploy(cfg)
+    a.rep.data["deploy_s"] = round(wait_app(a.app, a.url), 1)
+    a.rep.data["alias_poll_s"] = poll_s
+    say(f"  serving {a.registry.uri}/{ALIAS_MODEL}@production: Scorer {bundle_ids(scorer_replicas(a.app, 1))}")
+    return cfg
+
+
+def scale_out(a: AliasRun, cfg: dict[str, Any]) -> None:
+    """A second Scorer replica joins, later, as autoscaling adds them: replicas started together
+    poll the alias in step, one that joined later polls at its own phase (which then drifts: a period
+    is alias_poll_s plus the registry read), so the two may swap at different times."""
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"] == "Scorer":
+            d["num_replicas"] = 2
+    t0 = time.monotonic()
+    deploy(cfg)
+    wait_for(lambda: running(a.app, "Scorer") == 2, 120, 0.5, "a second Scorer replica")
+    replicas = scorer_replicas(a.app, 2)
+    started = sorted(info["replica"]["started_at"] for info in replicas.values())
+    a.rep.data["scale_out"] = {
+        "took_s": round(time.monotonic() - t0, 1),
+        "replicas": bundle_ids(replicas),
+        "start_offset_s": round(started[-1] - started[0], 2),
+    }
+    say(f"  second Scorer replica up: {a.rep.data['scale_out']}")
+
+
+def train_command(a: AliasRun) -> list[str]:
+    """train_job.py as shipped, shrunk to seconds: 300 queries, 2 epochs, d_model 32, in the driver (no Ray
+    Train workers, so no second Ray on the box); top_m = the served one (a replacement needs >=)."""
+    w = a.workdir / "train"
+    return [
+        sys.executable, str(REPO / "train_job.py"), "--config", str(REPO / "configs/demo.yaml"),
+        "--output", f"{a.registry.uri}/{ALIAS_MODEL}", "--alias", "candidate",
+        "data.generate.queries=300", "optim.max_epochs=2", "model.d_model=32", f"model.top_m={a.top_m}",
+        "scaling.num_workers=0", f"scaling.storage_path={w / 'runs'}", f"data.cache_dir={w / 'data'}",
+        "bootstrap_samples=100",
+    ]  # fmt: skip
+
+
+def train_candidate(a: AliasRun) -> None:
+    """Phase train: the real training job publishes a new bundle into the served registry under load."""
+    import subprocess
+
+    cmd = train_command(a)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    say(f"  training under load: {' '.join(cmd[1:])}")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    train_s = time.monotonic() - t0
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode != 0 or not last.startswith("bundle "):
+        raise RuntimeError(f"train_job.py failed ({proc.returncode}): {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
+    a.new_id = last.split()[1]
+    served = set(bundle_ids(scorer_replicas(a.app, 2)).values())
+    a.rep.data["train"] = {"wall_s": round(train_s, 1), "last_line": last, "served_meanwhile": sorted(served)}
+    say(f"  {last} in {train_s:.1f} s; replicas still on {sorted(served)}")
+
+
+def scorer_replicas(app: str, n: int, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """{replica id: its `info`} of the Scorer replicas, through the deployment handle (/v1/model asks one):
+    8 concurrent calls per round (the router spreads them over the replicas) until `n` ids are seen."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("Scorer", app_name=app)
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < n and time.monotonic() < deadline:
+        for info in [r.result(timeout_s=10) for r in [h.info.remote() for _ in range(8)]]:
+            seen[info["replica"]["id"]] = info
+    return seen
+
+
+def bundle_ids(replicas: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {rid: info["bundle_id"] for rid, info in replicas.items()}
+
+
+def move_and_converge(a: AliasRun, move: str, target: str, poll_s: float) -> None:
+    """Move production (promote candidate, or roll back) under load; sample every replica's bundle id
+    every 0.25 s until each one serves `target`. Times are from just before the move's write."""
+    t_move = a.gen.now()
+    m = a.registry.promote(ALIAS_MODEL) if move == "promote" else a.registry.rollback(ALIAS_MODEL)
+    wrote_s = a.gen.now() - t_move
+    say(f"  {move}: production {m.previous} -> {m.bundle_id} (move {m.seq}) at t={t_move:.1f} s")
+    first_on_target: dict[str, float] = {}
+    timeout_s = poll_s + ALIAS_LOAD_ALLOWANCE_S + 30
+    while a.gen.now() - t_move < timeout_s:
+        now = bundle_ids(scorer_replicas(a.app, 2, timeout_s=5))
+        t = a.gen.now() - t_move
+        for rid, bid in now.items():
+            if bid == target:
+                first_on_target.setdefault(rid, round(t, 2))
+        if len(now) >= 2 and all(bid == target for bid in now.values()):
+            break
+        time.sleep(0.25)
+    converged = max(first_on_target.values()) if len(first_on_target) >= 2 else None
+    # a sampling round (8 info calls queued behind the load's batches, then 0.25 s) bounds the resolution
+    spread = round(converged - min(first_on_target.values()), 2) if converged is not None else None
+    a.rep.data[move] = {
+        "at_s": round(t_move, 2),
+        "from": m.previous,
+        "to": m.bundle_id,
+        "move_write_s": round(wrote_s, 3),
+        "replica_on_target_s": first_on_target,
+        "converged_s": converged,
+        "replica_swap_spread_s": spread,
+    }
+    say(f"  {move}: every replica on {target} after {converged} s (per replica {first_on_target})")
+
+
+def version_skew(records: list[Rec], t_from: float, new: str, old: str, t_to: float = float("inf")) -> dict[str, Any]:
+    """The mixed-version window after an alias move at `t_from` (generator time, up to the next move at
+    `t_to`): from the first response served by `new` to the last one still served by `old`, by completion
+    time (what a client sees); 0 when the cut was clean."""
+    done = sorted(
+        (t, r.model_version) for r in records if r.status == 200 and t_from <= (t := r.t + r.latency_ms / 1000) < t_to
+    )
+    t_new = next((t for t, v in done if v == new), None)
+    if t_new is None:
+        return {"first_new_s": None, "window_s": None, "old_after_first_new": None}
+    old_after = [t for t, v in done if v == old and t > t_new]
+    return {
+        "first_new_s": round(t_new - t_from, 3),
+        "last_old_s": round(max(old_after) - t_from, 3) if old_after else None,
+        "window_s": round(max(old_after) - t_new, 3) if old_after else 0.0,
+        "old_after_first_new": len(old_after),
+        "new_responses": sum(v == new for _, v in done),
+    }
+
+
+def check_alias(a: AliasRun, records: list[Rec], poll_s: float) -> None:
+    s = summarize(records)
+    versions = Counter(r.model_version for r in records if r.status == 200)
+    ok_ids = {a.start_id, a.new_id}
+    promote, rollback = a.rep.data["promote"], a.rep.data["rollback"]
+    skew = {
+        "promote": version_skew(records, promote["at_s"], a.new_id, a.start_id, rollback["at_s"]),
+        "rollback": version_skew(records, rollback["at_s"], a.start_id, a.new_id),
+    }
+    a.rep.data.update(total=s, model_versions=dict(versions), skew=skew, new_bundle_id=a.new_id)
+    rep, bound = a.rep, poll_s + ALIAS_LOAD_ALLOWANCE_S
+    rep.check(
+        "zero failed requests, zero fallbacks, every response well-formed",
+        s["failed"] == 0 and not s["fallbacks"] and s["contract_violations"] == 0,
+        f"{s['requests']} requests, status {s['status']}, fallbacks {s['fallbacks']}, p50 {s['latency_ms']['p50']} ms",
+    )
+    rep.check(
+        "every response from the old or the new id (never a partial or other bundle), every one calibrated",
+        set(versions) <= ok_ids and s["uncalibrated"] == 0 and all(r.calibrated for r in records if r.status == 200),
+        f"versions {dict(versions)}, uncalibrated {s['uncalibrated']}",
+    )
+    for move in ("promote", "rollback"):
+        c, k = a.rep.data[move]["converged_s"], skew[move]
+        rep.check(
+            f"{move}: every Scorer replica on {a.rep.data[move]['to']} within poll + allowance",
+            c is not None and c <= bound,
+            f"{c} s after the move (alias_poll_s {poll_s} + allowance {ALIAS_LOAD_ALLOWANCE_S} = {bound} s); "
+            f"replicas seen on it {a.rep.data[move]['replica_swap_spread_s']} s apart",
+        )
+        rep.check(f"{move}: the moved-to id served", k["first_new_s"] is not None, f"first after {k['first_new_s']} s")
+        rep.note(
+            f"{move}: version-skew window",
+            f"{k['window_s']} s between the first response from the new id and the last from the old "
+            f"({k['old_after_first_new']} old-id responses after the first new-id one)",
+        )
+    rep.note("training job wall time (under load)", f"{a.rep.data['train']['wall_s']} s")
+
+
 # ============================================================================ main
 
 
@@ -561,7 +851,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("scenario", choices=["autoscale", "faults", "load", "all"])
+    p.add_argument("scenario", choices=["autoscale", "faults", "load", "alias", "all"])
     p.add_argument("--quick", action="store_true", help="shorter phases; load: 1,000 requests instead of 10,000")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
@@ -576,7 +866,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """The recipe: a bundle copy, one local cluster, each scenario in turn, the summary."""
     args = parse_args(argv)
-    scenarios = ["autoscale", "faults", "load"] if args.scenario == "all" else [args.scenario]
+    scenarios = ["autoscale", "faults", "load", "alias"] if args.scenario == "all" else [args.scenario]
     out: dict[str, Any] = {
         "command": " ".join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": basic_machine(),
@@ -604,14 +894,14 @@ def run_scenarios(args: argparse.Namespace, scenarios: list[str], workdir: Path,
     meta = read_meta(bundle)
     out["bundle"] = {"bundle_id": meta.bundle_id, "top_m": meta.top_m}
     reports = []
-    with Cluster(args.num_cpus) as cluster:
+    with object_store("alias" in scenarios, workdir) as registry_root, Cluster(args.num_cpus) as cluster:
         out["ray_start_s"] = round(cluster.start_s, 1)
         for name in scenarios:
             say(f"== {name}")
             t0 = time.monotonic()
             la = loadavg()
             try:
-                rep = run_scenario(name, args, cluster, bundle, workdir, meta.top_m)
+                rep = run_scenario(name, args, cluster, bundle, workdir, meta.top_m, registry_root)
             except Exception as e:  # noqa: BLE001 - a crashed scenario is a failed check, reported
                 rep = Report(name)
                 rep.check("scenario ran to the end", False, f"{type(e).__name__}: {e}")
@@ -626,7 +916,13 @@ def run_scenarios(args: argparse.Namespace, scenarios: list[str], workdir: Path,
 
 
 def run_scenario(
-    name: str, args: argparse.Namespace, cluster: Cluster, bundle: Path, workdir: Path, top_m: int
+    name: str,
+    args: argparse.Namespace,
+    cluster: Cluster,
+    bundle: Path,
+    workdir: Path,
+    top_m: int,
+    registry_root: str | None = None,
 ) -> Report:
     if name == "autoscale":
         deploy(autoscale_config(cluster.http_port, str(bundle), top_m))
@@ -634,6 +930,8 @@ def run_scenario(
         rep = scenario_autoscale(cluster.url, APP, make_bodies(top_m), quick=args.quick)
         rep.data["deploy_s"] = round(deploy_s, 1)
         return rep
+    if name == "alias":
+        return scenario_alias(cluster.url, cluster.http_port, registry_root, bundle, workdir, quick=args.quick)
     if name == "faults":
         return scenario_faults(cluster.url, bundle, workdir, quick=args.quick, http_port=cluster.http_port)
     n = args.requests or (1_000 if args.quick else 10_000)
