@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # The path from laptop to cluster, on one machine: a real two-node Ray cluster on loopback,
-# training submitted as a Ray job, serving deployed from the config file, HTTP requests, teardown.
+# training submitted as a Ray job, serving deployed from the config file, HTTP requests, teardown;
+# checkpoints and the bundle registry on an S3-compatible server on loopback, no shared directory.
 #
 #   cluster/local.sh            # from anywhere; uses <repo>/.venv (override: VENV_BIN=/path/bin)
 #
 # What it does (the same commands you run against a cloud or KubeRay head, see cluster/README.md):
+#  0. a loopback S3 server (moto's standalone server, bench/kit/s3.py) with a bucket `cotrr`; its
+#     endpoint and credentials are exported (AWS_ENDPOINT_URL etc.) before the nodes start, so every
+#     Ray process inherits them, as pods inherit them from a secret on a real cluster;
 #  1. `ray start --head` (1 CPU, resource {"head": 1}, label cotrr-role=head) and a second node
 #     `ray start --address ...` (2 CPUs, resource {"worker": 1}, label cotrr-role=worker), each
 #     with --node-ip-address 127.0.0.1, its own free ports and this run's own --temp-dir, so it
 #     never touches another Ray instance on the host (no `ray stop`: that kills every Ray process
-#     of the user);
+#     of the user), and each with its own bundle cache (COTRR_BUNDLE_CACHE=<out>/cache-<node>);
 #  2. `ray job submit --working-dir . -- python train_job.py --config configs/demo.yaml ...` with
 #     tiny overrides and 3 Ray Train workers, which cannot fit on one node (1 + 2 CPUs): DDP really
-#     spans both nodes;
-#  3. `serve deploy` of serve_config.yaml (a copy with the bundle path absolute, HTTP on
-#     127.0.0.1, the Router pinned to the head node and the Scorer to the worker node by label);
-#     waits until the app is RUNNING and prints `serve status`;
-#  4. HTTP requests to 127.0.0.1:<serve port>, and which actors ran on which node;
-#  5. a trap on EXIT kills exactly the process groups of the two nodes it started.
+#     spans both nodes; checkpoints go to s3://cotrr/registry/_runs and the bundle is published to
+#     s3://cotrr/registry/demo with `--alias production`;
+#  3. `serve deploy` of serve_config.yaml (a copy serving s3://cotrr/registry/demo@production, HTTP
+#     on 127.0.0.1, the Router and Calibrator pinned to the head node and the Scorer to the worker
+#     node by label); waits until the app is RUNNING and prints `serve status`;
+#  4. HTTP requests to 127.0.0.1:<serve port>; the registry, the checkpoints and both nodes' caches
+#     are checked (each node downloaded the bundle from S3); which actors ran on which node;
+#  5. a trap on EXIT kills exactly the process groups it started (the two nodes, then S3).
 #
 # Token authentication: the cluster always runs with RAY_AUTH_MODE=token and a fresh token written
 # to this run's temp dir (RAY_AUTH_TOKEN_PATH); every `ray`/`serve` CLI call and the Python
@@ -27,8 +33,9 @@
 # opts out (dev only).
 #
 # Environment knobs: SERVE_PORT (default 8000; if busy, a free port is used instead),
-# COTRR_LOCAL_OUT (default artifacts/cluster-local/<run id>: bundle, data, Ray Train storage,
-# logs), KEEP_RAY_TMP=1 (keep the Ray temp dir and its logs after a successful run).
+# COTRR_LOCAL_OUT (default artifacts/cluster-local/<run id>: the driver's data cache, the nodes'
+# bundle caches, logs), KEEP_RAY_TMP=1 (keep the Ray temp dir and its logs after a successful run).
+# The S3 server keeps its objects in memory: they go with it at teardown.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,6 +63,7 @@ RAY_TMP="$(mktemp -d /tmp/cotrr-ray-XXXXXX)"
 
 # ------------------------------------------------------------------------------------ teardown
 NODE_PGIDS=()   # process groups of the nodes we started (worker first at teardown)
+S3_PGID=""      # the loopback S3 server's process group (stopped after the nodes)
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
@@ -79,6 +87,12 @@ teardown() {
             kill -KILL -- "-$pgid" 2>/dev/null || true
         fi
     done
+    if [[ -n "$S3_PGID" ]] && pgrep -g "$S3_PGID" >/dev/null; then
+        echo "  stopping the loopback S3 server (process group $S3_PGID)"
+        kill -TERM -- "-$S3_PGID" 2>/dev/null || true
+        for _ in $(seq 1 10); do pgrep -g "$S3_PGID" >/dev/null || break; sleep 1; done
+        if pgrep -g "$S3_PGID" >/dev/null; then kill -KILL -- "-$S3_PGID" 2>/dev/null || true; fi
+    fi
     # Anything of this cluster that left those process groups: only processes whose command line
     # names this run's temp dir (unique to this run), each killed by its PID.
     for pid in $(grep -lsF -- "$RAY_TMP" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
@@ -107,8 +121,8 @@ if [[ "${RAY_AUTH_MODE:-token}" != "disabled" ]]; then
     (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$RAY_AUTH_TOKEN_PATH")
 fi
 
-read -r GCS_PORT DASH_PORT CLIENT_PORT HEAD_AGENT_PORT WORKER_AGENT_PORT HEAD_METRICS_PORT WORKER_METRICS_PORT \
-    <<<"$("${CTL[@]}" ports 7)"
+read -r GCS_PORT DASH_PORT CLIENT_PORT HEAD_AGENT_PORT WORKER_AGENT_PORT HEAD_METRICS_PORT WORKER_METRICS_PORT S3_PORT \
+    <<<"$("${CTL[@]}" ports 8)"
 SERVE_PORT="${SERVE_PORT:-8000}"
 if ! "${CTL[@]}" port-free "$SERVE_PORT"; then
     busy="$SERVE_PORT"
@@ -120,6 +134,24 @@ DASH="http://127.0.0.1:$DASH_PORT"
 
 step "run $RUN_ID: auth=$RAY_AUTH_MODE, GCS $GCS, dashboard $DASH, serve :$SERVE_PORT, temp dir $RAY_TMP"
 
+# ------------------------------------------------------------------------------ object storage
+BUCKET=cotrr
+REGISTRY="s3://$BUCKET/registry"
+step "loopback S3 server (moto) on 127.0.0.1:$S3_PORT, bucket $BUCKET"
+setsid "$PY" bench/kit/s3.py --port "$S3_PORT" --bucket "$BUCKET" --log "$OUT/logs/s3-server.log" \
+    >"$OUT/logs/s3.log" 2>&1 &
+S3_PGID=$!
+for _ in $(seq 1 60); do
+    grep -qs "loopback S3 on" "$OUT/logs/s3.log" && break
+    kill -0 "$S3_PGID" 2>/dev/null || { cat "$OUT/logs/s3.log" >&2; echo "S3 server exited" >&2; exit 1; }
+    sleep 1
+done
+grep -qs "loopback S3 on" "$OUT/logs/s3.log" || { echo "S3 server did not start within 60 s" >&2; exit 1; }
+sed 's/^/  /' "$OUT/logs/s3.log"
+# The client side: endpoint + credentials, inherited by the nodes (and so by every job driver,
+# Train worker and Serve replica) and by the CLI calls below.
+eval "$("$PY" bench/kit/s3.py --port "$S3_PORT" --print-env)"
+
 # --------------------------------------------------------------------------------------- nodes
 # `ray start --block` in its own session (setsid): the node's processes (GCS, raylet, dashboard,
 # workers, Serve actors) are all in that process group, which is what teardown stops.
@@ -130,7 +162,7 @@ step "run $RUN_ID: auth=$RAY_AUTH_MODE, GCS $GCS, dashboard $DASH, serve :$SERVE
 # Serve proxies listen.
 start_node() {   # start_node NAME ray-start-args...
     local name="$1"; shift
-    setsid "$VENV_BIN/ray" start --block --disable-usage-stats --node-ip-address 127.0.0.1 \
+    COTRR_BUNDLE_CACHE="$OUT/cache-$name" setsid "$VENV_BIN/ray" start --block --disable-usage-stats --node-ip-address 127.0.0.1 \
         --temp-dir "$RAY_TMP" --num-gpus 0 --object-store-memory 268435456 "$@" \
         >"$OUT/logs/$name.log" 2>&1 &
     local pid=$!
@@ -163,15 +195,15 @@ start_node worker --address "$GCS" --num-cpus 2 --resources '{"worker": 1}' --la
 "${CTL[@]}" wait-nodes --address "$GCS" --count 2 --timeout 120
 
 # ------------------------------------------------------------------------------------ training
-BUNDLE="$OUT/bundle"
-step "ray job submit: train_job.py on 3 Ray Train workers (spans both nodes) -> $BUNDLE"
-# Absolute output/data/storage paths: the job runs in the unpacked --working-dir package, not in
-# the repo. Both nodes share this filesystem; on a real cluster storage_path is NFS or s3://.
+step "ray job submit: train_job.py on 3 Ray Train workers (spans both nodes) -> $REGISTRY/demo (@production)"
+# The bundle and the checkpoints (storage_path defaults to <registry>/_runs) go to the object
+# store. The data cache is the driver's own (an absolute path: the job runs in the unpacked
+# --working-dir package); the arrays reach the Train workers through Ray's object store.
 ray job submit --address "$DASH" --working-dir . --submission-id "cotrr-train-$RUN_ID" \
     --runtime-env-json '{"env_vars": {"OMP_NUM_THREADS": "1"}}' \
-    -- python train_job.py --config configs/demo.yaml --output "$BUNDLE" \
+    -- python train_job.py --config configs/demo.yaml --output "$REGISTRY/demo" --alias production \
     data.generate.queries=300 "data.cache_dir=$OUT/data" optim.max_epochs=2 model.d_model=64 \
-    scaling.num_workers=3 "scaling.storage_path=$OUT/ray_results" "scaling.run_name=local-$RUN_ID" \
+    scaling.num_workers=3 "scaling.run_name=local-$RUN_ID" \
     bootstrap_samples=200 >"$OUT/logs/train-job.log" 2>&1 || true
 # The driver's own output (the worker lines are in the log file).
 grep -vE "RayTrainWorker|PreemptionWatcher|packaging.py|working_dir.py|^\s*$" "$OUT/logs/train-job.log" \
@@ -183,18 +215,24 @@ if ! grep -qiE "succeeded" "$OUT/logs/train-job-status.log"; then
     exit 1
 fi
 echo "  ray job status: $(grep -oiE "Job .* succeeded" "$OUT/logs/train-job-status.log" | head -n 1)"
-[[ -f "$BUNDLE/manifest.json" ]] || { echo "no bundle at $BUNDLE" >&2; exit 1; }
+BUNDLE_ID="$("${CTL[@]}" last-bundle --log "$OUT/logs/train-job.log")"
+echo "  published $REGISTRY/demo/$BUNDLE_ID"
+python -m cotrr_ray.registry list "$REGISTRY/demo" | sed 's/^/  /'
 
 # ------------------------------------------------------------------------------------- serving
 SERVE_CFG="$OUT/serve_config.local.yaml"
-"${CTL[@]}" serve-config --src serve_config.yaml --dst "$SERVE_CFG" --bundle "$BUNDLE" --port "$SERVE_PORT"
-step "serve deploy $SERVE_CFG (serve_config.yaml + absolute bundle_uri, 127.0.0.1:$SERVE_PORT, placement labels)"
+"${CTL[@]}" serve-config --src serve_config.yaml --dst "$SERVE_CFG" --bundle "$REGISTRY/demo@production" --port "$SERVE_PORT"
+step "serve deploy $SERVE_CFG (serve_config.yaml serving $REGISTRY/demo@production, 127.0.0.1:$SERVE_PORT, placement labels)"
 serve deploy "$SERVE_CFG" --address "$DASH"
 "${CTL[@]}" wait-serve --dashboard "$DASH" --app rerank --timeout 300
 serve status --address "$DASH" | sed 's/^/  /'
 
 step "HTTP requests to 127.0.0.1:$SERVE_PORT"
-"${CTL[@]}" requests --port "$SERVE_PORT" --bundle "$BUNDLE" --n 3
+"${CTL[@]}" requests --port "$SERVE_PORT" --expect-id "$BUNDLE_ID" --n 3
+
+step "object storage: registry, checkpoints, and the bundle in each node's cache"
+"${CTL[@]}" storage --registry "$REGISTRY" --model demo --bundle-id "$BUNDLE_ID" \
+    --cache "$OUT/cache-head" --cache "$OUT/cache-worker"
 
 step "where the work ran (ray state API: actors per node) and ray status"
 "${CTL[@]}" placement --address "$GCS"

@@ -2,11 +2,13 @@
 
     python cluster/localctl.py ports N
     python cluster/localctl.py port-free PORT
-    python cluster/localctl.py serve-config --src serve_config.yaml --dst OUT.yaml --bundle DIR --port P
+    python cluster/localctl.py serve-config --src serve_config.yaml --dst OUT.yaml --bundle URI --port P
     python cluster/localctl.py wait-nodes --address 127.0.0.1:GCS --count 2
     python cluster/localctl.py wait-serve --dashboard http://127.0.0.1:DASH --app rerank
     python cluster/localctl.py placement --address 127.0.0.1:GCS
-    python cluster/localctl.py requests --port P --bundle DIR
+    python cluster/localctl.py requests --port P --expect-id BUNDLE_ID
+    python cluster/localctl.py last-bundle --log train-job.log
+    python cluster/localctl.py storage --registry s3://B/registry --model demo --bundle-id ID --cache DIR ...
 
 Token auth: the Ray clients used here (state API, Serve REST client) add the bearer token
 themselves when RAY_AUTH_MODE=token (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -32,9 +34,10 @@ import yaml
 # The node labels local.sh gives its two nodes (`ray start --labels cotrr-role=...`).
 ROLE_LABEL = "cotrr-role"
 # Where the Serve deployments must run in the local two-node cluster, so that serving really spans
-# both nodes: the Router (HTTP ingress) on the head, the Scorer (the model) on the worker. The
-# Calibrator is left to the scheduler.
-LOCAL_PLACEMENT = {"Router": "head", "Scorer": "worker"}
+# both nodes: the Router (HTTP ingress) and the Calibrator on the head, the Scorer (the model) on
+# the worker. Scorer and Calibrator both read the bundle, so each node fetches it from the object
+# store into its own cache: what a replica on a fresh node of a real cluster does.
+LOCAL_PLACEMENT = {"Router": "head", "Calibrator": "head", "Scorer": "worker"}
 
 
 def free_ports(n: int) -> list[int]:
@@ -64,20 +67,20 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def local_serve_config(src: Path, bundle: Path, port: int) -> dict[str, Any]:
+def local_serve_config(src: Path, bundle: str, port: int) -> dict[str, Any]:
     """serve_config.yaml with the three changes a one-machine two-node cluster needs.
 
-    1. `bundle_uri` absolute: `serve deploy` builds the app in a cluster process whose working
-       directory is not the repo, so a relative path would not resolve (both nodes share this
-       filesystem; on a real cluster this path is shared storage or baked into the image);
+    1. `bundle_uri` replaced: local.sh passes the registry alias on its object store
+       (`s3://<bucket>/registry/demo@production`); a local path is made absolute, because
+       `serve deploy` builds the app in a cluster process whose working directory is not the repo;
     2. HTTP on 127.0.0.1:<port> instead of 0.0.0.0:8000 (loopback only; another Serve may own 8000);
-    3. `label_selector`s pinning the Router to the head node and the Scorer to the worker node.
+    3. `label_selector`s pinning the Router and Calibrator to the head node, the Scorer to the worker.
     Everything else (deployments, autoscaling, user_configs) is served as written.
     """
     cfg = yaml.safe_load(src.read_text())
     cfg.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
     (app,) = [a for a in cfg["applications"] if a["name"] == "rerank"]
-    app["args"]["bundle_uri"] = str(bundle.resolve())
+    app["args"]["bundle_uri"] = bundle if "://" in bundle else str(Path(bundle).resolve())
     deployments = {d["name"]: d for d in app["deployments"]}
     for name, role in LOCAL_PLACEMENT.items():
         opts = deployments[name].setdefault("ray_actor_options", {})
@@ -175,14 +178,54 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any, fl
         return status, raw.decode(errors="replace"), ms
 
 
-def send_requests(port: int, bundle: Path, n: int) -> None:
+def last_bundle(log: Path) -> str:
+    """The bundle id from train_job.py's last line, `bundle <id> <uri> [(<alias> -> it)]`."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip().startswith("bundle ")]
+    if not lines:
+        raise SystemExit(f"no `bundle <id> <uri>` line in {log}: did training publish?")
+    return lines[-1].split()[1]
+
+
+def check_storage(registry: str, model: str, bundle_id: str, caches: list[Path]) -> None:
+    """Everything lives in the object store, and every node fetched the bundle from it.
+
+    - the registry's `production` alias names this run's bundle, and the bundle is published there;
+    - Ray Train's checkpoints are under `<registry>/_runs` (the job's default storage_path);
+    - each node's bundle cache (COTRR_BUNDLE_CACHE of that node's `ray start`) holds a verified copy.
+    """
+    from pyarrow import fs as pafs
+
+    from cotrr_ray.bundles import storage
+    from cotrr_ray.bundles.registry import Registry, matches_manifest
+
+    reg = Registry(registry)
+    target = reg.resolve(model, "production")
+    print(f"  {registry}/{model}@production -> {target}")
+    if target != bundle_id:
+        raise SystemExit(f"production names {target}, not this run's bundle {bundle_id}")
+    manifest = reg.manifest(model, bundle_id)
+    print(f"  {registry}/{model}/{bundle_id}: {len(manifest['files'])} files + manifest.json")
+    runs = storage.locate(f"{registry}/_runs")
+    infos = runs.filesystem.get_file_info(pafs.FileSelector(runs.path, recursive=True, allow_not_found=True))
+    checkpoints = sorted({i.path.rsplit("/", 1)[0] for i in infos if "/checkpoint_" in i.path and i.is_file})
+    print(f"  {runs.uri}: {sum(i.is_file for i in infos)} objects, {len(checkpoints)} checkpoint directories")
+    if not checkpoints:
+        raise SystemExit(f"no Ray Train checkpoint under {runs.uri}")
+    for cache in caches:
+        entry = cache / bundle_id
+        ok = entry.is_dir() and matches_manifest(entry, manifest)
+        print(f"  node cache {entry}: {'verified copy' if ok else 'MISSING'}")
+        if not ok:
+            raise SystemExit(f"{entry} holds no verified copy of {bundle_id}: that node did not fetch the bundle")
+
+
+def send_requests(port: int, expected: str, n: int) -> None:
     import numpy as np
 
     from cotrr_ray.data.synthetic import generate_query
     from cotrr_ray.serving.client import request_from_record
 
     base = f"http://127.0.0.1:{port}"
-    expected = json.loads((bundle / "manifest.json").read_text())["bundle_id"]
     status, health, ms = _http("GET", f"{base}/healthz")
     print(f"GET /healthz -> {status} ({ms:.0f} ms)")
     status, model, _ = _http("GET", f"{base}/v1/model")
@@ -225,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve-config")
     s.add_argument("--src", type=Path, required=True)
     s.add_argument("--dst", type=Path, required=True)
-    s.add_argument("--bundle", type=Path, required=True)
+    s.add_argument("--bundle", required=True, help="bundle URI for args.bundle_uri")
     s.add_argument("--port", type=int, required=True)
     s = sub.add_parser("wait-nodes")
     s.add_argument("--address", required=True)
@@ -239,8 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--address", required=True)
     s = sub.add_parser("requests")
     s.add_argument("--port", type=int, required=True)
-    s.add_argument("--bundle", type=Path, required=True)
+    s.add_argument("--expect-id", required=True, help="the bundle id /v1/model must report")
     s.add_argument("--n", type=int, default=3)
+    s = sub.add_parser("last-bundle")
+    s.add_argument("--log", type=Path, required=True)
+    s = sub.add_parser("storage")
+    s.add_argument("--registry", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--bundle-id", required=True)
+    s.add_argument("--cache", type=Path, action="append", default=[])
     a = p.parse_args(argv)
 
     if a.cmd == "ports":
@@ -257,7 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "placement":
         placement(a.address)
     elif a.cmd == "requests":
-        send_requests(a.port, a.bundle, a.n)
+        send_requests(a.port, a.expect_id, a.n)
+    elif a.cmd == "last-bundle":
+        print(last_bundle(a.log))
+    elif a.cmd == "storage":
+        check_storage(a.registry, a.model, a.bundle_id, a.cache)
 
 
 if __name__ == "__main__":

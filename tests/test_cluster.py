@@ -261,7 +261,17 @@ def test_local_sh_parses_and_is_executable() -> None:
     text = script.read_text()
     assert "ray stop" not in re.sub(r"#.*", "", text), "local.sh must not run `ray stop` (kills other clusters)"
     assert "trap teardown EXIT" in text
-    for needle in ("ray job submit", "--working-dir .", "serve deploy", "RAY_AUTH_MODE=token", "--temp-dir"):
+    for needle in (
+        "ray job submit",
+        "--working-dir .",
+        "serve deploy",
+        "RAY_AUTH_MODE=token",
+        "--temp-dir",
+        'REGISTRY="s3://',
+        "--alias production",
+        "COTRR_BUNDLE_CACHE=",
+        "--print-env",
+    ):
         assert needle in text, needle
 
 
@@ -270,8 +280,9 @@ def test_local_sh_shellcheck() -> None:
     subprocess.run(["shellcheck", "-S", "error", str(CLUSTER / "local.sh")], check=True)
 
 
-def test_local_serve_config_is_serve_config_plus_local_changes(tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"
+@pytest.mark.parametrize("kind", ["s3 alias", "local dir"])
+def test_local_serve_config_is_serve_config_plus_local_changes(tmp_path: Path, kind: str) -> None:
+    bundle = "s3://cotrr/registry/demo@production" if kind == "s3 alias" else str(tmp_path / "bundle")
     cfg = localctl.local_serve_config(ROOT / "serve_config.yaml", bundle, 18123)
     ServeDeploySchema.model_validate(cfg)
     expected = {
@@ -285,7 +296,7 @@ def test_local_serve_config_is_serve_config_plus_local_changes(tmp_path: Path) -
     }
     assert diff_paths(_load(ROOT / "serve_config.yaml"), cfg) == expected
     app = _named(cfg["applications"])["rerank"]
-    assert app["args"]["bundle_uri"] == str(bundle.resolve())
+    assert app["args"]["bundle_uri"] == (bundle if kind == "s3 alias" else str(Path(bundle).resolve()))
     assert cfg["http_options"] == {**cfg["http_options"], "host": "127.0.0.1", "port": 18123}
 
 
@@ -293,3 +304,43 @@ def test_local_free_ports_are_distinct_and_free() -> None:
     ports = localctl.free_ports(7)
     assert len(set(ports)) == 7
     assert all(localctl.port_is_free(p) for p in ports)
+
+
+def test_local_last_bundle_reads_the_jobs_last_bundle_line(tmp_path: Path) -> None:
+    log = tmp_path / "train-job.log"
+    log.write_text(
+        "(RayTrainWorker pid=1) epoch 1\nbundle old s3://b/r/demo/old\n"
+        "bundle 20261203-abc s3://b/r/demo/20261203-abc (production -> it)\n"
+        "------\nJob 'x' succeeded\n"
+    )
+    assert localctl.last_bundle(log) == "20261203-abc"
+    log.write_text("Job 'x' failed\n")
+    with pytest.raises(SystemExit, match="no `bundle"):
+        localctl.last_bundle(log)
+
+
+def test_local_storage_check_needs_alias_checkpoints_and_every_node_cache(s3_bucket, bundle_a, tmp_path) -> None:
+    """The check local.sh ends with fails for each thing that could be missing, on the loopback S3."""
+    import json
+    import uuid
+
+    from cotrr_ray.bundles import storage
+    from cotrr_ray.bundles.registry import Registry
+
+    registry = f"{s3_bucket}/{uuid.uuid4().hex[:8]}/registry"
+    reg = Registry(registry)
+    reg.publish(bundle_a, "demo")
+    bundle_id = json.loads((bundle_a / "manifest.json").read_text())["bundle_id"]
+    head, worker = tmp_path / "cache-head", tmp_path / "cache-worker"
+    check = lambda: localctl.check_storage(registry, "demo", bundle_id, [head, worker])  # noqa: E731
+    with pytest.raises(Exception, match="production"):
+        check()  # no alias yet
+    reg.set_alias("demo", "production", bundle_id)
+    with pytest.raises(SystemExit, match="no Ray Train checkpoint"):
+        check()
+    storage.write_bytes(storage.locate(f"{registry}/_runs/run/checkpoint_000000/state.pt"), b"x")
+    reg.fetch("demo", bundle_id, head)
+    with pytest.raises(SystemExit, match="cache-worker"):
+        check()  # the worker node never fetched it
+    reg.fetch("demo", bundle_id, worker)
+    check()

@@ -5,6 +5,7 @@
         env = s3.env                      # AWS_ENDPOINT_URL + fake credentials, for child processes
 
     python bench/kit/s3.py --port 9000 --bucket models   # standalone (cluster/local.sh): runs until killed
+    eval "$(python bench/kit/s3.py --port 9000 --print-env)"   # its client environment, as shell exports
 
 Clients talk to it over HTTP exactly as to AWS (same SigV4 requests, same conditional-write
 semantics for If-None-Match), so nothing in the package knows it is a test server: only the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -111,7 +113,12 @@ def main() -> None:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     p.add_argument("--log", default=None)
+    p.add_argument("--print-env", action="store_true", help="print the client environment as `export` lines and exit")
     args = p.parse_args()
+    if args.print_env:
+        for k, v in env_for(args.port).items():
+            print(f"export {k}={shlex.quote(v)}")
+        return
     s3 = LoopbackS3(args.port, args.log).start()
     for b in args.bucket:
         s3.create_bucket(b)

@@ -324,7 +324,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cotrr-ray" / "bundles"
 
 
-def _verified(directory: Path, manifest: dict[str, Any]) -> bool:
+def matches_manifest(directory: Path, manifest: dict[str, Any]) -> bool:
+    """True when every file the manifest lists is in `directory` with its sha256 (the manifest itself aside)."""
     from cotrr_ray.bundles.bundle import sha256_file
 
     for file, digest in manifest.get("files", {}).items():
@@ -350,7 +351,7 @@ def fetch_bundle(loc: Location, cache_dir: str | Path | None = None) -> Path:
     bundle_id = str(manifest["bundle_id"])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = cache / bundle_id
-    if entry.is_dir() and _verified(entry, manifest):
+    if entry.is_dir() and matches_manifest(entry, manifest):
         return entry
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_id}.", dir=cache))
@@ -358,11 +359,11 @@ def fetch_bundle(loc: Location, cache_dir: str | Path | None = None) -> Path:
         for file in manifest["files"]:
             storage.download_file(loc.child(file), tmp / file)
         (tmp / MANIFEST).write_bytes(manifest_bytes)
-        if not _verified(tmp, manifest):
+        if not matches_manifest(tmp, manifest):
             raise RegistryError(f"{loc.uri}: downloaded files do not match the manifest's checksums")
         tmp.chmod(0o755)
         if entry.exists():  # a stale or corrupt copy (or another replica's, just renamed in)
-            if _verified(entry, manifest):
+            if matches_manifest(entry, manifest):
                 return entry
             os.rename(entry, cache / f".{bundle_id}.stale.{uuid.uuid4().hex[:8]}")
         os.rename(tmp, entry)
