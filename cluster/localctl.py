@@ -195,7 +195,7 @@ def check_storage(registry: str, model: str, bundle_id: str, caches: list[Path])
     """
     from pyarrow import fs as pafs
 
-    from cotrr_ray.bundles import storage
+    from cotrr_ray import storage
     from cotrr_ray.bundles.registry import Registry, matches_manifest
 
     reg = Registry(registry)

@@ -20,12 +20,13 @@ RAY_SHELLS = {"serving/deployments.py", "serving/app.py", "training/job.py", "de
 # wing -> the wings of ours it may import ("config" is the settings module, "cotrr_ray" the root's __version__)
 ALLOWED = {
     "core": set(),
-    "data": {"core"},
-    "bundles": {"core", "cotrr_ray"},
-    "experiments": {"core"},
+    "storage": set(),  # local paths and object stores (pyarrow.fs): bundles, datasets, event logs
+    "data": {"core", "storage"},
+    "bundles": {"core", "storage", "cotrr_ray"},
+    "experiments": {"core", "storage"},
     "config": {"core"},
-    "training": {"core", "data", "bundles", "config"},
-    "serving": {"core", "data", "bundles", "experiments", "config", "cotrr_ray"},
+    "training": {"core", "data", "bundles", "storage", "config"},
+    "serving": {"core", "data", "bundles", "experiments", "storage", "config", "cotrr_ray"},
     "demo": {"core", "data", "training", "serving", "bundles", "config"},
     "evaluate": {"training"},
     "registry": {"bundles"},

@@ -324,7 +324,7 @@ def test_local_storage_check_needs_alias_checkpoints_and_every_node_cache(s3_buc
     import json
     import uuid
 
-    from cotrr_ray.bundles import storage
+    from cotrr_ray import storage
     from cotrr_ray.bundles.registry import Registry
 
     registry = f"{s3_bucket}/{uuid.uuid4().hex[:8]}/registry"

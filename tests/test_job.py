@@ -108,7 +108,7 @@ def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(
 ) -> None:
     """The registry and Ray Train's storage both on the loopback S3 server: no shared directory at all.
     The injected failure makes the restarted worker group resume from a checkpoint read back from S3."""
-    from cotrr_ray.bundles import storage
+    from cotrr_ray import storage
     from cotrr_ray.bundles.bundle import Bundle
     from cotrr_ray.bundles.registry import Registry
     from cotrr_ray.training.job import run

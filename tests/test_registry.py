@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cotrr_ray.bundles import storage
+from cotrr_ray import storage
 from cotrr_ray.bundles.bundle import MANIFEST, Bundle, read_meta
 from cotrr_ray.bundles.cli import main as cli
 from cotrr_ray.bundles.registry import AliasConflict, BundleSource, Registry, RegistryError
@@ -77,7 +77,7 @@ def test_publish_refuses_bytes_that_differ_from_the_manifest(registry_uri, bundl
 
 TORN_PUBLISH = """
 import os, sys
-from cotrr_ray.bundles import storage
+from cotrr_ray import storage
 from cotrr_ray.bundles.registry import Registry
 real, calls = storage.upload_file, []
 def dying_upload(src, loc):

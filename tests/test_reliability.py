@@ -33,11 +33,11 @@ from _bundles import TOP_M, make_bundle
 
 from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta, sha256_file
 from cotrr_ray.bundles.registry import resolve_uri
-from cotrr_ray.bundles.storage import StorageError
 from cotrr_ray.core.schema import CandidateRecord
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
 from cotrr_ray.serving.api import RequestParser, RerankRequest
 from cotrr_ray.serving.errors import RequestError
+from cotrr_ray.storage import StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = os.environ.get("COTRR_FULL_RELIABILITY") == "1"

@@ -20,7 +20,6 @@ from _bundles import TOP_M, make_bundle, request_body
 
 from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta
 from cotrr_ray.bundles.registry import resolve_uri
-from cotrr_ray.bundles.storage import StorageError
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
 from cotrr_ray.serving.coalescer import Breaker, Coalescer, Downstream, answer_each
@@ -29,6 +28,7 @@ from cotrr_ray.serving.observability import ExposureLog, ModelVersions, NullMetr
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult, synthetic_list
 from cotrr_ray.serving.service import SHADOW_MAX_FAILURES, SHADOW_PAUSE_S, RerankService
 from cotrr_ray.serving.timing import StageTimings, parse_server_timing
+from cotrr_ray.storage import StorageError
 
 RESPONSE_KEYS = {"request_id", "model_version", "arm", "shadow", "fallback", "calibrated", "results"}
 RESULT_KEYS = {"id", "index", "rank", "score", "probability", "reranked"}

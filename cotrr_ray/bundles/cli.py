@@ -24,7 +24,7 @@ from typing import Any
 
 from cotrr_ray.bundles.bundle import BundleError
 from cotrr_ray.bundles.registry import BundleSource, Registry
-from cotrr_ray.bundles.storage import StorageError
+from cotrr_ray.storage import StorageError
 
 
 def _model(uri: str) -> tuple[Registry, str]:

@@ -40,9 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cotrr_ray.bundles import storage
+from cotrr_ray import storage
 from cotrr_ray.bundles.bundle import MANIFEST, BundleError
-from cotrr_ray.bundles.storage import AlreadyExists, Location, locate
+from cotrr_ray.storage import AlreadyExists, Location, locate
 
 MARKER = "registry.json"
 ALIASES = "_aliases"

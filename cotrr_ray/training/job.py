@@ -26,12 +26,12 @@ import torch
 
 from cotrr_ray.bundles.bundle import Bundle
 from cotrr_ray.bundles.registry import AliasMove, BundleSource, Registry
-from cotrr_ray.bundles.storage import locate
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.calibration import IsotonicCalibrator
 from cotrr_ray.core.features import CandidateList, labels01
 from cotrr_ray.core.model import Reranker, RerankerConfig
 from cotrr_ray.data.readers import file_fingerprint
+from cotrr_ray.storage import locate
 from cotrr_ray.training.checkpoints import kept_epochs, load_state, model_from_state, run_fingerprint, save_state
 from cotrr_ray.training.evaluate import evaluate_lists, format_report
 from cotrr_ray.training.loop import VAL_METRIC, fit
