@@ -230,6 +230,16 @@ def test_cli_convert_and_its_error_exit(tmp_path: Path, synthetic_file: Path, ca
     assert "45 queries" in capsys.readouterr().out
     assert convert_main(["convert", "--input", str(synthetic_file), "--output", str(out), "--window", "6"]) == 2
     assert "is not empty" in capsys.readouterr().err  # a second conversion never mixes into the first
+    (out / "notes.txt").write_text("not ours")
+    assert convert_main(["convert", "--input", str(synthetic_file), "--output", str(out), "--overwrite"]) == 2
+    assert "holds 'notes.txt', which is not a shard" in capsys.readouterr().err
+    assert open_parquet_dataset(out, IMAGE_SEARCH_SPEC).manifest["queries"] == 45  # refused before deleting
+    (out / "notes.txt").unlink()
+    args = ["convert", "--input", str(synthetic_file), "--output", str(out), "--window", "3", "--overwrite"]
+    args += ["--queries-per-shard", "40"]
+    assert convert_main(args) == 0
+    assert [n for n, _ in list_dir(locate(out))] == [MANIFEST, "part-00000.parquet", "part-00001.parquet"]
+    assert open_parquet_dataset(out, IMAGE_SEARCH_SPEC).window == 3
     bad = _jsonl(tmp_path / "bad.jsonl", [_mutated(JSONL_ERRORS["wrong dimension"])])
     args = ["convert", "--input", str(bad), "--output", str(tmp_path / "x"), "--feature-spec"]
     spec_file = tmp_path / "spec.json"

@@ -177,10 +177,10 @@ def _first_bad_row(lengths: np.ndarray, bad: np.ndarray) -> tuple[int, int]:
     return row, flat - int(ends[row] - lengths[row])
 
 
-def _list_column(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, pa.Array]:
+def _list_column(batch: pa.RecordBatch, name: str, where: str) -> tuple[np.ndarray, pa.Array]:
     col = batch.column(name)
-    if col.null_count:
-        raise ValueError(f"column {name!r} has nulls")
+    if col.null_count or col.flatten().null_count:
+        raise DataError(f"{where}: column {name!r} holds nulls; the format has none")
     return col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64), col.flatten()
 
 
@@ -188,7 +188,7 @@ def _list_column(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, pa.Array
 class _Rows:
     """One record batch as numpy arrays, checked for structure and finiteness."""
 
-    where: str  # "shard: rows a..b" prefix for errors
+    where: str  # the shard's URI, for errors
     first_row: int
     qids: list[str]
     n: np.ndarray
@@ -205,13 +205,13 @@ class _Rows:
 
 def _decode_batch(batch: pa.RecordBatch, spec: FeatureSpec, where: str, first_row: int) -> _Rows:
     qids = batch.column("query_id").to_pylist()
-    n, ids = _list_column(batch, "candidate_ids")
+    n, ids = _list_column(batch, "candidate_ids", where)
     rows = _Rows(where, first_row, qids, n, [], [], [], np.zeros(0), {}, {})
     if (n == 0).any():
         raise rows.fail(int(np.flatnonzero(n == 0)[0]), "candidates", "empty list")
     flat_ids, ends = ids.to_pylist(), np.cumsum(n)
     rows.ids = [flat_ids[a:b] for a, b in zip((ends - n).tolist(), ends.tolist())]
-    up_n, up = _list_column(batch, "upstream_score")
+    up_n, up = _list_column(batch, "upstream_score", where)
     up_values = up.to_numpy()
     if not np.array_equal(up_n, n):
         raise rows.fail(int(np.flatnonzero(up_n != n)[0]), "upstream_score", "length differs from candidate_ids")
@@ -239,7 +239,7 @@ def _decode_features(batch: pa.RecordBatch, spec: FeatureSpec, rows: _Rows) -> N
     stored = None
     for g, d in spec.candidate.items():
         name = f"candidate.{g}"
-        lengths, vectors = _list_column(batch, name)
+        lengths, vectors = _list_column(batch, name, rows.where)
         values = vectors.flatten().to_numpy().reshape(-1, d)
         if stored is None:
             stored = lengths
@@ -391,11 +391,13 @@ def check_output(out: Location, *, overwrite: bool) -> None:
     if not overwrite:
         names = ", ".join(name for name, _ in entries[:3])
         raise DataError(f"{out.uri} is not empty ({names}{', ...' if len(entries) > 3 else ''}); pass --overwrite")
+    foreign = [n for n, is_dir in entries if is_dir or not (n == MANIFEST or n.startswith(("part-", ".part-")))]
+    if foreign:
+        raise DataError(f"{out.uri} holds {foreign[0]!r}, which is not a shard; refusing to overwrite it")
     delete_file(out.child(MANIFEST))  # first: a half-replaced dataset must never look complete
-    for name, is_dir in entries:
-        if is_dir or not (name.startswith("part-") or name.startswith(".part-")):
-            raise DataError(f"{out.uri} holds {name!r}, which is not a shard; refusing to overwrite it")
-        delete_file(out.child(name))
+    for name, _ in entries:
+        if name != MANIFEST:
+            delete_file(out.child(name))
 
 
 def write_manifest(
