@@ -136,6 +136,14 @@ def test_s3_round_trip(s3_bucket: str, tmp_path: Path, synthetic_file: Path) -> 
     assert sum(b.num_rows for b in ds.iter_batches()) == 45
 
 
+def test_generator_writes_the_same_dataset_to_s3(s3_bucket: str, tmp_path: Path) -> None:
+    kw = dict(queries=9, shards=2, seed=4, min_candidates=3, max_candidates=5, top_m=3)
+    uri = f"{s3_bucket}/{uuid.uuid4().hex[:8]}/syn"
+    assert generate_parquet(uri, **kw)["shards"] == generate_parquet(tmp_path / "local", **kw)["shards"]
+    local = read_parquet_records(tmp_path / "local", IMAGE_SEARCH_SPEC, window=3)
+    assert_same_lists(read_parquet_records(uri, IMAGE_SEARCH_SPEC, window=3), local)
+
+
 # --------------------------------------------------------------------------- the converter fails as the readers do
 
 
