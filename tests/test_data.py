@@ -108,9 +108,9 @@ LETOR = """\
 2 qid:7 1:0.5 3:2.0 # doc a
 0 qid:7 2:1.0 3:5.0
 1 qid:7 1:1.5 3:2.0 4:-0.25
+0 qid:7 4:9
 
 3 qid:9 3:1.0 4:-1
-0 qid:7 4:9
 """
 
 
@@ -163,6 +163,14 @@ def test_read_letor_rejects_malformed_lines(tmp_path: Path, line: str, fragment:
         read_letor(p, num_features=4, upstream_feature=2)
     msg = str(info.value)
     assert msg.startswith(f"{p}:3: ") and fragment in msg
+
+
+def test_read_letor_refuses_a_query_that_is_not_contiguous(tmp_path: Path) -> None:
+    p = tmp_path / "split.txt"
+    p.write_text("1 qid:1 1:0.5\n0 qid:2 1:1\n# comment\n2 qid:1 2:1\n")
+    with pytest.raises(DataError) as info:
+        read_letor(p, num_features=4, upstream_feature=2)
+    assert str(info.value).startswith(f"{p}:4: query '1' is not contiguous: its rows began on line 1")
 
 
 def test_read_letor_empty_and_bad_upstream_feature(tmp_path: Path) -> None:

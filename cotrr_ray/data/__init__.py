@@ -1,1 +1,1 @@
-"""Datasets: readers (JSON Lines, LETOR), query-level splits, the synthetic generator."""
+"""Datasets: readers (JSON Lines, LETOR, Parquet), the converter, query-level splits, the synthetic generator."""

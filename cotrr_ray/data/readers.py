@@ -48,23 +48,33 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, QueryRecord]]:
                 raise DataError(f"{path}:{lineno}: query {qid!r}, {field}: {msg}") from None
 
 
-def read_jsonl(
+def iter_jsonl_lists(
     path: str | Path, spec: FeatureSpec, *, window: int | None, require_labels: bool = True
-) -> list[CandidateList]:
-    """Read and validate every query of a JSONL file against `spec`. Fails on the first bad record."""
-    out: list[CandidateList] = []
+) -> Iterator[tuple[int, CandidateList]]:
+    """Yield (line number, validated list) for every query of a JSONL file, one at a time.
+
+    The one JSONL validator: `read_jsonl` and the Parquet converter both run it, so a file fails
+    the same way, with the same message, whichever path reads it. Only the query ids seen so far
+    are kept (for the duplicate check), never the records.
+    """
     seen: dict[str, int] = {}
     for lineno, rec in iter_jsonl(path):
         if rec.id in seen:
             raise DataError(f"{path}:{lineno}: query id {rec.id!r} already used on line {seen[rec.id]}")
         seen[rec.id] = lineno
         try:
-            out.append(to_candidate_list(rec, spec, window=window, require_labels=require_labels))
+            yield lineno, to_candidate_list(rec, spec, window=window, require_labels=require_labels)
         except RecordError as e:
             raise DataError(f"{path}:{lineno}: {e}") from None
-    if not out:
+    if not seen:
         raise DataError(f"{path}: no queries")
-    return out
+
+
+def read_jsonl(
+    path: str | Path, spec: FeatureSpec, *, window: int | None, require_labels: bool = True
+) -> list[CandidateList]:
+    """Read and validate every query of a JSONL file against `spec`. Fails on the first bad record."""
+    return [cl for _, cl in iter_jsonl_lists(path, spec, window=window, require_labels=require_labels)]
 
 
 def letor_spec(num_features: int = 136, group: str = "letor") -> FeatureSpec:
@@ -74,6 +84,88 @@ def letor_spec(num_features: int = 136, group: str = "letor") -> FeatureSpec:
         candidate={group: num_features},
         transforms={f"candidate.{group}": "signed_log1p_standardize"},
     )
+
+
+def _parse_letor_line(path: str | Path, lineno: int, line: str, num_features: int) -> tuple[str, float, np.ndarray]:
+    tok = line.split()
+    try:
+        label = float(tok[0])
+        if not tok[1].startswith("qid:"):
+            raise ValueError("second token must be qid:N")
+        qid = tok[1][4:]
+        x = np.zeros(num_features, np.float32)
+        for t in tok[2:]:
+            i, v = t.split(":", 1)
+            idx = int(i)
+            if not 1 <= idx <= num_features:
+                raise ValueError(f"feature index {idx} outside 1..{num_features}")
+            x[idx - 1] = float(v)
+    except (ValueError, IndexError) as e:
+        raise DataError(f"{path}:{lineno}: malformed LETOR line ({e})") from None
+    if not np.isfinite(x).all() or not np.isfinite(label) or label < 0:
+        raise DataError(f"{path}:{lineno}: non-finite feature or invalid label in query {qid!r}")
+    return qid, label, x
+
+
+def _letor_list(
+    qid: str, rows: list[tuple[float, np.ndarray]], upstream_feature: int, group: str, window: int | None
+) -> CandidateList:
+    x = np.stack([r[1] for r in rows])
+    labels = np.array([r[0] for r in rows], np.float32)
+    order = np.argsort(-x[:, upstream_feature - 1], kind="stable")
+    x, labels = x[order], labels[order]
+    m = len(rows) if window is None else min(window, len(rows))
+    return CandidateList(
+        query_id=qid,
+        ids=[f"{qid}-{int(j)}" for j in order],
+        upstream=x[:, upstream_feature - 1].copy(),
+        window=m,
+        features={group: x[:m]},
+        query_features={},
+        labels=labels,
+    )
+
+
+def iter_letor_lists(
+    path: str | Path,
+    *,
+    num_features: int = 136,
+    upstream_feature: int = 110,
+    group: str = "letor",
+    window: int | None = None,
+) -> Iterator[tuple[int, CandidateList]]:
+    """Yield (first line, list) for each query of an SVMlight/LETOR file, one query in memory at a time.
+
+    The one LETOR validator (`read_letor` and the Parquet converter both run it). A query's rows
+    must be contiguous, as LETOR files write them: a qid that comes back after another query is an
+    error naming the line, not a silent merge, so a stream never has to hold the whole file.
+    """
+    if not 1 <= upstream_feature <= num_features:
+        raise ValueError(f"upstream_feature must be in 1..{num_features}")
+    finished: dict[str, int] = {}  # qid -> its first line, for queries already yielded
+    current: str | None = None
+    start = 0
+    rows: list[tuple[float, np.ndarray]] = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            qid, label, x = _parse_letor_line(path, lineno, line, num_features)
+            if qid != current:
+                if current is not None:
+                    yield start, _letor_list(current, rows, upstream_feature, group, window)
+                    finished[current] = start
+                if qid in finished:
+                    raise DataError(
+                        f"{path}:{lineno}: query {qid!r} is not contiguous: its rows began on line "
+                        f"{finished[qid]} and another query came between (LETOR files keep a query's rows together)"
+                    )
+                current, start, rows = qid, lineno, []
+            rows.append((label, x))
+    if current is None:
+        raise DataError(f"{path}: no rows")
+    yield start, _letor_list(current, rows, upstream_feature, group, window)
 
 
 def read_letor(
@@ -88,55 +180,12 @@ def read_letor(
 
     Features are 1-based; absent indices are 0 (the format is sparse by definition). The upstream
     order is feature `upstream_feature` descending (MSLR: 110 = BM25 of the whole document), ties
-    kept in file order, and it is also the `upstream_score`.
+    kept in file order, and it is also the `upstream_score`. Each query's rows must be contiguous.
     """
-    if not 1 <= upstream_feature <= num_features:
-        raise ValueError(f"upstream_feature must be in 1..{num_features}")
-    rows: dict[str, list[tuple[float, np.ndarray]]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            tok = line.split()
-            try:
-                label = float(tok[0])
-                if not tok[1].startswith("qid:"):
-                    raise ValueError("second token must be qid:N")
-                qid = tok[1][4:]
-                x = np.zeros(num_features, np.float32)
-                for t in tok[2:]:
-                    i, v = t.split(":", 1)
-                    idx = int(i)
-                    if not 1 <= idx <= num_features:
-                        raise ValueError(f"feature index {idx} outside 1..{num_features}")
-                    x[idx - 1] = float(v)
-            except (ValueError, IndexError) as e:
-                raise DataError(f"{path}:{lineno}: malformed LETOR line ({e})") from None
-            if not np.isfinite(x).all() or not np.isfinite(label) or label < 0:
-                raise DataError(f"{path}:{lineno}: non-finite feature or invalid label in query {qid!r}")
-            rows.setdefault(qid, []).append((label, x))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    out = []
-    for qid, items in rows.items():
-        x = np.stack([r[1] for r in items])
-        labels = np.array([r[0] for r in items], np.float32)
-        order = np.argsort(-x[:, upstream_feature - 1], kind="stable")
-        x, labels = x[order], labels[order]
-        m = len(items) if window is None else min(window, len(items))
-        out.append(
-            CandidateList(
-                query_id=qid,
-                ids=[f"{qid}-{int(j)}" for j in order],
-                upstream=x[:, upstream_feature - 1].copy(),
-                window=m,
-                features={group: x[:m]},
-                query_features={},
-                labels=labels,
-            )
-        )
-    return out
+    lists = iter_letor_lists(
+        path, num_features=num_features, upstream_feature=upstream_feature, group=group, window=window
+    )
+    return [cl for _, cl in lists]
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -23,19 +23,41 @@ A planted image-search world in the default feature spec, built so that "upstrea
 
 Only the first ``--top-m`` candidates of each list carry features (as upstream would send them);
 the tail carries ids, upstream scores and labels, and is kept in upstream order by the reranker.
+
+Parquet (``generate --format parquet --shards K --output DIR_OR_URI [--ray]``): K shards of the
+Parquet dataset format (`cotrr_ray.data.parquet`), written serially in this process or as one Ray
+task per shard (``--ray``). Query ``k`` is drawn from its own generator, seeded by ``(seed, k)``, so
+a shard (a fixed range of query indices) is a function of the seed and its index alone, and the
+dataset is the same bytes whether one process or K tasks write it. (The JSONL path keeps its one
+sequential stream, so existing seeds keep their data; the two paths give different queries.)
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
+from cotrr_ray.core.features import CandidateList, to_candidate_list
+from cotrr_ray.core.schema import QueryRecord
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC
+from cotrr_ray.data.parquet import (
+    DEFAULT_QUERIES_PER_ROW_GROUP,
+    ShardInfo,
+    check_output,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from cotrr_ray.data.readers import read_jsonl
+from cotrr_ray.storage import locate
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -131,35 +153,116 @@ def generate(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m cotrr_ray.data.synthetic", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="write a synthetic image-search dataset (JSONL)")
-    g.add_argument("--out", required=True)
+def synthetic_lists(
+    first: int, count: int, *, seed: int, min_candidates: int, max_candidates: int, top_m: int
+) -> Iterator[CandidateList]:
+    """Queries ``first .. first+count-1``, each from a generator seeded by (seed, query index), and
+    validated by the same `to_candidate_list` as every reader."""
+    for k in range(first, first + count):
+        rng = np.random.default_rng([seed, k])
+        n = int(rng.integers(min_candidates, max_candidates + 1))
+        rec = QueryRecord.model_validate(generate_query(rng, f"q{seed}-{k:06d}", n=n, top_m=top_m))
+        yield to_candidate_list(rec, IMAGE_SEARCH_SPEC, window=top_m, require_labels=True)
+
+
+def write_synthetic_shard(
+    output: str, index: int, *, first: int, count: int, queries_per_row_group: int, **gen: int
+) -> ShardInfo:
+    """One shard of a synthetic Parquet dataset (Ray-free; `cotrr_ray.data.parallel` runs it as a task)."""
+    lists = synthetic_lists(first, count, **gen)
+    target = locate(output).child(shard_name(index))
+    return write_shard(
+        target, lists, IMAGE_SEARCH_SPEC, window=gen["top_m"], queries_per_row_group=queries_per_row_group
+    )
+
+
+def generate_parquet(
+    output: str | Path,
+    *,
+    queries: int,
+    shards: int,
+    seed: int = 0,
+    min_candidates: int = 20,
+    max_candidates: int = 32,
+    top_m: int = 20,
+    queries_per_row_group: int = DEFAULT_QUERIES_PER_ROW_GROUP,
+    use_ray: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write `queries` synthetic queries as `shards` Parquet shards (one Ray task each with
+    `use_ray`); returns the manifest, written after every shard is complete."""
+    if not 1 <= shards <= queries:
+        raise ValueError(f"shards must be in 1..queries ({queries}), got {shards}")
+    out = locate(output)
+    check_output(out, overwrite=overwrite)
+    per_shard = math.ceil(queries / shards)
+    gen = dict(seed=seed, min_candidates=min_candidates, max_candidates=max_candidates, top_m=top_m)
+    calls = [
+        dict(output=out.uri, index=i, first=i * per_shard, count=min(per_shard, queries - i * per_shard), **gen)
+        for i in range(shards)
+        if i * per_shard < queries
+    ]
+    for c in calls:
+        c["queries_per_row_group"] = min(queries_per_row_group, c["count"])
+    if use_ray:
+        from cotrr_ray.data.parallel import run_tasks
+
+        infos = run_tasks(write_synthetic_shard, calls)
+    else:
+        infos = [write_synthetic_shard(**c) for c in calls]
+    source = {"generator": "cotrr_ray.data.synthetic", "queries": queries, **gen}
+    return write_manifest(out, IMAGE_SEARCH_SPEC, top_m, infos, source)
+
+
+def _generate_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--out", "--output", dest="out", required=True, help="JSONL file, or Parquet dataset dir / URI")
+    g.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     g.add_argument("--queries", type=int, default=2000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--min-candidates", type=int, default=20)
     g.add_argument("--max-candidates", type=int, default=32)
     g.add_argument("--top-m", type=int, default=20, help="candidates per list that carry features")
-    g.add_argument("--encoding", choices=["base64", "list"], default="base64")
+    g.add_argument("--encoding", choices=["base64", "list"], default="base64", help="jsonl only")
+    g.add_argument("--shards", type=int, default=1, help="parquet: number of shards")
+    g.add_argument("--queries-per-row-group", type=int, default=DEFAULT_QUERIES_PER_ROW_GROUP, help="parquet")
+    g.add_argument("--ray", action="store_true", help="parquet: one Ray task per shard (RAY_ADDRESS or local)")
+    g.add_argument("--overwrite", action="store_true", help="parquet: replace an existing dataset")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--"):  # `generate` is the default command
+        argv.insert(0, "generate")
+    p = argparse.ArgumentParser(prog="python -m cotrr_ray.data.synthetic", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _generate_args(sub.add_parser("generate", help="write a synthetic image-search dataset (JSONL or Parquet)"))
     v = sub.add_parser("validate", help="validate a JSONL file against the default spec")
     v.add_argument("path")
     v.add_argument("--window", type=int, default=20)
     args = p.parse_args(argv)
-    if args.cmd == "generate":
-        path = generate(
-            args.out,
-            queries=args.queries,
-            seed=args.seed,
-            min_candidates=args.min_candidates,
-            max_candidates=args.max_candidates,
-            top_m=args.top_m,
-            encoding=args.encoding,
-        )
-        print(path)
-    else:
+    if args.cmd == "validate":
         lists = read_jsonl(args.path, IMAGE_SEARCH_SPEC, window=args.window)
         print(f"{args.path}: {len(lists)} queries, {sum(map(len, lists))} candidates, all valid")
+        return
+    gen = dict(
+        queries=args.queries,
+        seed=args.seed,
+        min_candidates=args.min_candidates,
+        max_candidates=args.max_candidates,
+        top_m=args.top_m,
+    )
+    if args.format == "parquet":
+        m = generate_parquet(
+            args.out,
+            shards=args.shards,
+            queries_per_row_group=args.queries_per_row_group,
+            use_ray=args.ray,
+            overwrite=args.overwrite,
+            **gen,
+        )
+        print(f"{args.out}: {m['queries']} queries, {m['candidates']} candidates in {len(m['shards'])} shards")
+    else:
+        print(generate(args.out, encoding=args.encoding, **gen))
 
 
 if __name__ == "__main__":

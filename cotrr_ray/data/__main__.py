@@ -1,0 +1,7 @@
+"""``python -m cotrr_ray.data convert ...`` (see `cotrr_ray.data.convert`)."""
+
+import sys
+
+from cotrr_ray.data.convert import main
+
+sys.exit(main())
