@@ -77,3 +77,15 @@ def test_seeded_and_nan_slots_never_clicked():
     assert not many[:, [1, 3]].any() and many[:, [0, 2]].any()
     with pytest.raises(ValueError):
         ClickModel(kind="dbn")
+
+
+def test_propensity_scales_each_users_click_rate():
+    labels = np.tile(np.array([2.0, 1.0, 3.0]), (30_000, 1))
+    c = np.repeat([0.0, 0.5, 2.0], 10_000)
+    clicks = simulate_clicks_batch(labels, np.random.default_rng(9), ClickModel(eta=0.0), propensity=c)
+    base = attractiveness(labels[0])
+    for i, scale in enumerate([0.0, 0.5, 2.0]):
+        rows = clicks[i * 10_000 : (i + 1) * 10_000]
+        np.testing.assert_allclose(rows.mean(axis=0), np.minimum(base * scale, 1.0), atol=0.015)
+    with pytest.raises(ValueError):
+        simulate_clicks_batch(labels[:2], np.random.default_rng(0), propensity=np.array([1.0, -1.0]))

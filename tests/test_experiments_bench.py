@@ -70,6 +70,27 @@ def test_cumulative_matches_summarize_at_every_look():
         assert mean[i] == pytest.approx(s.mean) and var_mean[i] == pytest.approx(s.var_of_mean)
 
 
+def test_cumulative_ratio_matches_ratio_summary_at_every_look():
+    rng = np.random.default_rng(2)
+    y = rng.poisson(3, 200) + 1.0
+    x = rng.binomial(y.astype(int), 0.3).astype(float)
+    ns = np.array([10, 100, 200])
+    r, var_mean = eb.cumulative_ratio(x, y, ns)
+    for i, n in enumerate(ns):
+        s = eb.S.ratio_summary(x[:n], y[:n])
+        assert r[i] == pytest.approx(s.mean) and var_mean[i] == pytest.approx(s.var_of_mean)
+
+
+def test_heterogeneous_users_phase_on_a_toy_pool():
+    st = dataclasses.replace(tiny_settings(), users_runs=3, users_ab_max_units=4000, users_il_max_units=1000)
+    out = eb.phase_users(toy_pool(), st)
+    assert out["ab"]["detected"] == out["interleaving"]["detected"] == 3
+    assert out["interleaving"]["median_units"] < out["ab"]["median_units"]
+    # Every unit issues at least one query, so a detection costs at least as many queries as units.
+    assert out["median_queries"]["ab"] >= out["ab"]["median_units"]
+    assert out["pilot"]["tau"]["ab"] > 0 and out["pilot"]["d_ab"] > 0
+
+
 def test_srm_phase_detects_the_drop_at_scale():
     st = dataclasses.replace(tiny_settings(), srm_runs=3, srm_sizes=(200_000,))
     out = eb.phase_srm(st)["by_units"]["200000"]
@@ -95,4 +116,5 @@ def test_quick_run_end_to_end(tmp_path: Path):
     assert r["aa"]["runs"] == 40 and "rate" in r["aa"]["msprt"] and "rate" in r["aa"]["z_peeking"]
     assert r["sensitivity"]["ab"]["runs"] == r["sensitivity"]["interleaving"]["runs"] == 8
     assert "20000" in r["srm"]["by_units"]
+    assert r["sensitivity_users"]["runs"] == 4
     assert "sensitivity" in proc.stdout and "A/A" in proc.stdout

@@ -74,12 +74,27 @@ def attractiveness(labels: np.ndarray, model: ClickModel = ClickModel()) -> np.n
     return np.where(finite, model.noise + (1.0 - model.noise) * gain, 0.0)
 
 
-def simulate_clicks_batch(labels: np.ndarray, rng: np.random.Generator, model: ClickModel = ClickModel()) -> np.ndarray:
-    """(Q, n) labels in displayed order -> (Q, n) bool clicks, one simulated user per row."""
+def simulate_clicks_batch(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    model: ClickModel = ClickModel(),
+    propensity: np.ndarray | None = None,
+) -> np.ndarray:
+    """(Q, n) labels in displayed order -> (Q, n) bool clicks, one simulated user per row.
+
+    ``propensity`` (Q,) scales each row's attractiveness (clipped at 1): users differ in how readily
+    they click, which is the between-user variance an A/B metric has to fight and a within-user
+    comparison (interleaving) largely cancels. None: every user the same (1.0).
+    """
     y = np.asarray(labels, dtype=np.float64)
     if y.ndim != 2:
         raise ValueError(f"labels must be (queries, positions), got shape {y.shape}")
     attract = attractiveness(y, model)
+    if propensity is not None:
+        c = np.asarray(propensity, dtype=np.float64)
+        if c.shape != (y.shape[0],) or np.any(c < 0):
+            raise ValueError(f"propensity must be (queries,) and non-negative, got shape {c.shape}")
+        attract = np.minimum(attract * c[:, None], 1.0)
     clicked = rng.random(y.shape) < attract
     if model.kind == "position":
         examined = rng.random(y.shape) < examination(y.shape[1], model.eta)
