@@ -329,6 +329,62 @@ class ScorerConfig(_Strict):
         return self
 
 
+class EventLogConfig(_Strict):
+    """Where decision records and feedback events go, and what `POST /v1/feedback` accepts
+    (`cotrr_ray.experiments.eventlog`, `.events`)."""
+
+    uri: str | None = Field(
+        None,
+        description=(
+            "Root of the event log: a local directory or s3://bucket/prefix. Segments land under "
+            "kind=<decision|feedback>/date=YYYY-MM-DD/. None = no event log: POST /v1/feedback answers 404 "
+            "and decisions go only to exposure_log_path (or the Serve log)."
+        ),
+    )
+    staging_dir: str = Field(
+        "/tmp/cotrr-events",
+        description=(
+            "Object-store URI only: the node-local directory where open segments are written and fsync'ed "
+            "before their upload on close; leftovers of killed replicas are uploaded at the next start."
+        ),
+    )
+    max_segment_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096, description="Close (and upload) a segment once it would grow past this size."
+    )
+    max_segment_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Close a segment this long after it was opened (bounds what an s3:// log holds only on local disk).",
+    )
+    max_events_per_batch: int = Field(1000, ge=1, le=100_000, description="More events in one body -> HTTP 413.")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Larger feedback bodies -> HTTP 413 (checked before parsing)."
+    )
+    max_string_length: int = Field(
+        256, ge=1, le=4096, description="Longest event_id, request_id, item_id or type; longer -> HTTP 422."
+    )
+    event_types: list[str] = Field(
+        ["impression", "click", "conversion"],
+        min_length=1,
+        description="Accepted feedback event types; others -> HTTP 422. Extend for new interactions (e.g. add_to_cart).",
+    )
+    max_event_age_s: float = Field(
+        7 * 86_400.0, gt=0, description="Event timestamps older than now minus this -> HTTP 422."
+    )
+    max_clock_skew_s: float = Field(
+        300.0, ge=0, description="Event timestamps later than now plus this (client clock ahead) -> HTTP 422."
+    )
+    recent_ids: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "Event ids each Router replica remembers after acknowledging them, so a retried batch is not "
+            "written again (0 = off; analysis dedupes by event_id either way)."
+        ),
+    )
+
+
 class AppArgs(_Strict):
     """`args` of `cotrr_ray.serving.app:build_app` (serve_config.yaml)."""
 
@@ -357,6 +413,10 @@ class AppArgs(_Strict):
             "Append exposure records (JSON lines) to this file. None = log them through the "
             "'ray.serve' logger (the replica's log file)."
         ),
+    )
+    event_log: EventLogConfig = Field(
+        default_factory=EventLogConfig,
+        description="Durable event log of decisions and feedback (online experiments); off unless uri is set.",
     )
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig,

@@ -21,6 +21,7 @@ from cotrr_ray.bundles.bundle import BundleError, read_meta
 from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs
 from cotrr_ray.serving.deployments import Calibrator, Router, Scorer
+from cotrr_ray.storage import locate
 
 
 def build_app(args: AppArgs) -> Application:
@@ -46,11 +47,19 @@ def build_app(args: AppArgs) -> Application:
     if args.routing.top_m is not None and args.routing.top_m > max_top_m:
         raise ValueError(f"routing.top_m {args.routing.top_m} exceeds the bundles' top_m {max_top_m}")
     exposure = args.exposure_log_path
+    log = args.event_log
+    event_log = log.model_copy(
+        update={
+            "uri": locate(log.uri, base_dir).uri if log.uri else None,
+            "staging_dir": locate(log.staging_dir, base_dir).uri,
+        }
+    )
     args = args.model_copy(
         update={
             "bundle_uri": bundle_uri,
             "control_bundle_uri": control_uri,
             "exposure_log_path": resolve_uri(exposure, base_dir) if exposure else None,
+            "event_log": event_log,
         }
     )
 

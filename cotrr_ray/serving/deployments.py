@@ -30,6 +30,7 @@ from cotrr_ray.bundles.bundle import read_meta
 from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
+from cotrr_ray.experiments.eventlog import EventLog
 from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
 from cotrr_ray.serving.coalescer import Coalescer, Downstream, answer_each
 from cotrr_ray.serving.errors import HTTP_CODES, error_body, exception_name
@@ -133,6 +134,25 @@ class ServeMetrics:
             description="Distinct treatment bundle ids that answered this replica in the last 60 s (>1: skew).",
         )
         self._ratio_arms: set[str] = set()
+        self._feedback = Counter(
+            "cotrr_feedback_events",
+            description="Feedback events by outcome (accepted, duplicate, rejected) and type.",
+            tag_keys=("outcome", "type"),
+        )
+        self._commit_ms = Histogram(
+            "cotrr_event_log_commit_ms",
+            description="Event log group commit: enqueue to fsync, by record kind (decisions: the loss window).",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+            tag_keys=("kind",),
+        )
+        self._log_records = Counter(
+            "cotrr_event_log_records", description="Records fsync'ed to the event log.", tag_keys=("kind",)
+        )
+        self._rotated = Counter(
+            "cotrr_event_log_segments_closed",
+            description="Event log segments closed (uploaded for s3://), by kind and reason.",
+            tag_keys=("kind", "reason"),
+        )
 
     def request(self, arm: str, outcome: str, latency_ms: float) -> None:
         self._requests.inc(1, tags={"arm": arm, "outcome": outcome})
@@ -161,6 +181,16 @@ class ServeMetrics:
 
     def response_model(self, model_version: str) -> None:
         self._by_model.inc(1, tags={"model_version": model_version})
+
+    def feedback(self, outcome: str, event_type: str, n: int) -> None:
+        self._feedback.inc(n, tags={"outcome": outcome, "type": event_type})
+
+    def event_log_commit(self, kind: str, records: int, latency_ms: float) -> None:
+        self._log_records.inc(records, tags={"kind": kind})
+        self._commit_ms.observe(latency_ms, tags={"kind": kind})
+
+    def segment_rotated(self, kind: str, reason: str) -> None:
+        self._rotated.inc(1, tags={"kind": kind, "reason": reason})
 
     def window(self, fallback_ratio: dict[str, float], model_versions: int) -> None:
         # An arm without traffic in the window had no fallbacks there: 0, not its last ratio forever.
@@ -202,13 +232,26 @@ class Router:
             score_control=self.coalescers.get("control_scorer"),
             info_control=(lambda _: control.info.remote()) if control is not None else None,
         )
+        metrics = ServeMetrics()
+        self.events = None
+        ev = args.event_log
+        if ev.uri is not None:  # uploads a killed replica's staged segments before taking traffic
+            self.events = EventLog(
+                ev.uri,
+                staging_dir=ev.staging_dir,
+                max_segment_bytes=ev.max_segment_bytes,
+                max_segment_age_s=ev.max_segment_age_s,
+                on_commit=metrics.event_log_commit,
+                on_rotate=metrics.segment_rotated,
+            )
         self.service = RerankService(
             meta,
             args,
             downstream,
             max_top_m=max_top_m,
-            metrics=ServeMetrics(),
+            metrics=metrics,
             exposure=ExposureLog(args.exposure_log_path),
+            events=self.events,
         )
         self._configure_coalescers(args.routing)
 
@@ -233,6 +276,22 @@ class Router:
         if timings is not None and self.service.config.server_timing:
             headers = {SERVER_TIMING: timings.header()}
         return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+    @api.post(
+        "/v1/feedback",
+        response_model=None,
+        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        summary="Record impressions, clicks and conversions of reranked items (durable once answered 200)",
+    )
+    async def feedback(self, request: Request) -> Response:
+        status, payload = await self.service.handle_feedback(request)
+        return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+    def __del__(self) -> None:
+        # Graceful replica shutdown: commit what is queued and close (upload) the open segments.
+        events = getattr(self, "events", None)
+        if events is not None:
+            events.close()
 
     @api.get("/v1/model", summary="Served model, feature spec, Top-M limits and routing config")
     async def model(self) -> Response:

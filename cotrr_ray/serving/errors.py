@@ -20,10 +20,12 @@ STATUS = {
     "invalid_request": 422,  # schema or feature-spec violation (dims, NaN, groups, ids, ranges)
     "body_too_large": 413,  # content-length or actual body above AppArgs.max_body_bytes
     "too_many_candidates": 413,  # more than AppArgs.max_candidates
+    "too_many_events": 413,  # a feedback batch above EventLogConfig.max_events_per_batch
     "not_found": 404,
     "method_not_allowed": 405,
     "not_ready": 503,
     "overloaded": 503,
+    "log_unavailable": 503,  # the event log could not write (disk full, I/O error): retry the batch later
     "internal": 500,  # a bug in the router, never bad input (logged with the request id)
 }
 """Error code -> HTTP status. The code is part of the API; the message is for humans."""

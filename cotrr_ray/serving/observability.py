@@ -38,6 +38,16 @@ class Metrics(Protocol):
     def shadow(self, outcome: str, comparison: dict[str, float] | None, latency_ms: float | None) -> None: ...
     def routing(self, config: RoutingConfig) -> None: ...
     def response_model(self, model_version: str) -> None: ...
+    def feedback(self, outcome: str, event_type: str, n: int) -> None:
+        """`n` feedback events of one type: outcome accepted, duplicate or rejected (type "-" when the
+        body was refused before its events could be read)."""
+
+    def event_log_commit(self, kind: str, records: int, latency_ms: float) -> None:
+        """One group commit of the event log (called from its writer thread): enqueue-to-fsync time."""
+
+    def segment_rotated(self, kind: str, reason: str) -> None:
+        """An event-log segment closed (size, age, date, close)."""
+
     def window(self, fallback_ratio: dict[str, float], model_versions: int) -> None:
         """The sliding-window gauges, at most once a second: fallbacks / served per arm, and the number
         of distinct treatment bundle ids that answered within the window (>1: replicas disagree)."""
@@ -245,6 +255,8 @@ class ServingStats:
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     shadow_latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
     by_model: collections.Counter = field(default_factory=collections.Counter)
+    feedback: collections.Counter = field(default_factory=collections.Counter)  # batches, accepted, duplicates, ...
+    event_log_errors: int = 0  # decision records or feedback batches the event log failed to write
     recent: RecentTraffic = field(default_factory=RecentTraffic)
     versions: ModelVersions = field(default_factory=ModelVersions)
 
@@ -287,6 +299,8 @@ class ServingStats:
             "latency_ms": {**self._percentiles(self.latencies_ms), "window": len(self.latencies_ms)},
             "fallback_ratio": self._fallback_ratio(now),
             "by_model": dict(self.by_model),
+            "feedback": dict(self.feedback),
+            "event_log_errors": self.event_log_errors,
             "model_versions": self.versions.snapshot(),
             "model_versions_recent": {v: round(t, 3) for v, t in self.versions.recent(now).items()},
             "shadow": {

@@ -6,7 +6,9 @@ through the injected `coalescer.Downstream` calls, orders the list, and falls ba
 order (flagged, still a 200) when the scorer fails; in shadow mode it scores the treatment in the
 background, pausing it while it keeps failing. What happened goes to `observability` (stats with
 their sliding windows, metrics, exposure log, rate-limited warnings with the exception) and `timing`.
-It also answers the GET endpoints' questions (health, model info, stats).
+It also answers the GET endpoints' questions (health, model info, stats) and `POST /v1/feedback`
+(`handle_feedback`: validated events, deduplicated by event_id, acknowledged once fsync'ed in the
+`experiments.eventlog.EventLog`, which also receives one decision record per answered request).
 
 `deployments.Router` (Serve) and `bench/peer_app.py` (one process) are HTTP shells around it.
 """
@@ -22,14 +24,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cotrr_ray.bundles.bundle import BundleMeta
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.core.ranking import agreement, build_results, model_order, upstream_order
 from cotrr_ray.experiments.assignment import decide
+from cotrr_ray.experiments.eventlog import EventLog
+from cotrr_ray.experiments.events import (
+    Decision,
+    FeedbackError,
+    FeedbackLimits,
+    FeedbackParser,
+    RecentIds,
+    displayed_items,
+    feedback_record,
+    split_new,
+)
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
 from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
-from cotrr_ray.serving.errors import InvalidOutput, RequestError, exception_name
+from cotrr_ray.serving.errors import InvalidOutput, RequestError, error_body, exception_name, from_validation_error
 from cotrr_ray.serving.observability import ExposureLog, Metrics, NullMetrics, RateLimitedLog, ServingStats
 from cotrr_ray.serving.scorer import CalibrationInput, ScoreResult, synthetic_list
 from cotrr_ray.serving.timing import StageTimings
@@ -79,6 +93,7 @@ class RerankService:
         max_top_m: int | None = None,
         metrics: Metrics | None = None,
         exposure: ExposureLog | None = None,
+        events: EventLog | None = None,
     ):
         self.meta = meta
         self.args = args
@@ -87,6 +102,19 @@ class RerankService:
         self.parser = RequestParser(meta.spec, max_top_m=self.max_top_m, max_candidates=args.max_candidates)
         self.metrics: Metrics = metrics or NullMetrics()
         self.exposure = exposure or ExposureLog(None)
+        self.events = events  # the durable event log (decisions + feedback); None = feedback is off
+        ev = args.event_log
+        self.feedback_parser = FeedbackParser(
+            FeedbackLimits(
+                max_events=ev.max_events_per_batch,
+                max_string_length=ev.max_string_length,
+                event_types=tuple(ev.event_types),
+                max_event_age_s=ev.max_event_age_s,
+                max_clock_skew_s=ev.max_clock_skew_s,
+            ),
+            clock=lambda: self.clock(),
+        )
+        self.recent_ids = RecentIds(ev.recent_ids)
         self.stats = ServingStats()
         self.warnings = RateLimitedLog(logger, WARNING_INTERVAL_S)
         self.clock = time.time  # wall clock of the stats windows and exposure records (replaceable in tests)
@@ -169,6 +197,8 @@ class RerankService:
         )
         latency_ms = (time.perf_counter() - t0) * 1000
         self._record(request_id, req, decision, arm, cfg, out, latency_ms)
+        if self.events is not None:
+            self._log_decision(request_id, req, decision, arm, cfg, out, latency_ms, results)
         if cfg.shadow_mode:
             self._spawn_shadow(request_id, req, out.order, cfg)
         payload = {
@@ -280,6 +310,92 @@ class RerankService:
                 "latency_ms": round(latency_ms, 3),
             }
         )
+
+    def _log_decision(self, request_id, req, decision, arm, cfg, out: _Outcome, latency_ms: float, results) -> None:
+        # Not awaited: the rerank response does not wait for the fsync. What a kill can lose is what
+        # was queued and not yet committed (the log's commit latency; see eventlog's contract).
+        record = Decision(
+            request_id=request_id,
+            unit_id=decision.unit,
+            query_id=req.query_id,
+            bucket=decision.bucket,
+            arm=arm,
+            experiment_salt=cfg.experiment_salt,
+            rollout_percentage=cfg.rollout_percentage,
+            shadow=cfg.shadow_mode,
+            model_id=out.model_version,
+            calibrator_version=out.model_version if out.probabilities is not None else None,
+            ts=round(self.clock(), 6),
+            latency_ms=round(latency_ms, 3),
+            fallback_reason=out.fallback,
+            n_candidates=len(req.ids),
+            window=req.window,
+            items=displayed_items(results),
+        ).record()
+        try:
+            self.events.append_nowait("decision", [record])
+        except Exception as e:  # a closed log while shutting down: the response still goes out
+            self.stats.event_log_errors += 1
+            self.warnings.log("event_log_decision", "decision record not logged", e)
+
+    # -------------------------------------------------------------- POST /v1/feedback
+
+    async def handle_feedback(self, request: Any) -> tuple[int, dict[str, Any]]:
+        """`POST /v1/feedback`: 200 ``{"accepted", "duplicates"}`` once the new events are fsync'ed.
+
+        4xx for bad input (the field named), 413 for too large, 404 when no event log is configured,
+        503 ``log_unavailable`` when the log failed to write (nothing acknowledged: retry the batch).
+        """
+        self.stats.feedback["batches"] += 1
+        if self.events is None:
+            self.stats.feedback["disabled"] += 1
+            return 404, error_body("not_found", "feedback is off: set args.event_log.uri to enable it")
+        try:
+            body = await read_body(request, self.args.event_log.max_body_bytes)
+            events = self._parse_feedback(body)
+        except RequestError as e:
+            self.stats.feedback[f"rejected:{e.code}"] += 1
+            self.metrics.feedback("rejected", "-", 1)
+            return e.status, e.body()
+        fresh, duplicates = split_new(events, self.recent_ids)
+        now = self.clock()
+        records = [feedback_record(ev, received_at=now, replica=self.replica["id"]) for ev in fresh]
+        try:
+            if records:
+                await self.events.append_async("feedback", records)
+        except Exception as e:  # not bad input and not acknowledged: the client retries
+            self.stats.event_log_errors += 1
+            self.warnings.log("event_log_feedback", "feedback batch not logged; answered 503", e)
+            return 503, error_body("log_unavailable", f"the event log could not write: {exception_name(e)}")
+        self.recent_ids.add_all([ev["event_id"] for ev in fresh])
+        self._count_feedback(events, fresh, duplicates)
+        return 200, {"accepted": len(fresh), "duplicates": duplicates}
+
+    def _parse_feedback(self, body: bytes) -> list[dict[str, Any]]:
+        try:
+            return self.feedback_parser.parse(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        except FeedbackError as e:
+            raise RequestError(e.code, e.message, e.field) from None
+
+    def _count_feedback(self, events: list[dict[str, Any]], fresh: list[dict[str, Any]], duplicates: int) -> None:
+        s = self.stats.feedback
+        s["accepted"] += len(fresh)
+        s["duplicates"] += duplicates
+        by_type: dict[str, int] = {}
+        for ev in fresh:
+            by_type[ev["type"]] = by_type.get(ev["type"], 0) + 1
+        for t, n in by_type.items():
+            self.metrics.feedback("accepted", t, n)
+        if duplicates:
+            fresh_ids = {id(ev) for ev in fresh}
+            dup_types: dict[str, int] = {}
+            for ev in events:
+                if id(ev) not in fresh_ids:
+                    dup_types[ev["type"]] = dup_types.get(ev["type"], 0) + 1
+            for t, n in dup_types.items():
+                self.metrics.feedback("duplicate", t, n)
 
     # -------------------------------------------------------------- shadow
 

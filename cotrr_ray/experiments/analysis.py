@@ -1,0 +1,205 @@
+"""Experiment analysis over the event log, in DuckDB (embedded, in-process; SQL, no Python loops).
+
+    con = connect("s3://bucket/events")             # or a local log directory
+    units = unit_table(con, experiment_salt="rerank-v1")    # per (unit, arm) sums -> stats
+    arms = arm_metrics(con, experiment_salt="rerank-v1", k=10)
+    summary = feedback_summary(con)                 # events, duplicates, orphans
+
+`connect` loads both kinds into tables with an explicit schema (`events.DECISION_COLUMNS`,
+`FEEDBACK_COLUMNS`): a local log is read in place with ``read_json``; an ``s3://`` log is first
+copied segment by segment through `cotrr_ray.storage` into a temporary directory (DuckDB's httpfs
+extension is not assumed to be installable). Lines that are not complete JSON (the partial last
+line of a segment whose writer was killed) are skipped, and counted in `feedback_summary`.
+
+Definitions (per decision = per query):
+- decisions are deduplicated by request_id, feedback by event_id (a retried event counts once);
+- a click counts when a click event names an item of that decision's displayed list; several
+  click events on one item count once (`clicks` = distinct clicked items);
+- `impressions` = distinct items with an impression event (0 when clients send none);
+- first click rank: the smallest clicked position (0-based); reciprocal rank = 1 / (position + 1),
+  0 for a query without clicks; abandonment = queries without a click / queries;
+- CTR@k = clicked items at positions < k / displayed items at positions < k;
+- orphans = feedback events whose request_id is in no decision record of the log.
+The unit of randomisation is `unit_id` (see `experiments.assignment`): `unit_table` gives the
+per-unit sums the statistics need (ratio metrics need the delta method over units, not queries).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from cotrr_ray.experiments.events import DECISION_COLUMNS, FEEDBACK_COLUMNS
+from cotrr_ray.storage import Location, download_file, list_dir, locate
+
+_COLUMNS = {"decision": DECISION_COLUMNS, "feedback": FEEDBACK_COLUMNS}
+
+
+def segment_files(root: Location, kind: str) -> list[Location]:
+    """Every ``.jsonl`` segment of `kind` under the log root, in name order."""
+    base = root.child(f"kind={kind}")
+    out = []
+    for date, is_dir in list_dir(base):
+        if is_dir and date.startswith("date="):
+            out += [base.child(date, n) for n, d in list_dir(base.child(date)) if not d and n.endswith(".jsonl")]
+    return out
+
+
+def _struct(columns: dict[str, str]) -> str:
+    return "{" + ", ".join(f"'{k}': '{v}'" for k, v in columns.items()) + "}"
+
+
+def _load(con: duckdb.DuckDBPyConnection, table: str, kind: str, paths: list[str]) -> None:
+    cols = _COLUMNS[kind]
+    if not paths:
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM (SELECT {_typed_nulls(cols)}) WHERE false")
+        con.execute(f"CREATE OR REPLACE TABLE {table}_bad AS SELECT 0 AS n")
+        return
+    # ignore_errors: a torn last line becomes a row of nulls, dropped here and counted as bad.
+    con.execute(
+        f"CREATE OR REPLACE TABLE {table}_all AS SELECT * FROM read_json(?, format='newline_delimited', "
+        f"columns={_struct(cols)}, ignore_errors=true, hive_partitioning=false)",
+        [paths],
+    )
+    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {table}_all WHERE kind = '{kind}'")
+    con.execute(f"CREATE OR REPLACE TABLE {table}_bad AS SELECT count(*) AS n FROM {table}_all WHERE kind IS NULL")
+    con.execute(f"DROP TABLE {table}_all")
+
+
+def _typed_nulls(cols: dict[str, str]) -> str:
+    return ", ".join(f"CAST(NULL AS {t}) AS {k}" for k, t in cols.items())
+
+
+def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection holding the log: tables `raw_decisions`, `raw_feedback`; views
+    `decisions` (one per request_id) and `feedback` (one per event_id)."""
+    con = con or duckdb.connect()
+    root = locate(log_uri)
+    with tempfile.TemporaryDirectory(prefix="cotrr-analysis-") as tmp:
+        for kind, table in (("decision", "raw_decisions"), ("feedback", "raw_feedback")):
+            files = segment_files(root, kind)
+            if root.local:
+                paths = [f.path for f in files]
+            else:
+                paths = []
+                for i, f in enumerate(files):
+                    dst = Path(tmp) / f"{kind}-{i:06d}.jsonl"
+                    download_file(f, dst)
+                    paths.append(str(dst))
+            _load(con, table, kind, paths)  # tables are materialised, so the copies can go
+    con.execute(
+        "CREATE OR REPLACE VIEW decisions AS SELECT * FROM raw_decisions "
+        "QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1"
+    )
+    con.execute(
+        "CREATE OR REPLACE VIEW feedback AS SELECT * FROM raw_feedback "
+        "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at) = 1"
+    )
+    return con
+
+
+def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    return connect(source) if isinstance(source, str) else source
+
+
+_PER_QUERY = """
+WITH d AS (SELECT * FROM decisions WHERE $salt IS NULL OR experiment_salt = $salt),
+clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
+imps AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'impression'),
+shown AS (
+    SELECT d.request_id, it.item_id AS item_id, it.position AS position
+    FROM d, (SELECT unnest(d.items) AS it)
+),
+per_item AS (
+    SELECT s.request_id, s.position, c.item_id IS NOT NULL AS clicked, i.item_id IS NOT NULL AS impressed
+    FROM shown s
+    LEFT JOIN clicks c ON c.request_id = s.request_id AND c.item_id = s.item_id
+    LEFT JOIN imps i ON i.request_id = s.request_id AND i.item_id = s.item_id
+),
+agg AS (
+    SELECT request_id,
+        count(*) FILTER (WHERE clicked) AS clicks,
+        count(*) FILTER (WHERE impressed) AS impressions,
+        min(position) FILTER (WHERE clicked) AS first_click,
+        count(*) FILTER (WHERE clicked AND position < $k) AS clicks_at_k,
+        count(*) FILTER (WHERE position < $k) AS shown_at_k
+    FROM per_item GROUP BY request_id
+),
+per_query AS (
+    SELECT d.request_id, d.unit_id, d.arm, d.latency_ms, d.fallback,
+        coalesce(a.clicks, 0) AS clicks, coalesce(a.impressions, 0) AS impressions,
+        coalesce(1.0 / (a.first_click + 1), 0.0) AS rr,
+        coalesce(a.clicks_at_k, 0) AS clicks_at_k, coalesce(a.shown_at_k, 0) AS shown_at_k
+    FROM d LEFT JOIN agg a USING (request_id)
+)
+"""
+
+
+def unit_table(source: str | duckdb.DuckDBPyConnection, experiment_salt: str | None = None, *, k: int = 10) -> pa.Table:
+    """Per (unit_id, arm): queries, clicks, clicked_queries, impressions, rr_sum (and clicks_at_k,
+    shown_at_k for CTR@k); the sums a statistics module takes. Sorted by arm, unit_id."""
+    sql = (
+        _PER_QUERY
+        + """
+    SELECT unit_id, arm, count(*) AS queries, sum(clicks)::BIGINT AS clicks,
+        count(*) FILTER (WHERE clicks > 0) AS clicked_queries, sum(impressions)::BIGINT AS impressions,
+        sum(rr) AS rr_sum, sum(clicks_at_k)::BIGINT AS clicks_at_k, sum(shown_at_k)::BIGINT AS shown_at_k
+    FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
+    """
+    )
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k}).to_arrow_table()
+
+
+def arm_metrics(
+    source: str | duckdb.DuckDBPyConnection, experiment_salt: str | None = None, *, k: int = 10
+) -> pa.Table:
+    """Per arm: units, queries, clicks, clicks_per_query, ctr_at_k, abandonment, mrr, latency
+    percentiles (p50/p95/p99, ms) and fallback_rate. Point estimates; intervals are `stats`' job."""
+    sql = (
+        _PER_QUERY
+        + """
+    SELECT arm, count(DISTINCT unit_id) AS units, count(*) AS queries, sum(clicks)::BIGINT AS clicks,
+        sum(clicks) / count(*) AS clicks_per_query,
+        CASE WHEN sum(shown_at_k) > 0 THEN sum(clicks_at_k) / sum(shown_at_k) END AS ctr_at_k,
+        count(*) FILTER (WHERE clicks = 0) / count(*) AS abandonment,
+        avg(rr) AS mrr, sum(impressions)::BIGINT AS impressions,
+        quantile_cont(latency_ms, 0.5) AS latency_p50_ms, quantile_cont(latency_ms, 0.95) AS latency_p95_ms,
+        quantile_cont(latency_ms, 0.99) AS latency_p99_ms, avg(fallback::INTEGER) AS fallback_rate
+    FROM per_query GROUP BY arm ORDER BY arm
+    """
+    )
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k}).to_arrow_table()
+
+
+def feedback_summary(source: str | duckdb.DuckDBPyConnection) -> dict[str, object]:
+    """Counts over the whole log: raw and distinct events, duplicates, by type, orphans (unknown
+    request_id), events on items the decision did not display, and unreadable (torn) lines."""
+    con = _con(source)
+    row = con.execute(
+        """
+        WITH shown AS (SELECT d.request_id, unnest(d.items).item_id AS item_id FROM decisions d)
+        SELECT (SELECT count(*) FROM raw_feedback) AS raw_events,
+            (SELECT count(*) FROM feedback) AS events,
+            (SELECT count(*) FROM feedback f WHERE f.request_id NOT IN (SELECT request_id FROM decisions))
+                AS orphans,
+            (SELECT count(*) FROM feedback f WHERE f.request_id IN (SELECT request_id FROM decisions)
+                AND NOT EXISTS (SELECT 1 FROM shown s WHERE s.request_id = f.request_id AND s.item_id = f.item_id))
+                AS unmatched_items,
+            (SELECT count(*) FROM raw_decisions) AS raw_decisions,
+            (SELECT count(*) FROM decisions) AS decisions,
+            (SELECT n FROM raw_feedback_bad) + (SELECT n FROM raw_decisions_bad) AS unreadable_lines
+        """
+    ).fetchone()
+    names = ["raw_events", "events", "orphans", "unmatched_items", "raw_decisions", "decisions", "unreadable_lines"]
+    out: dict[str, object] = dict(zip(names, row))
+    out["duplicates"] = out["raw_events"] - out["events"]
+    out["by_type"] = dict(con.execute("SELECT type, count(*) FROM feedback GROUP BY type ORDER BY type").fetchall())
+    return out
+
+
+def event_ids(source: str | duckdb.DuckDBPyConnection) -> set[str]:
+    """The distinct event ids in the log (durability checks)."""
+    return {r[0] for r in _con(source).execute("SELECT event_id FROM feedback").fetchall()}

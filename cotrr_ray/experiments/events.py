@@ -1,0 +1,287 @@
+"""The event model of online experiments: decision records (what was shown) and feedback events.
+
+Decision record (``kind: "decision"``), one per answered rerank request, written by the Router::
+
+    {kind, schema_version, request_id, unit_id, query_id, bucket, arm, mode, experiment_salt,
+     rollout_percentage, shadow, model_id, calibrator_version, ts, latency_ms, fallback,
+     fallback_reason, n_candidates, window,
+     items: [{item_id, position, upstream_index, score, probability, propensity, team, competitive}]}
+
+`items` is the displayed list (the response's results, top_n applied) in final order. `propensity`
+is the probability that the policy put that item at that position: 1.0 while ordering is
+deterministic (A/B). `mode` is "ab" today; "interleave" will set each item's `team` and
+`competitive` (both null in "ab" mode, present so the schema does not change). The calibrator
+ships inside the bundle, so `calibrator_version` is the bundle id that produced the probabilities
+(null when the response carries none).
+
+Feedback (``POST /v1/feedback``)::
+
+    {"events": [{"event_id", "request_id", "item_id", "type", "timestamp", "value"?}, ...]}
+
+`type` is one of `FeedbackLimits.event_types` (default impression, click, conversion);
+`timestamp` is Unix seconds (float) on the client's clock and must lie within
+[now - max_event_age_s, now + max_clock_skew_s]; `value` is an optional finite number (e.g. an
+order value). `event_id` makes a retry idempotent: analysis keeps one event per id, and each
+Router replica also drops ids it acknowledged recently (`RecentIds`). A `request_id` the log has
+never seen is accepted (Routers are stateless) and counted as an orphan in analysis.
+
+Ray-free; serving maps `FeedbackError` and pydantic's `ValidationError` to its 4xx vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+SCHEMA_VERSION = 1
+DEFAULT_EVENT_TYPES = ("impression", "click", "conversion")
+
+
+class FeedbackError(ValueError):
+    """A feedback body refused for a reason pydantic does not see; `code` is a serving error code."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+@dataclass(frozen=True)
+class FeedbackLimits:
+    """What one feedback batch may hold (from `cotrr_ray.config.EventLogConfig`)."""
+
+    max_events: int = 1000
+    max_string_length: int = 256
+    event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
+    max_event_age_s: float = 7 * 86400.0
+    max_clock_skew_s: float = 300.0
+
+
+class FeedbackEventIn(BaseModel):
+    """One interaction with a displayed item of a reranked list."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+    event_id: str = Field(min_length=1, description="Client-chosen unique id; a retry with the same id is a no-op.")
+    request_id: str = Field(min_length=1, description="The request_id of the rerank response the item was shown in.")
+    item_id: str = Field(min_length=1, description="The candidate id, as in the rerank request.")
+    type: str = Field(min_length=1, description="Event type, one of the configured set (impression, click, ...).")
+    timestamp: float = Field(description="When it happened: Unix seconds (client clock).")
+    value: float | None = Field(None, description="Optional number, e.g. a conversion's value.")
+
+
+class FeedbackBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEventIn] = Field(min_length=1)
+
+
+_STRING_FIELDS = ("event_id", "request_id", "item_id", "type")
+
+
+class FeedbackParser:
+    """Body bytes -> validated events (dicts), raising `ValidationError` or `FeedbackError`."""
+
+    def __init__(self, limits: FeedbackLimits, clock=time.time):
+        self.limits = limits
+        self.clock = clock
+        self._types = frozenset(limits.event_types)
+        self._model = create_model(
+            "FeedbackBatchLimited",
+            __base__=FeedbackBatchIn,
+            events=(list[FeedbackEventIn], Field(min_length=1, max_length=limits.max_events)),
+        )
+
+    def parse(self, body: bytes) -> list[dict[str, Any]]:
+        try:
+            batch = self._model.model_validate_json(body)
+        except ValidationError as e:
+            for err in e.errors():  # the list bound is checked before any event is validated
+                if err["type"] == "too_long" and tuple(err["loc"]) == ("events",):
+                    n = err.get("ctx", {}).get("actual_length")
+                    raise FeedbackError(
+                        "too_many_events", f"{n} events, more than the maximum of {self.limits.max_events}", "events"
+                    ) from None
+            raise
+        now = self.clock()
+        out = []
+        for i, ev in enumerate(batch.events):
+            self._check(i, ev, now)
+            out.append(ev.model_dump())
+        return out
+
+    def _check(self, i: int, ev: FeedbackEventIn, now: float) -> None:
+        lim = self.limits
+        for name in _STRING_FIELDS:
+            if len(getattr(ev, name)) > lim.max_string_length:
+                raise FeedbackError(
+                    "invalid_request", f"longer than {lim.max_string_length} characters", f"events[{i}].{name}"
+                )
+        if ev.type not in self._types:
+            raise FeedbackError(
+                "invalid_request",
+                f"unknown event type {ev.type!r}; expected one of {sorted(self._types)}",
+                f"events[{i}].type",
+            )
+        if (
+            not math.isfinite(ev.timestamp)
+            or not now - lim.max_event_age_s <= ev.timestamp <= now + lim.max_clock_skew_s
+        ):
+            raise FeedbackError(
+                "invalid_request",
+                f"timestamp {ev.timestamp!r} (Unix seconds) is outside [now - {lim.max_event_age_s:g} s, "
+                f"now + {lim.max_clock_skew_s:g} s]",
+                f"events[{i}].timestamp",
+            )
+
+
+class RecentIds:
+    """The event ids a replica acknowledged lately, bounded (FIFO eviction), so a client retrying a
+    batch does not write it again. Analysis dedupes by event_id anyway: this only keeps the log small."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add_all(self, ids: list[str]) -> None:
+        if self.capacity <= 0:
+            return
+        for event_id in ids:
+            self._ids[event_id] = None
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+
+def split_new(events: list[dict[str, Any]], recent: RecentIds) -> tuple[list[dict[str, Any]], int]:
+    """(events to write, duplicates): drops ids acknowledged before and repeats inside the batch."""
+    seen: set[str] = set()
+    fresh = []
+    for ev in events:
+        eid = ev["event_id"]
+        if eid in recent or eid in seen:
+            continue
+        seen.add(eid)
+        fresh.append(ev)
+    return fresh, len(events) - len(fresh)
+
+
+def feedback_record(event: dict[str, Any], *, received_at: float, replica: str) -> dict[str, Any]:
+    """The logged form of a validated event: the client's fields plus when/where it was received."""
+    return {
+        "kind": "feedback",
+        "schema_version": SCHEMA_VERSION,
+        **event,
+        "received_at": received_at,
+        "replica": replica,
+    }
+
+
+@dataclass
+class DisplayedItem:
+    item_id: str
+    position: int
+    upstream_index: int
+    score: float | None
+    probability: float | None
+    propensity: float = 1.0
+    team: str | None = None
+    competitive: bool | None = None
+
+
+@dataclass
+class Decision:
+    """One answered rerank request, as logged (see the module docstring)."""
+
+    request_id: str
+    unit_id: str
+    query_id: str
+    bucket: int
+    arm: str
+    experiment_salt: str
+    rollout_percentage: float
+    shadow: bool
+    model_id: str | None
+    calibrator_version: str | None
+    ts: float
+    latency_ms: float
+    fallback_reason: str | None
+    n_candidates: int
+    window: int
+    items: list[DisplayedItem] = field(default_factory=list)
+    mode: str = "ab"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "kind": "decision",
+            "schema_version": SCHEMA_VERSION,
+            "request_id": self.request_id,
+            "unit_id": self.unit_id,
+            "query_id": self.query_id,
+            "bucket": self.bucket,
+            "arm": self.arm,
+            "mode": self.mode,
+            "experiment_salt": self.experiment_salt,
+            "rollout_percentage": self.rollout_percentage,
+            "shadow": self.shadow,
+            "model_id": self.model_id,
+            "calibrator_version": self.calibrator_version,
+            "ts": self.ts,
+            "latency_ms": self.latency_ms,
+            "fallback": self.fallback_reason is not None,
+            "fallback_reason": self.fallback_reason,
+            "n_candidates": self.n_candidates,
+            "window": self.window,
+            "items": [it.__dict__ for it in self.items],
+        }
+
+
+def displayed_items(results: list[dict[str, Any]]) -> list[DisplayedItem]:
+    """The response's results (`core.ranking.build_results`) as logged items; deterministic: propensity 1."""
+    return [DisplayedItem(r["id"], r["rank"], r["index"], r["score"], r["probability"]) for r in results]
+
+
+# Column types for DuckDB's read_json (analysis): an explicit schema, so a log whose first lines
+# happen to hold nulls is read the same as any other.
+DECISION_COLUMNS = {
+    "kind": "VARCHAR",
+    "request_id": "VARCHAR",
+    "unit_id": "VARCHAR",
+    "query_id": "VARCHAR",
+    "bucket": "INTEGER",
+    "arm": "VARCHAR",
+    "mode": "VARCHAR",
+    "experiment_salt": "VARCHAR",
+    "rollout_percentage": "DOUBLE",
+    "shadow": "BOOLEAN",
+    "model_id": "VARCHAR",
+    "calibrator_version": "VARCHAR",
+    "ts": "DOUBLE",
+    "latency_ms": "DOUBLE",
+    "fallback": "BOOLEAN",
+    "fallback_reason": "VARCHAR",
+    "n_candidates": "INTEGER",
+    "window": "INTEGER",
+    "items": "STRUCT(item_id VARCHAR, position INTEGER, upstream_index INTEGER, score DOUBLE, probability DOUBLE, "
+    "propensity DOUBLE, team VARCHAR, competitive BOOLEAN)[]",
+}
+FEEDBACK_COLUMNS = {
+    "kind": "VARCHAR",
+    "event_id": "VARCHAR",
+    "request_id": "VARCHAR",
+    "item_id": "VARCHAR",
+    "type": "VARCHAR",
+    "timestamp": "DOUBLE",
+    "value": "DOUBLE",
+    "received_at": "DOUBLE",
+    "replica": "VARCHAR",
+}
