@@ -231,6 +231,16 @@ class RoutingConfig(_Strict):
             "recording Kendall tau / overlap@10 between the two orders."
         ),
     )
+    mode: Literal["ab", "interleave"] = Field(
+        "ab",
+        description=(
+            "'ab': a unit in the treatment bucket sees the treatment's ranking. 'interleave': it sees "
+            "the team-draft merge of the treatment's and the control's rankings of the window (the "
+            "control scorer's, or upstream order without one), each item's team and the competitive "
+            "flag logged, clicks credited per team (cotrr_ray.experiments.interleaving). The other units "
+            "see the control in both modes. Ignored in shadow mode."
+        ),
+    )
     experiment_salt: str = Field(
         "rerank-v1", max_length=256, description="Hash salt of the A/B split; a new salt reshuffles every unit."
     )

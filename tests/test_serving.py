@@ -861,3 +861,91 @@ def test_calibrator_health_check(bundle_a, calibrators) -> None:
     core._by_id["broken"] = Broken()
     with pytest.raises(RuntimeError, match="broken"):
         core.health_check()
+
+
+# ----------------------------------------------------------------------------- interleaving mode
+
+
+def interleave_service(bundle_a, scorer_a, calibrators, tmp_path, *, control=None, score=None, rollout=100):
+    from cotrr_ray.experiments.eventlog import EventLog
+
+    svc = make_service(
+        bundle_a,
+        scorer_a,
+        calibrators,
+        routing=RoutingConfig(rollout_percentage=rollout, mode="interleave", experiment_salt="il-test"),
+        control=control,
+        score=score,
+    )
+    svc.events = EventLog(str(tmp_path / "events"))
+    return svc
+
+
+def test_interleave_serves_the_team_draft_merge_of_both_arms_and_logs_teams(
+    bundle_a, scorer_a, scorer_b, calibrators, records, tmp_path
+) -> None:
+    from cotrr_ray.experiments.interleaving import team_draft
+
+    svc = interleave_service(bundle_a, scorer_a, calibrators, tmp_path, control=score_with(scorer_b))
+    body = request_body(records[3], unit_id="il-user")
+    resp = asyncio.run(svc.rerank(orjson.dumps(body), request_id="req-il-1"))
+    assert resp["arm"] == "interleave" and resp["fallback"] is None and resp["calibrated"]
+    assert resp["model_version"] == scorer_a.bundle.bundle_id  # the treatment's scores are answered
+    # the expected merge, from each arm's own answer
+    a = asyncio.run(make_service(bundle_a, scorer_a, calibrators).rerank(orjson.dumps(body)))
+    b_svc = make_service(
+        bundle_a, scorer_a, calibrators, routing=RoutingConfig(rollout_percentage=0), control=score_with(scorer_b)
+    )
+    b = asyncio.run(b_svc.rerank(orjson.dumps(body)))
+    window = sum(r["reranked"] for r in a["results"])
+    ta, tb = [r["index"] for r in a["results"][:window]], [r["index"] for r in b["results"][:window]]
+    assert ta != tb, "the two bundles must rank this window differently for the test to mean anything"
+    merged = team_draft(ta, tb, key="req-il-1", salt="il-test", k=window)
+    got = [r["index"] for r in resp["results"]]
+    assert got[:window] == list(merged.order) and got[window:] == list(range(window, len(got)))
+    scores_a = {r["id"]: r["score"] for r in a["results"]}
+    assert all(r["score"] == scores_a[r["id"]] for r in resp["results"])
+    # the decision record: mode, team and competitive flag per merged position, none in the tail
+    svc.events.close()
+    lines = [json.loads(x) for f in sorted((tmp_path / "events").rglob("*.jsonl")) for x in f.read_text().splitlines()]
+    (rec,) = [x for x in lines if x.get("kind") == "decision"]
+    assert rec["arm"] == "interleave" and rec["mode"] == "interleave" and rec["request_id"] == "req-il-1"
+    items = rec["items"]
+    assert [it["team"] for it in items[:window]] == list(merged.teams)
+    assert [it["competitive"] for it in items[:window]] == list(merged.competitive)
+    assert all(it["team"] is None and it["competitive"] is None for it in items[window:])
+
+
+def test_interleave_without_a_control_bundle_merges_with_upstream_order(
+    bundle_a, scorer_a, calibrators, records, tmp_path
+) -> None:
+    from cotrr_ray.experiments.interleaving import team_draft
+
+    svc = interleave_service(bundle_a, scorer_a, calibrators, tmp_path)
+    body = request_body(records[4], unit_id="il-user-2")
+    resp = asyncio.run(svc.rerank(orjson.dumps(body), request_id="req-il-2"))
+    a = asyncio.run(make_service(bundle_a, scorer_a, calibrators).rerank(orjson.dumps(body)))
+    window = sum(r["reranked"] for r in a["results"])
+    merged = team_draft(
+        [r["index"] for r in a["results"][:window]], list(range(window)), key="req-il-2", salt="il-test"
+    )
+    assert resp["arm"] == "interleave" and [r["index"] for r in resp["results"][:window]] == list(merged.order)
+    svc.events.close()
+
+
+def test_interleave_falls_back_when_the_treatment_fails_and_spares_units_outside_the_rollout(
+    bundle_a, scorer_a, scorer_b, calibrators, records, tmp_path
+) -> None:
+    failing = Local(error=RuntimeError("boom"))
+    svc = interleave_service(bundle_a, scorer_a, calibrators, tmp_path, control=score_with(scorer_b), score=failing)
+    body = request_body(records[5], unit_id="il-user-3")
+    resp = asyncio.run(svc.rerank(orjson.dumps(body), request_id="req-il-3"))
+    assert resp["arm"] == "interleave" and resp["fallback"].startswith("scorer_error")
+    assert_upstream(resp, body)
+    svc.events.close()
+    outside = interleave_service(
+        bundle_a, scorer_a, calibrators, tmp_path / "o", control=score_with(scorer_b), rollout=0
+    )
+    resp = asyncio.run(outside.rerank(orjson.dumps(body)))
+    assert resp["arm"] == "control" and resp["model_version"] == scorer_b.bundle.bundle_id
+    outside.events.close()

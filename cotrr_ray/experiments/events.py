@@ -38,6 +38,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from cotrr_ray.experiments.interleaving import Interleaved
+
 SCHEMA_VERSION = 1
 DEFAULT_EVENT_TYPES = ("impression", "click", "conversion")
 
@@ -245,9 +247,18 @@ class Decision:
         }
 
 
-def displayed_items(results: list[dict[str, Any]]) -> list[DisplayedItem]:
-    """The response's results (`core.ranking.build_results`) as logged items; deterministic: propensity 1."""
-    return [DisplayedItem(r["id"], r["rank"], r["index"], r["score"], r["probability"]) for r in results]
+def displayed_items(results: list[dict[str, Any]], merged: Interleaved | None = None) -> list[DisplayedItem]:
+    """The response's results (`core.ranking.build_results`) as logged items; deterministic: propensity 1.
+
+    With an interleaved answer (`merged`), each item of the merged window carries its team and the
+    competitive flag of its round (the tail below the window belongs to no team).
+    """
+    items = [DisplayedItem(r["id"], r["rank"], r["index"], r["score"], r["probability"]) for r in results]
+    if merged is not None:
+        for it in items:
+            if it.position < len(merged.teams):
+                it.team, it.competitive = merged.teams[it.position], merged.competitive[it.position]
+    return items
 
 
 # Column types for DuckDB's read_json (analysis): an explicit schema, so a log whose first lines

@@ -41,6 +41,7 @@ from cotrr_ray.experiments.events import (
     feedback_record,
     split_new,
 )
+from cotrr_ray.experiments.interleaving import Interleaved, team_draft
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
 from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
 from cotrr_ray.serving.errors import InvalidOutput, RequestError, error_body, exception_name, from_validation_error
@@ -186,7 +187,11 @@ class RerankService:
         )
         arm = "control" if cfg.shadow_mode else decision.arm
         n = len(req.ids)
-        if arm == "treatment":
+        merged: Interleaved | None = None
+        if arm == "treatment" and cfg.mode == "interleave":
+            arm = "interleave"
+            out, merged = await self._interleave(request_id, req, cfg, tm)
+        elif arm == "treatment":
             out = await self._score(self.down.score, req, cfg.timeout_ms / 1000, "scorer", tm)
         elif self.down.score_control is not None:
             out = await self._score(self.down.score_control, req, cfg.timeout_ms / 1000, "control_scorer", tm)
@@ -198,7 +203,7 @@ class RerankService:
         latency_ms = (time.perf_counter() - t0) * 1000
         self._record(request_id, req, decision, arm, cfg, out, latency_ms)
         if self.events is not None:
-            self._log_decision(request_id, req, decision, arm, cfg, out, latency_ms, results)
+            self._log_decision(request_id, req, decision, arm, cfg, out, latency_ms, results, merged)
         if cfg.shadow_mode:
             self._spawn_shadow(request_id, req, out.order, cfg)
         payload = {
@@ -212,6 +217,35 @@ class RerankService:
         }
         tm.total = (time.perf_counter() - t0) * 1000
         return payload
+
+    async def _interleave(
+        self, request_id: str, req: ParsedRequest, cfg: RoutingConfig, tm: StageTimings
+    ) -> tuple[_Outcome, Interleaved | None]:
+        """Both arms rank the window (concurrently, one budget); the unit sees their team-draft merge.
+
+        The treatment's scores and probabilities are the ones answered for every item: it scored the
+        whole window, and the control may be upstream order with no scores at all. A failing
+        treatment answers upstream order (flagged, not interleaved), as in A/B; a failing control
+        ranks by upstream order, which is what its own arm would have shown.
+        """
+        timeout_s = cfg.timeout_ms / 1000
+        treated = self._score(self.down.score, req, timeout_s, "scorer", tm)
+        if self.down.score_control is not None:
+            control_tm = StageTimings()  # the response's Server-Timing reports the treatment's stages
+            treat, control = await asyncio.gather(
+                treated, self._score(self.down.score_control, req, timeout_s, "control_scorer", control_tm)
+            )
+        else:
+            treat, control = await treated, _Outcome(upstream_order(len(req.ids)))
+        if treat.fallback is not None:
+            return treat, None
+        w = req.window
+        merged = team_draft(
+            treat.order[:w].tolist(), control.order[:w].tolist(), key=request_id, salt=cfg.experiment_salt, k=w
+        )
+        order = np.concatenate([np.asarray(merged.order, dtype=treat.order.dtype), treat.order[w:]])
+        out = _Outcome(order, logits=treat.logits, probabilities=treat.probabilities, model_version=treat.model_version)
+        return out, merged
 
     def note_rejected(self, e: RequestError) -> None:
         """Count a request refused before `rerank` saw it (e.g. an oversized body)."""
@@ -286,7 +320,7 @@ class RerankService:
         if out.model_version is not None:
             s.by_model[out.model_version] += 1
             self.metrics.response_model(out.model_version)
-            if arm == "treatment":
+            if arm != "control":
                 s.versions.add(out.model_version, now)
         if s.recent.add(now, arm, out.fallback is not None):  # a new second: refresh the window gauges
             self.metrics.window(s.recent.ratios(), len(s.versions.recent(now)))
@@ -311,7 +345,9 @@ class RerankService:
             }
         )
 
-    def _log_decision(self, request_id, req, decision, arm, cfg, out: _Outcome, latency_ms: float, results) -> None:
+    def _log_decision(
+        self, request_id, req, decision, arm, cfg, out: _Outcome, latency_ms: float, results, merged=None
+    ) -> None:
         # Not awaited: the rerank response does not wait for the fsync. What a kill can lose is what
         # was queued and not yet committed (the log's commit latency; see eventlog's contract).
         record = Decision(
@@ -330,7 +366,8 @@ class RerankService:
             fallback_reason=out.fallback,
             n_candidates=len(req.ids),
             window=req.window,
-            items=displayed_items(results),
+            items=displayed_items(results, merged),
+            mode="interleave" if merged is not None else "ab",
         ).record()
         try:
             self.events.append_nowait("decision", [record])
