@@ -17,19 +17,20 @@ What it does:
 3. deploys `serve_config.yaml` (`local_serve_config`) with the Scorer's `num_gpus: 1` (what the
    GPU cluster sets) replaced by `resources: {accelerator: 1}`: one Scorer replica per worker node,
    as one GPU per node gives on the cluster; `Scorer.max_replicas` (4) = `gpu_worker.max_workers` (4);
-5. ramps closed-loop HTTP load, stops it, and waits until the autoscaler has removed the nodes it
+4. ramps closed-loop HTTP load, stops it, and waits until the autoscaler has removed the nodes it
    added; samples every second: replicas per deployment (and per node), nodes per type, the
    autoscaler's pending launches and pending resource demands, latency and failures;
-6. writes bench/results/autoscale-local.json (+ .png) and tears down exactly its own processes.
+5. writes bench/results/autoscale-local.json (+ .png) and tears down exactly its own processes.
 
 The local overrides (`LocalOverrides`; everything else is the shipped files):
 - worker nodes have 2 logical CPUs (cluster: 4) and a 256 MiB object store: each fake node is a real
   raylet with its agents on this 2-core box;
 - `idle_timeout_minutes` 0.5 (cluster: 10) and Serve `downscale_delay_s` 20 s (shipped: 300 s) so
   that scale-down fits in a run;
-- Scorer `target_ongoing_requests` 0.5 (shipped: 2): one Router replica keeps at most
-  `coalesce_max_in_flight` = 2 calls out to the Scorer, so with the shipped target of 2 the Scorer
-  never wants a second replica on this box (on a GPU cluster several Router replicas feed it);
+- Scorer `target_ongoing_requests` 0.25 (shipped: 2): one Router replica keeps at most
+  `coalesce_max_in_flight` = 2 calls out to the Scorer, and on this box their average stays near 1,
+  so with the shipped target the Scorer never wants a second replica here (on a GPU cluster several
+  Router replicas feed it);
 - `proxy_location: HeadOnly` and HTTP on 127.0.0.1:<free port>: all fake nodes share one host, where
   per-node proxies would share the port (SO_REUSEPORT) and a terminated node would cut the
   connections the kernel gave its proxy; on a cloud cluster a load balancer over EveryNode proxies
@@ -449,11 +450,10 @@ class Sampler:
         return row
 
     def _replica_details(self, t: float) -> None:
+        import ray
         from ray import serve
 
         client = serve.context._get_global_client()
-        import ray
-
         details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=10)
         app = (details.get("applications") or {}).get(APP) or {}
         for dep, d in (app.get("deployments") or {}).items():
@@ -554,7 +554,9 @@ def running(dep: str) -> int:
 
 
 def worker_nodes(sampler: Sampler) -> list[str]:
-    return [nid for nid, s in sampler.nodes_seen.items() if s["type"] == sampler.worker_type and "down_s" not in s]
+    # a copy: the sampler thread adds nodes while the main thread reads
+    seen = list(sampler.nodes_seen.items())
+    return [nid for nid, s in seen if s["type"] == sampler.worker_type and "down_s" not in s]
 
 
 def run(
