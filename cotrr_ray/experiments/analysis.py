@@ -106,7 +106,10 @@ def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
 
 
 _PER_QUERY = """
-WITH d AS (SELECT * FROM decisions WHERE $salt IS NULL OR experiment_salt = $salt),
+WITH d AS (
+    SELECT * FROM decisions
+    WHERE ($salt IS NULL OR experiment_salt = $salt) AND ($until IS NULL OR ts <= $until)
+),
 clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
 imps AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'impression'),
 shown AS (
@@ -138,9 +141,18 @@ per_query AS (
 """
 
 
-def unit_table(source: str | duckdb.DuckDBPyConnection, experiment_salt: str | None = None, *, k: int = 10) -> pa.Table:
+def unit_table(
+    source: str | duckdb.DuckDBPyConnection,
+    experiment_salt: str | None = None,
+    *,
+    k: int = 10,
+    until: float | None = None,
+) -> pa.Table:
     """Per (unit_id, arm): queries, clicks, clicked_queries, impressions, rr_sum (and clicks_at_k,
-    shown_at_k for CTR@k); the sums a statistics module takes. Sorted by arm, unit_id."""
+    shown_at_k for CTR@k); the sums a statistics module takes. Sorted by arm, unit_id.
+
+    ``until`` (a decision timestamp) keeps only decisions made by then: the experiment as it stood
+    at that look, for the running confidence sequence."""
     sql = (
         _PER_QUERY
         + """
@@ -150,7 +162,7 @@ def unit_table(source: str | duckdb.DuckDBPyConnection, experiment_salt: str | N
     FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k}).to_arrow_table()
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": until}).to_arrow_table()
 
 
 def arm_metrics(
@@ -171,7 +183,51 @@ def arm_metrics(
     FROM per_query GROUP BY arm ORDER BY arm
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k}).to_arrow_table()
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None}).to_arrow_table()
+
+
+_INTERLEAVED = """
+WITH d AS (
+    SELECT * FROM decisions
+    WHERE mode = 'interleave' AND NOT fallback AND ($salt IS NULL OR experiment_salt = $salt)
+),
+clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
+shown AS (
+    SELECT d.request_id, d.unit_id, d.ts, it.item_id AS item_id, it.team AS team, it.competitive AS competitive
+    FROM d, (SELECT unnest(d.items) AS it)
+)
+SELECT s.request_id, any_value(s.unit_id) AS unit_id, any_value(s.ts) AS ts,
+    count(c.item_id) FILTER (WHERE s.team = 'treatment' AND (s.competitive OR NOT $competitive_only))
+        AS h_treatment,
+    count(c.item_id) FILTER (WHERE s.team = 'control' AND (s.competitive OR NOT $competitive_only)) AS h_control
+FROM shown s LEFT JOIN clicks c ON c.request_id = s.request_id AND c.item_id = s.item_id
+GROUP BY s.request_id ORDER BY ts, s.request_id
+"""
+
+
+def interleaved_queries(
+    source: str | duckdb.DuckDBPyConnection, experiment_salt: str | None = None, *, competitive_only: bool = True
+) -> pa.Table:
+    """Per interleaved decision (fallbacks excluded: nothing was merged): request_id, unit_id, ts, and
+    the clicks credited to each team, h_treatment and h_control (distinct clicked items of that team;
+    with ``competitive_only``, only items of competitive rounds, as `interleaving.credit` does)."""
+    params = {"salt": experiment_salt, "competitive_only": competitive_only}
+    return _con(source).sql(_INTERLEAVED, params=params).to_arrow_table()
+
+
+def decision_span(source: str | duckdb.DuckDBPyConnection, experiment_salt: str | None = None) -> dict[str, object]:
+    """First and last decision time, the modes and the rollout percentages seen for the experiment."""
+    row = (
+        _con(source)
+        .execute(
+            "SELECT min(ts), max(ts), count(*), list(DISTINCT mode ORDER BY mode), "
+            "list(DISTINCT rollout_percentage ORDER BY rollout_percentage) "
+            "FROM decisions WHERE $salt IS NULL OR experiment_salt = $salt",
+            {"salt": experiment_salt},
+        )
+        .fetchall()[0]  # fetchall: DuckDB 2 keeps the connection busy until a result is drained
+    )
+    return dict(zip(["first_ts", "last_ts", "decisions", "modes", "rollout_percentages"], row))
 
 
 def feedback_summary(source: str | duckdb.DuckDBPyConnection) -> dict[str, object]:
@@ -192,7 +248,7 @@ def feedback_summary(source: str | duckdb.DuckDBPyConnection) -> dict[str, objec
             (SELECT count(*) FROM decisions) AS decisions,
             (SELECT n FROM raw_feedback_bad) + (SELECT n FROM raw_decisions_bad) AS unreadable_lines
         """
-    ).fetchone()
+    ).fetchall()[0]
     names = ["raw_events", "events", "orphans", "unmatched_items", "raw_decisions", "decisions", "unreadable_lines"]
     out: dict[str, object] = dict(zip(names, row))
     out["duplicates"] = out["raw_events"] - out["events"]

@@ -287,6 +287,16 @@ class Router:
         status, payload = await self.service.handle_feedback(request)
         return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
+    @api.get(
+        "/v1/experiments/{experiment_id}",
+        response_model=None,
+        responses={404: {"model": ErrorResponse}},
+        summary="An experiment's report from the event log: per-arm metrics, SRM, sequential tests, interleaving",
+    )
+    async def experiment(self, experiment_id: str) -> Response:
+        status, payload = await self.service.experiment(experiment_id)
+        return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
     def __del__(self) -> None:
         # Graceful replica shutdown: commit what is queued and close (upload) the open segments.
         events = getattr(self, "events", None)

@@ -42,6 +42,7 @@ from cotrr_ray.experiments.events import (
     split_new,
 )
 from cotrr_ray.experiments.interleaving import Interleaved, team_draft
+from cotrr_ray.experiments.report import experiment_report
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
 from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
 from cotrr_ray.serving.errors import InvalidOutput, RequestError, error_body, exception_name, from_validation_error
@@ -433,6 +434,26 @@ class RerankService:
                     dup_types[ev["type"]] = dup_types.get(ev["type"], 0) + 1
             for t, n in dup_types.items():
                 self.metrics.feedback("duplicate", t, n)
+
+    # -------------------------------------------------------------- GET /v1/experiments/{id}
+
+    async def experiment(self, experiment_id: str) -> tuple[int, dict[str, Any]]:
+        """The experiment's report (`experiments.report`) over the whole event log, every router's
+        closed and open segments (on ``s3://``, the segments uploaded so far); 404 without a log or
+        without a decision for `experiment_id` (the routing config's experiment_salt).
+
+        DuckDB runs in a worker thread, so this replica keeps serving; for a large log, run
+        ``python -m cotrr_ray.experiments report`` offline instead.
+        """
+        if self.events is None:
+            return 404, error_body("not_found", "no event log: set args.event_log.uri to record experiments")
+        if not experiment_id or len(experiment_id) > 256:
+            return 422, error_body("invalid_request", "experiment id must be 1-256 characters", "experiment_id")
+        await asyncio.to_thread(self.events.flush)  # this replica's own latest decisions are included
+        report = await asyncio.to_thread(experiment_report, self.args.event_log.uri, experiment_id)
+        if report is None:
+            return 404, error_body("not_found", f"no decision of experiment {experiment_id!r} in the event log")
+        return 200, report
 
     # -------------------------------------------------------------- shadow
 

@@ -1,0 +1,5 @@
+import sys
+
+from cotrr_ray.experiments.cli import main
+
+sys.exit(main())
