@@ -1,5 +1,5 @@
 """Experiment statistics on per-unit aggregates: SRM, mSPRT, the delta method, fixed-horizon tests,
-interleaving preference. Formulas: /work/shared/docs/experiments.md (summarised per function).
+interleaving preference. Each function's docstring gives its formula and source.
 
 Why per unit: the randomisation unit (a user) is what is independent. A user's queries share their
 taste, so treating queries as independent samples understates the variance and inflates false
