@@ -418,11 +418,16 @@ def test_synthetic_cli_writes_parquet(tmp_path: Path) -> None:
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The session's Serve cluster (conftest) may already be up: share it and leave it alone. One
+    # started here is shut down, since `serve_session` later calls ray.init() unconditionally.
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
 
 
 @pytest.mark.integration
