@@ -10,7 +10,8 @@ Phases (each a function below):
    torch thread, the same batch size), reading the same Parquet batches; lists/s of the whole loop
    (decode, features, model, calibration, order) after the bundle is loaded;
 3. ray_batch: `cotrr_ray.batch.pipeline.run` on a fresh local Ray (`num_cpus` = the machine's), for
-   each actor count: lists/s over the pipeline (read -> actors -> shard writes -> manifest), and the
+   each actor count (each actor min(1, (CPUs - 1) / actors) CPUs: one CPU stays for the read and
+   write tasks, without which a fixed pool deadlocks them): lists/s over the pipeline (read -> actors -> shard writes -> manifest), and the
    Ray start apart. Output rows are checked against the in-process rows (same order, same ids).
 
 Lists/s = queries / seconds. On the 2-vCPU development VM one actor already has a CPU's worth of
@@ -19,6 +20,7 @@ Ray's own work beside it (reads, shard writes, the driver), so the ratio to the 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -90,12 +92,16 @@ def ray_batch(data: dict[str, Any], workdir: Path, actors: list[int], reference:
 
     ours = not ray.is_initialized()  # the smoke test runs inside the test session's Ray
     init_s = init_local_ray(os.cpu_count() or 2) if ours else 0.0
+    cpus = ray.cluster_resources()["CPU"]
     results = []
     try:
         for n in actors:
             out = workdir / f"out-{n}"
             t0 = time.perf_counter()
-            manifest = run(BatchOptions(data["bundle"], data["dataset"], str(out), batch_size=BATCH_SIZE, actors=n))
+            # One CPU stays for Ray Data's read and write tasks (`run` refuses a pool that takes them all).
+            per_actor = min(1.0, (cpus - 1) / n)
+            opts = BatchOptions(data["bundle"], data["dataset"], str(out), batch_size=BATCH_SIZE, actors=n)
+            manifest = run(dataclasses.replace(opts, cpus_per_actor=per_actor))
             wall = time.perf_counter() - t0
             got = read_results(str(out))[1].to_pylist()
             if [(r["query_id"], r["ids"]) for r in got] != [(r["query_id"], r["ids"]) for r in reference]:
@@ -103,7 +109,7 @@ def ray_batch(data: dict[str, Any], workdir: Path, actors: list[int], reference:
             pipeline_s = manifest["timings"]["pipeline_s"]
             row = {
                 "actors": n,
-                "cpus_per_actor": 1.0,
+                "cpus_per_actor": per_actor,
                 "batch_size": BATCH_SIZE,
                 "pipeline_s": pipeline_s,
                 "wall_s": round(wall, 3),

@@ -55,6 +55,14 @@ def run(opts: BatchOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init()  # attaches to RAY_ADDRESS (set by `ray job submit`) or a running cluster, else starts one
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if opts.actors * opts.cpus_per_actor > cpus - 1:
+        # A fixed pool that takes every CPU starves the read and write tasks (measured: a 2-CPU
+        # cluster with 2 actors x 1 CPU never finished); fail at once instead of hanging.
+        raise ValueError(
+            f"{opts.actors} actors x {opts.cpus_per_actor} CPUs leave less than 1 of the cluster's {cpus:g} CPUs "
+            "for reading and writing; use fewer actors or a smaller --cpus-per-actor"
+        )
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.raise_original_map_exception
     ctx.execution_options.preserve_order = True
