@@ -226,12 +226,19 @@ def summarize_py_spy(text: str, **about: Any) -> dict[str, Any]:
         label = next((lab for lab, key in SPY_BUCKETS if key in stack), "other")
         counts[label] = counts.get(label, 0) + int(n)
     idle = sum(v for k, v in counts.items() if k.startswith("idle"))
+    tops: dict[str, int] = {}  # the innermost 3 frames of each stack, summed: what the busy samples were doing
+    for line in text.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            tail = ";".join(f.split(" (")[0] for f in stack.split(";")[-3:])
+            tops[tail] = tops.get(tail, 0) + int(n)
     busy = max(1, total - idle)
     return {
         **about,
         "samples": total,
         "share_of_busy": {k: round(v / busy, 3) for k, v in counts.items() if not k.startswith("idle")},
         "idle_share": round(idle / max(1, total), 3),
+        "top_leaf_stacks": [[k, v] for k, v in sorted(tops.items(), key=lambda kv: -kv[1])[:15]],
     }
 
 
@@ -395,6 +402,9 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_COLS = (("off_rps", "OFF", "rps"), ("on_rps", "ON", "rps"), ("off_p50", "OFF", "p50_ms"), ("on_p50", "ON", "p50_ms"))
+
+
 def print_table(result: dict[str, Any]) -> None:
     print()
     print(f"client: {result['client']}   order: {','.join(result['settings']['order'])}")
@@ -406,9 +416,10 @@ def print_table(result: dict[str, Any]) -> None:
         runs = sorted([*r["runs"]["OFF"], *r["runs"]["ON"]], key=lambda x: x["run"])
         names = {x["run"]: n for n in CONFIGS for x in r["runs"][n]}
         per = "  ".join(f"{names[x['run']]} {x['rps']:.0f} ({x['loadavg'][0] if x['loadavg'] else '?'})" for x in runs)
+        v = {k: (r[n][m] if r[n][m] is not None else float("nan")) for k, n, m in _COLS}
         print(
-            f"{r['encoding']:7} {r['concurrency']:>3} | {r['OFF']['rps']:>8.1f} {r['ON']['rps']:>8.1f} "
-            f"{r.get('rps_ratio', float('nan')):>6.3f} | {r['OFF']['p50_ms']:>8.2f} {r['ON']['p50_ms']:>8.2f} "
+            f"{r['encoding']:7} {r['concurrency']:>3} | {v['off_rps']:>8.1f} {v['on_rps']:>8.1f} "
+            f"{r.get('rps_ratio', float('nan')):>6.3f} | {v['off_p50']:>8.2f} {v['on_p50']:>8.2f} "
             f"{r.get('p50_ratio', float('nan')):>6.3f} | {per}"
         )
     print(f"verdict: {result['verdict']}")
