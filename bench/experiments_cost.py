@@ -27,6 +27,9 @@ Phases (functions below, in this order):
    errors, fallbacks, CPU per process (`kit.machine.CpuMeter`: foreign_cores = other people's
    processes) and /proc/loadavg before and after the measured window. ON runs also count the decision
    records in their log and check they are interleaved (items with a team);
+   Optional (`--py-spy ENC:C:SECONDS`): py-spy samples the Router replica during that level of every
+   run; the samples are booked to the decision record, the event log's writer thread, interleaving,
+   request parsing and other, with the heaviest leaf stacks (`py_spy` in each run's result);
 4. summary: per (encoding, concurrency) the mean over the runs of each configuration and the ratio
    ON / OFF of the means (rps and p50), plus the per-pair ratios (run k ON / run k OFF).
 
