@@ -5,9 +5,11 @@ Only tests that request `serve_session` start Ray; everything else stays Ray-fre
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,14 @@ from cotrr_ray.config import FAULT_INJECTION_ENV
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from kit.s3 import LoopbackS3, env_for, free_port  # noqa: E402
 
-# The loopback S3 server's address goes into this process's environment at import, before any test
-# starts Ray: every worker and replica inherits it, so s3:// means the loopback server everywhere
-# (and never a developer's real AWS account). The server itself starts only if a test asks for it.
-S3_PORT = free_port()
-os.environ.update(env_for(S3_PORT))
+# The loopback S3 server starts at import and its address goes into this process's environment,
+# before any test starts Ray: every worker and replica inherits it, so s3:// means the loopback
+# server everywhere (and never a developer's real AWS account). Started now, not on first use: a
+# port picked here and bound minutes later was once taken by a Ray process in between, failing
+# every S3 test of the run.
+S3 = LoopbackS3(free_port(), log=Path(tempfile.gettempdir()) / f"cotrr-tests-moto-{os.getpid()}.log").start()
+atexit.register(S3.stop)
+os.environ.update(env_for(S3.port))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,8 +67,7 @@ def bundle_b(tmp_path_factory, test_data) -> Path:
 @pytest.fixture(scope="session")
 def s3_bucket(tmp_path_factory):
     """`s3://cotrr-test` on a real S3-compatible server (moto's standalone server) on loopback."""
-    with LoopbackS3(S3_PORT, log=tmp_path_factory.mktemp("s3") / "moto.log") as s3:
-        yield s3.create_bucket("cotrr-test")
+    return S3.create_bucket("cotrr-test")
 
 
 @pytest.fixture(params=["local", "s3"])
