@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 from _bundles import request_body
+from test_app import wait_for
 
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments import analysis
@@ -20,17 +21,6 @@ pytestmark = pytest.mark.integration
 
 SALT = "ev-salt"
 PREFIX = "/ev"
-
-
-def wait_for(fn, timeout_s: float = 60.0, interval_s: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
 
 
 @pytest.fixture(scope="module")
