@@ -96,6 +96,9 @@ def test_a_valid_batch_parses() -> None:
         ([ev(0, timestamp=NOW + 3600)], "events[0].timestamp", "outside"),
         ([ev(0, timestamp="yesterday")], "events[0].timestamp", "number"),
         ([ev(0, value="a lot")], "events[0].value", "number"),
+        ([ev(0, timestamp=str(NOW))], "events[0].timestamp", "number"),  # a numeric string is not coerced
+        ([ev(0, value="39.9")], "events[0].value", "number"),
+        ([ev(0, timestamp=True)], "events[0].timestamp", "number"),
         ([ev(0, extra=1)], "events[0].extra", "Extra inputs"),
         ([], "events", "at least 1"),
         ({"events": {"a": 1}}, "events", "array"),

@@ -78,8 +78,9 @@ class FeedbackEventIn(BaseModel):
     request_id: str = Field(min_length=1, description="The request_id of the rerank response the item was shown in.")
     item_id: str = Field(min_length=1, description="The candidate id, as in the rerank request.")
     type: str = Field(min_length=1, description="Event type, one of the configured set (impression, click, ...).")
-    timestamp: float = Field(description="When it happened: Unix seconds (client clock).")
-    value: float | None = Field(None, description="Optional number, e.g. a conversion's value.")
+    # strict: a JSON number only; "1780000000" or true would otherwise be coerced and logged as if sent
+    timestamp: float = Field(strict=True, description="When it happened: Unix seconds (client clock), a JSON number.")
+    value: float | None = Field(None, strict=True, description="Optional number, e.g. a conversion's value.")
 
 
 class FeedbackBatchIn(BaseModel):
