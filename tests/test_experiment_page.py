@@ -97,6 +97,8 @@ def test_the_confidence_sequence_plot_draws_the_report_timeline(report) -> None:
             assert yb > ya
     upper = [float(p.split(",")[1]) for p in band[: len(looks)]]
     assert all(u <= y for u, y in zip(upper, ys))  # the band's upper edge is above the effect
+    # every drawn point stays inside the plot area (y from 12 to 240 - 36), however wide the early band
+    assert all(12 <= float(p.split(",")[1]) <= 204 for p in line + band)
     page = Page(render_page(report, None))
     caption = page.text("sequence-ab")
     assert f"{len(looks)} looks" in caption and f"over {looks[-1]['units']} units" in caption
@@ -135,7 +137,7 @@ def test_every_string_from_data_is_escaped(report) -> None:
     assert page.rows("decision-table")[-1]["cells"][4:] == [EVIL, EVIL]
     # unknown vocabulary never becomes a class name
     classes = {c for _, a in page.elements for c in (a.get("class") or "").split()}
-    allowed = "badge ok bad warn neutral unknown n note missing done current pending sequence timeline"
+    allowed = "badge ok bad warn neutral unknown n note missing done current pending sequence timeline clipped"
     assert classes <= set(allowed.split())
     assert page.tags.get("script", 0) == 0
     error = Page(render_error(404, {"error": {"code": "not_found", "message": EVIL, "field": None}}))
@@ -229,3 +231,18 @@ def test_service_serves_the_page_and_the_json_routes_404s(bundle_a, page_log, tm
         assert err.attr("error", "data-code") == body["error"]["code"]
         assert err.text("error") == f"{body['error']['code']}: {body['error']['message']}"
     svc.events.close()
+
+
+def test_a_wide_early_band_is_cut_at_the_edge_and_says_so() -> None:
+    looks = [
+        {"ts": 100.0 + i, "units": 10 * (i + 1), "effect": 0.1, "cs_low": 0.1 - w, "cs_high": 0.1 + w, "p_value": 1.0}
+        for i, w in enumerate([50.0, 1.0, 0.5, 0.4, 0.3, 0.2])
+    ]
+    svg = sequence_svg(looks, "effect")
+    assert "band cut at the edge" in svg
+    band = [float(p.split(",")[1]) for p in re.search(r'<polygon points="([^"]+)"', svg).group(1).split()]
+    assert min(band) == 12.0 and max(band) == 204.0  # the first look's band, clamped to the plot
+    assert band[2] > 12.0  # the later looks are scaled to be seen, not squashed
+    narrow = [lk | {"cs_low": 0.1 - 0.2, "cs_high": 0.1 + 0.2} for lk in looks]
+    assert "band cut at the edge" not in sequence_svg(narrow, "effect")
+    assert "No look with a finite" in sequence_svg([looks[0] | {"cs_low": None}], "effect")

@@ -144,16 +144,21 @@ def sequence_svg(looks: list[dict[str, Any]], label: str, *, width: int = 640, h
         return '<p class="note">No look with a finite confidence sequence yet.</p>'
     left, right, top, bottom = 64, 12, 12, 36
     t0, t1 = pts[0]["ts"], pts[-1]["ts"]
-    lo = min(0.0, *(p["cs_low"] for p in pts))
-    hi = max(0.0, *(p["cs_high"] for p in pts))
-    pad = (hi - lo) * 0.05 or 1.0
+    # The first looks' sequences are far wider than the later ones; scaled to them, the rest of the
+    # plot is a flat line. The range covers zero, every effect and the band of the later half of the
+    # looks, with as much again for the early band, which is cut at the edge (and says so).
+    tail = pts[len(pts) // 2 :]
+    lo = min(0.0, *(p["effect"] for p in pts), *(p["cs_low"] for p in tail))
+    hi = max(0.0, *(p["effect"] for p in pts), *(p["cs_high"] for p in tail))
+    pad = (hi - lo) * 0.5 or 1.0
     lo, hi = lo - pad, hi + pad
+    clipped = any(p["cs_low"] < lo or p["cs_high"] > hi for p in pts)
 
     def x(t: float) -> float:
         return left + (width - left - right) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.5)
 
     def y(v: float) -> float:
-        return top + (height - top - bottom) * (hi - v) / (hi - lo)
+        return top + (height - top - bottom) * (hi - min(max(v, lo), hi)) / (hi - lo)
 
     band = [(x(p["ts"]), y(p["cs_high"])) for p in pts] + [(x(p["ts"]), y(p["cs_low"])) for p in reversed(pts)]
     line = [(x(p["ts"]), y(p["effect"])) for p in pts]
@@ -172,6 +177,10 @@ def sequence_svg(looks: list[dict[str, Any]], label: str, *, width: int = 640, h
     parts.append(f'<text x="{left}" y="{height - 8}">{_e(_when(t0))}</text>')
     parts.append(f'<text x="{width - right}" y="{height - 8}" text-anchor="end">{_e(_when(t1))}</text>')
     parts.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 8}" text-anchor="middle">{_e(label)}</text>')
+    if clipped:
+        parts.append(
+            f'<text class="clipped" x="{width - right}" y="{top + 10}" text-anchor="end">band cut at the edge</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
