@@ -246,3 +246,13 @@ def test_a_wide_early_band_is_cut_at_the_edge_and_says_so() -> None:
     narrow = [lk | {"cs_low": 0.1 - 0.2, "cs_high": 0.1 + 0.2} for lk in looks]
     assert "band cut at the edge" not in sequence_svg(narrow, "effect")
     assert "No look with a finite" in sequence_svg([looks[0] | {"cs_low": None}], "effect")
+
+
+def test_ci_installs_the_browser_and_then_requires_the_browser_test() -> None:
+    """.ci/run is what makes CI run the browser test instead of skipping it."""
+    from pathlib import Path
+
+    run = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    install = run[run.index("apt-get install") :].split("\n\n")[0]
+    assert all(pkg in install for pkg in ("chromium", "chromium-driver")), install
+    assert "export COTRR_REQUIRE_BROWSER=1" in run and run.index("export COTRR_REQUIRE_BROWSER=1") < run.index("pytest")
