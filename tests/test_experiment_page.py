@@ -11,6 +11,7 @@ import re
 import orjson
 import pytest
 from _controller_status import Page, contract_status, write_status
+from _page_app import PAGE_SALT
 from test_experiment_report import run_experiment
 
 from cotrr_ray.bundles.bundle import read_meta
@@ -22,7 +23,7 @@ from cotrr_ray.serving.observability import ExposureLog
 from cotrr_ray.serving.service import RerankService
 from cotrr_ray.storage import locate, write_bytes
 
-SALT = "page-ab"
+SALT = PAGE_SALT
 EVIL = '<script>alert("x")</script>&"\''
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import httpx
-import orjson
 import pytest
-from _bundles import request_body
 from _controller_status import contract_status, write_status
+from _page_app import PREFIX, send_traffic
 from test_experiment_page import SALT, page_service
 from test_experiment_report import run_experiment
 
@@ -174,46 +173,14 @@ def test_page_in_chromium_without_ray(browser, page_server, page_log) -> None:
 # ----------------------------------------------------------------------------- through the real app
 
 
-@pytest.fixture(scope="module")
-def page_app(serve_session, bundle_a, tmp_path_factory):
-    from ray import serve
-
-    from cotrr_ray.config import AppArgs, RoutingConfig
-    from cotrr_ray.serving.app import build_app
-
-    root = tmp_path_factory.mktemp("page-app") / "log"
-    args = AppArgs(
-        bundle_uri=str(bundle_a),
-        fused_calibration=True,  # one deployment fewer on a 2-core box; the page is the Router's
-        routing=RoutingConfig(rollout_percentage=50, experiment_salt=SALT),
-        event_log={"uri": str(root)},
-    )
-    serve.run(build_app(args), name="page", route_prefix="/pg")
-    yield root
-    serve.delete("page")
-
-
 @pytest.mark.integration
 def test_page_in_chromium_through_the_serve_app(browser, serve_session, page_app, records) -> None:
     from selenium.webdriver.common.by import By
 
-    base = f"{serve_session.http_url}/pg"
+    base = f"{serve_session.http_url}{PREFIX}"
+    send_traffic(base, records, 60, "browser")
+    write_status(str(page_app), contract_status(SALT, time.time() - 1200))
     with httpx.Client(base_url=base, timeout=30) as c:
-        for i in range(60):
-            rec = records[i % len(records)]
-            r = c.post("/v1/rerank", content=orjson.dumps(request_body(rec, unit_id=f"page-user-{i}")))
-            assert r.status_code == 200, r.text
-            top = r.json()
-            event = {
-                "event_id": f"pg-{i}",
-                "request_id": top["request_id"],
-                "item_id": top["results"][0]["id"],
-                "type": "click",
-                "timestamp": time.time(),
-            }
-            if i % 3 == 0:
-                assert c.post("/v1/feedback", content=orjson.dumps({"events": [event]})).status_code == 200
-        write_status(str(page_app), contract_status(SALT, time.time() - 1200))
         r = c.get(f"/experiments/{SALT}")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text[:300]
         missing = c.get("/experiments/no-such-experiment")

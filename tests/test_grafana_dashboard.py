@@ -250,3 +250,50 @@ def test_the_check_is_not_vacuous(tmp_path) -> None:
     assert m.exported() == {"ray_cotrr_x": frozenset({"e"}) | SERVE_TAGS}
     mod.write_text("from ray.util.metrics import Counter\nc = Counter('cotrr_y', tag_keys=('a',))\n")
     assert defined_metrics(mod, "m.py")[0].exported() == {"ray_cotrr_y_total": frozenset({"a"})}
+
+
+@pytest.mark.integration
+def test_the_naming_rule_holds_on_a_real_scrape(serve_session, page_app, records) -> None:
+    """What `exported_series` derives is what Ray exports: after real traffic (reranks, feedback, an
+    event log), every series the dashboard names that this traffic touches is on the Prometheus
+    endpoint under the derived name, carrying every label derived for it."""
+    import httpx
+    from _page_app import PREFIX, send_traffic
+    from test_app import wait_for
+
+    send_traffic(f"{serve_session.http_url}{PREFIX}", records, 30, "scrape")
+    exported = exported_series()
+    touched = {
+        "ray_cotrr_rerank_requests_total",
+        "ray_cotrr_rerank_latency_ms_bucket",
+        "ray_cotrr_scorer_lists_total",
+        "ray_cotrr_scorer_batches_total",
+        "ray_cotrr_fallback_ratio",
+        "ray_cotrr_rollout_percentage",
+        "ray_cotrr_event_log_records_total",
+        "ray_cotrr_event_log_commit_ms_bucket",
+        "ray_cotrr_feedback_events_total",
+        "ray_serve_deployment_processing_latency_ms_bucket",
+        "ray_serve_actual_batch_size_bucket",
+    }
+    assert touched <= {n for _, expr in queries(dashboard()) for n in series_in(expr)}
+    line = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} ")
+    seen: dict[str, set[str]] = {}
+
+    def scrape():
+        try:
+            text = httpx.get(serve_session.metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            return None
+        for m in map(line.match, text.splitlines()):
+            if m and m.group(1) in touched and 'application="page"' in m.group(2):
+                seen.setdefault(m.group(1), set()).update(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', m.group(2)))
+        return seen if touched <= set(seen) else None
+
+    # 120 s: Ray exports each metric on its own schedule, and a busy 2-core box has taken > 60 s (test_app).
+    try:
+        wait_for(scrape, 120, 2, "the dashboard's series on the Prometheus endpoint")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; never seen: {sorted(touched - set(seen))}") from None
+    for name in touched:
+        assert exported[name] <= seen[name], (name, sorted(exported[name] - seen[name]))
