@@ -257,3 +257,14 @@ def test_ci_installs_the_browser_and_then_requires_the_browser_test() -> None:
     install = run[run.index("apt-get install") :].split("\n\n")[0]
     assert all(pkg in install for pkg in ("chromium", "chromium-driver")), install
     assert "export COTRR_REQUIRE_BROWSER=1" in run and run.index("export COTRR_REQUIRE_BROWSER=1") < run.index("pytest")
+
+
+def test_a_sparse_or_garbled_status_still_renders(report) -> None:
+    """Only `version` is checked on load; every other field may be missing or of the wrong shape."""
+    minimal = Page(render_page(report, {"version": 1, "experiment_id": SALT}))
+    assert minimal.text("current-stage") == "–" and minimal.rows("stage-table") == []
+    assert minimal.text("guardrail-summary") == "0 of 0 breached" and "No decision yet." in minimal.text("decisions")
+    garbled = {"version": 1, "stage": "5%", "timeline": ["x", None], "guardrails": [None, 3], "decisions": ["y"]}
+    garbled["plan"] = {"stages": [None, {"name": "only"}]}
+    page = Page(render_page(report, garbled))
+    assert [r["cells"][1] for r in page.rows("stage-table")] == ["only"]  # pending: no current stage known

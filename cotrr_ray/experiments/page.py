@@ -220,7 +220,8 @@ def stage_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
     """The visited stages in order (the status timeline), the current stage when the timeline does
     not already end with it open, then the plan's stages still ahead; each with its plan settings."""
     plan = [s for s in (status.get("plan") or {}).get("stages") or [] if isinstance(s, dict)]
-    rows = [dict(r, state="done" if _finite(r.get("left_at")) else "current") for r in status.get("timeline") or []]
+    visited = [r for r in status.get("timeline") or [] if isinstance(r, dict)]
+    rows = [dict(r, state="done" if _finite(r.get("left_at")) else "current") for r in visited]
     cur = status.get("stage") if isinstance(status.get("stage"), dict) else None
     if cur and not (rows and rows[-1]["state"] == "current" and rows[-1].get("index") == cur.get("index")):
         rows.append({"stage": cur.get("name"), "index": cur.get("index"), "entered_at": cur.get("entered_at")})
@@ -247,10 +248,10 @@ def _header(report: dict[str, Any], status: dict[str, Any] | None, now: float) -
         )
         state = ""
     else:
-        cur = status.get("stage") or {}
+        cur = status.get("stage") if isinstance(status.get("stage"), dict) else {}
         since = cur.get("entered_at")
         stage = (
-            f'<strong id="current-stage" data-index="{_e(cur.get("index"))}">{_e(cur.get("name"))}</strong> '
+            f'<strong id="current-stage" data-index="{_e(cur.get("index"))}">{_e(cur.get("name", "–"))}</strong> '
             f'<span class="note">({_e(cur.get("mode"))}, rollout {_e(_pct(cur.get("rollout_percentage")))}, '
             f"since {_e(_when(since))}" + (f", {_duration(now - since)}" if _finite(since) else "") + ")</span>"
         )
