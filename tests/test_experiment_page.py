@@ -16,8 +16,9 @@ from test_experiment_report import run_experiment
 
 from cotrr_ray.bundles.bundle import read_meta
 from cotrr_ray.config import AppArgs
-from cotrr_ray.experiments.page import load_status, render_error, render_page, sequence_svg, stage_rows
+from cotrr_ray.experiments.page import load_status, render_error, render_page, stage_rows
 from cotrr_ray.experiments.report import ReportSettings, experiment_report
+from cotrr_ray.experiments.svg import sequence_svg
 from cotrr_ray.serving.coalescer import Downstream
 from cotrr_ray.serving.observability import ExposureLog
 from cotrr_ray.serving.service import RerankService
