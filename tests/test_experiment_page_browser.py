@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-from _controller_status import contract_status, write_status
+from _controller_status import Page, contract_status, write_status
 from _page_app import PREFIX, send_traffic
 from test_experiment_page import SALT, page_service
 from test_experiment_report import run_experiment
@@ -185,7 +185,8 @@ def test_page_in_chromium_through_the_serve_app(browser, serve_session, page_app
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text[:300]
         missing = c.get("/experiments/no-such-experiment")
         assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
-        assert c.get("/v1/experiments/no-such-experiment").json()["error"]["message"] in missing.text
+        err = c.get("/v1/experiments/no-such-experiment").json()["error"]
+        assert Page(missing.text).text("error") == f"{err['code']}: {err['message']}"
     check_page(browser, f"{base}/experiments/{SALT}", stage="5%", name="experiment-serve-app")
     assert browser.find_element(By.ID, "controller-state").text == "running"
     assert browser.find_element(By.ID, "guardrail-summary").text == "0 of 3 breached"
