@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _bundles import make_bundle, make_data, read_records
+from _page_app import _page_app  # noqa: F401 (the session's page_app fixture: the experiment page's Serve app)
 
 from cotrr_ray.config import FAULT_INJECTION_ENV
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -297,6 +297,16 @@ class Router:
     async def experiment(self, experiment_id: str) -> Response:
         status, payload = await self.service.experiment(experiment_id)
         return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+    @api.get(
+        "/experiments/{experiment_id}",
+        response_class=HTMLResponse,
+        responses={404: {"description": "no event log, or no decision of the experiment (HTML)"}},
+        summary="An experiment's page: stage timeline, per-arm metrics, confidence sequences, SRM, guardrails",
+    )
+    async def experiment_page(self, experiment_id: str) -> Response:
+        status, page = await self.service.experiment_page(experiment_id)
+        return HTMLResponse(page, status_code=status)
 
     def __del__(self) -> None:
         # Graceful replica shutdown: commit what is queued and close (upload) the open segments.

@@ -42,6 +42,7 @@ from cotrr_ray.experiments.events import (
     split_new,
 )
 from cotrr_ray.experiments.interleaving import Interleaved, team_draft
+from cotrr_ray.experiments.page import load_status, render_error, render_page
 from cotrr_ray.experiments.report import experiment_report
 from cotrr_ray.serving.api import ParsedRequest, RequestParser, read_body
 from cotrr_ray.serving.coalescer import Breaker, Downstream, DownstreamCall, call_with_timeout
@@ -454,6 +455,21 @@ class RerankService:
         if report is None:
             return 404, error_body("not_found", f"no decision of experiment {experiment_id!r} in the event log")
         return 200, report
+
+    # -------------------------------------------------------------- GET /experiments/{id} (HTML)
+
+    async def experiment_page(self, experiment_id: str) -> tuple[int, str]:
+        """The experiment page (`experiments.page`): the report above and, when a controller runs the
+        experiment, its status beside the event log. Errors are those of `experiment`, as HTML."""
+        code, report = await self.experiment(experiment_id)
+        if code != 200:
+            return code, render_error(code, report)
+
+        def page() -> str:
+            status, problem = load_status(self.args.event_log.uri, experiment_id)
+            return render_page(report, status, status_problem=problem)
+
+        return 200, await asyncio.to_thread(page)
 
     # -------------------------------------------------------------- shadow
 
