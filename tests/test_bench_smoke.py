@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peer_app  # noqa: E402
+import router_cpu_bench  # noqa: E402
 import serve_bench  # noqa: E402
 import train_bench  # noqa: E402
 from kit import bodies as kit_bodies  # noqa: E402
@@ -96,6 +97,18 @@ def test_the_bench_refuses_to_run_without_wrk_unless_asked(monkeypatch) -> None:
     with pytest.raises(SystemExit, match="apt-get install -y wrk"):
         serve_bench.client_kind("auto")
     assert serve_bench.client_kind("httpx") == "httpx"
+
+
+def test_router_cpu_bench_runs_every_phase(tmp_path) -> None:
+    out = tmp_path / "router.json"
+    result = router_cpu_bench.main(["--number", "1", "--repeat", "2", "--json", str(out)])
+    assert set(result["by_encoding"]) == {"json", "base64"} and out.exists()
+    for row in result["by_encoding"].values():
+        keys = ("parse_reference", "parse", "orjson_loads", "respond", "hop_payload", "service")
+        assert all(row[k] > 0 for k in keys), row
+        assert row["hop_payload_dtypes"] == ["float32"] and row["hop_payload_bytes"] > 0
+    timed = router_cpu_bench.best_ms_interleaved({"a": lambda: None, "b": lambda: sum(range(100))}, 2, 3)
+    assert set(timed) == {"a", "b"} and all(v >= 0 for v in timed.values())
 
 
 def _start_peer(bundle: Path, port: int, tmp_path: Path, workers: int = 1) -> subprocess.Popen:

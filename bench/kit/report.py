@@ -137,14 +137,14 @@ def fmt_table(rows: list[dict[str, Any]], title: str) -> str:
 
 def fmt_summary(result: dict[str, Any]) -> str:
     """One line per server and encoding: best req/s (at c), p50 at c=1, and the graph's ratio to it."""
-    lines = [f"{'':<30}{'enc':<8}{'best req/s':>11}{'at c':>6}{'p50 c=1':>9}{'graph / this':>14}"]
+    lines = [f"{'':<30}{'enc':<8}{'best req/s':>11}{'at c':>6}{'p50 c=1':>9}  graph / this (req/s, p50 c=1)"]
     multi = result.get("limit", {}).get("multi_core", {})
     graph = result.get("levels", [])
 
     def line(name: str, enc: str, rps: float | None, c: Any, p50: float | None, ratio: str) -> str:
         rps_s = "-" if rps is None else f"{rps:.1f}"
         p50_s = "-" if p50 is None else f"{p50:.2f}"
-        return f"{name:<30}{enc:<8}{rps_s:>11}{c!s:>6}{p50_s:>9}{ratio:>14}"
+        return f"{name:<30}{enc:<8}{rps_s:>11}{c!s:>6}{p50_s:>9}  {ratio}"
 
     for enc in result.get("settings", {}).get("encodings") or ENCODINGS:
         g, g1 = best(graph, enc), at(graph, enc, 1)
