@@ -12,9 +12,15 @@ own code end to end, so the comparison measures the serving framework and nothin
   compares like with like (here `score` is an in-process call: `score - model` is ~0).
 
 The scorer and calibrator are plain in-process calls (blocking, on the event loop, one torch
-thread), which is what a single-process service does.
+thread), which is what a single-process service does. `--workers N` runs N such processes behind
+one port (uvicorn's multiprocess supervisor; the kernel spreads connections over them): one per core
+is what a user benchmarking this box would run, so it is the bench's fair peer.
 
-    python bench/peer_app.py --bundle artifacts/registry/demo@production --port 8100 [--serve-config serve_config.yaml]
+    python bench/peer_app.py --bundle artifacts/registry/demo@production --port 8100 [--workers 2] [--serve-config serve_config.yaml]
+
+uvicorn needs an import string to start several workers, so the workers build their app with the
+factory `peer_app:app_from_env`, configured by the `COTRR_PEER_*` environment variables that `main`
+sets (equivalently: `COTRR_PEER_BUNDLE=... uvicorn --app-dir bench --factory peer_app:app_from_env --workers 2`).
 """
 
 from __future__ import annotations
@@ -128,6 +134,35 @@ def create_app(
     return app
 
 
+ENV_BUNDLE = "COTRR_PEER_BUNDLE"
+ENV_SERVE_CONFIG = "COTRR_PEER_SERVE_CONFIG"
+ENV_EXPOSURE_LOG = "COTRR_PEER_EXPOSURE_LOG"
+
+
+def peer_routing(bundle: str, serve_config: str | None) -> RoutingConfig:
+    """The Router's routing of `serve_config` (default: all treatment), top_m capped at the bundle's."""
+    routing = routing_from_serve_config(serve_config) if serve_config else RoutingConfig(rollout_percentage=100)
+    top_m = read_meta(BundleSource.parse(bundle, os.getcwd()).resolve()[1]).top_m
+    if routing.top_m is not None and routing.top_m > top_m:  # a smaller bundle than the config's (tests)
+        routing = routing.model_copy(update={"top_m": top_m})
+    return routing
+
+
+def app_from_env() -> FastAPI:
+    """The app factory each uvicorn worker calls (`--factory peer_app:app_from_env`): bundle, routing
+    source and exposure log from COTRR_PEER_BUNDLE / COTRR_PEER_SERVE_CONFIG / COTRR_PEER_EXPOSURE_LOG.
+    Workers share the exposure file: its lines are O_APPEND writes, which do not interleave."""
+    bundle = os.environ.get(ENV_BUNDLE)
+    if not bundle:
+        raise RuntimeError(f"{ENV_BUNDLE} is not set: the bundle URI the peer serves")
+    serve_config = os.environ.get(ENV_SERVE_CONFIG) or None
+    return create_app(
+        bundle,
+        routing=peer_routing(bundle, serve_config),
+        exposure_log_path=os.environ.get(ENV_EXPOSURE_LOG) or None,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Single-process FastAPI + uvicorn peer of the cotrr-ray service.")
     p.add_argument("--bundle", default="artifacts/registry/demo@production")
@@ -135,22 +170,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"), help="routing user_config source")
     p.add_argument("--exposure-log", default=None, help="exposure JSON lines file (default: a logger at WARNING)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core: the fair peer)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import uvicorn
 
-    routing = (
-        routing_from_serve_config(args.serve_config) if args.serve_config else RoutingConfig(rollout_percentage=100)
-    )
-    top_m = read_meta(BundleSource.parse(args.bundle, os.getcwd()).resolve()[1]).top_m
-    if routing.top_m is not None and routing.top_m > top_m:  # a smaller bundle than the config's (tests)
-        routing = routing.model_copy(update={"top_m": top_m})
-    app = create_app(args.bundle, routing=routing, exposure_log_path=args.exposure_log)
+    # The workers (spawned processes) read their settings from the environment they inherit.
+    os.environ[ENV_BUNDLE] = args.bundle
+    os.environ[ENV_SERVE_CONFIG] = args.serve_config or ""
+    os.environ[ENV_EXPOSURE_LOG] = args.exposure_log or ""
     uvicorn.run(
-        app,
+        "peer_app:app_from_env",
+        factory=True,
+        app_dir=str(Path(__file__).resolve().parent),
         host=args.host,
         port=args.port,
-        workers=1,
+        workers=args.workers,
         access_log=False,
         log_level="warning",
         loop="uvloop",

@@ -17,13 +17,22 @@ In one run, on the same cores:
    (two Scorer replicas pinned to separate CPUs vs one); and a **per-stage profile** at concurrency 1
    (`--profile`): sequential requests whose `Server-Timing` headers (read, parse, score, model,
    calibrate, total) split the latency of the graph, the fused mode and the peer into stages;
-3. **peer**: bench/peer_app.py (one FastAPI + uvicorn process, same bundle and the same parsing /
-   scoring / calibration / ordering code), driven by the same load generator.
+3. **peer**: bench/peer_app.py (FastAPI + uvicorn, same bundle and the same parsing / scoring /
+   calibration / ordering code), driven by the same load generator. The fair peer is what a user
+   benchmarking this box would run: uvicorn with one worker per core (`--peer-workers`, default the
+   CPU count); the one-worker figure is measured beside it (`--no-peer1` leaves it out). The ratios
+   (`ratios.<encoding>.rps_vs_peer`, `p50_vs_peer`) are against the fair peer.
+
+The limit is measured on one core (in this process) and on every core (`--limit-cores`, default the
+CPU count: one pinned process per core, throughputs summed), so each side has its own bound.
 
 Request: 100 candidates in upstream order, the first 20 with every feature group of the bundle's
 spec (dims of the default image-search spec), the rest ids only; 32 distinct bodies (fixed seed)
-sent round-robin. The load generator is `wrk` (1 thread, Lua script; `apt-get install wrk`); without
-it, an asyncio + httpx client in its own process (`--client httpx`), whose CPU is reported.
+sent round-robin. The load generator is `wrk` (1 thread, Lua script; `apt-get install -y wrk`), a
+prerequisite: without it the run stops, unless `--client httpx` asks for the asyncio + httpx client,
+which uses ~0.4 cores of a 2-core box and so takes them from the servers. Every level records the
+client's CPU; a level where it used more than `--max-client-cores` (default 0.1) is flagged
+(`client_over_budget`, result["client"], and a warning in the printed report).
 
 Serve's processes get their environment from the process that starts Ray (here, this script):
 `--mode opt` (default) sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1, so the Router replica serves HTTP on
@@ -62,7 +71,7 @@ from kit.cluster import (  # noqa: E402
     serve_config_for_bench,
     wait_healthy,
 )
-from kit.limit import run_limit  # noqa: E402
+from kit.limit import run_limit, run_limit_processes  # noqa: E402
 from kit.load import Bench, LoadGen, _httpx_client_main, profile_server  # noqa: E402
 from kit.machine import CpuMeter, loadavg, machine_info, say  # noqa: E402
 from kit.report import (  # noqa: E402
@@ -110,6 +119,17 @@ def make_bodies(
 
 
 @dataclass
+class Peer:
+    """One peer server: `workers` uvicorn processes behind `url`; `label` is its CPU group."""
+
+    label: str
+    workers: int
+    proc: subprocess.Popen
+    log: Any
+    url: str
+
+
+@dataclass
 class ServeRun:
     """What the phases of one run share: settings, bodies, load generators, servers, the result."""
 
@@ -127,9 +147,11 @@ class ServeRun:
     bench: Bench | None = None
     cluster: ServeCluster | None = None
     http_port: int = 0
-    peer: subprocess.Popen | None = None
-    peer_log: Any = None
-    peer_url: str | None = None
+    peers: dict[str, Peer] = field(default_factory=dict)  # "peer" (fair: one worker per core), "peer1"
+
+    @property
+    def peer(self) -> Peer | None:
+        return self.peers.get("peer")
 
     @property
     def first(self) -> str:
@@ -165,19 +187,21 @@ class ServeRun:
         )
         return r
 
-    def peer_level(self, enc: str, c: int) -> dict[str, Any]:
+    def peer_level(self, peer: Peer, enc: str, c: int) -> dict[str, Any]:
         r = self.bench.level(
             self.gens[enc],
-            self.peer_url + "/v1/rerank",
+            peer.url + "/v1/rerank",
             c,
             warmup_s=self.args.warmup,
             duration_s=self.args.duration,
-            server="peer",
+            server=peer.label,
         )
         r["encoding"] = enc
+        r["workers"] = peer.workers
         say(
-            f"peer {enc} c={c}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.2f} ms err {r['errors']} "
-            f"foreign {r['cpu']['foreign_cores']}"
+            f"{peer.label} ({peer.workers} worker{'s' if peer.workers > 1 else ''}) {enc} c={c}: {r['rps']:.1f} "
+            f"req/s p50 {r['p50_ms']:.2f} ms err {r['errors']} cpu {r['cpu']['server_cores']} "
+            f"client {r['cpu']['client_cores']} foreign {r['cpu']['foreign_cores']}"
         )
         return r
 
@@ -310,52 +334,106 @@ def measure_limit(run: ServeRun) -> None:
         "encoding": run.first,
         "by_encoding": limit_by,
     }
+    if run.args.limit_cores > 1:
+        multi = {}
+        for enc in run.encodings:
+            multi[enc] = run_limit_processes(
+                str(run.bundle_uri),
+                run.bodies[enc],
+                batch_size=scorer_batch_size(run),
+                duration_s=run.args.limit_duration,
+                top_m=min(TOP_M, run.meta.top_m),
+                cpus=list(range(run.args.limit_cores)),
+            )
+            multi[enc]["loadavg"] = loadavg()
+            say(f"limit {enc} on {run.args.limit_cores} cores: {multi[enc]['rps']:.1f} req/s (summed over processes)")
+        run.result["limit"]["multi_core"] = {"cores": run.args.limit_cores, "by_encoding": multi}
+
+
+def client_kind(requested: str) -> str:
+    """The load generator to use: wrk unless asked otherwise; refuses `auto` without wrk (the httpx
+    fallback costs the servers ~0.4 cores of a 2-core box and would halve every figure)."""
+    if requested == "auto":
+        if shutil.which("wrk") is None:
+            raise SystemExit(
+                "serve_bench: wrk not found. It is a prerequisite (apt-get install -y wrk); "
+                "--client httpx runs the Python client instead, and its CPU is flagged in the result"
+            )
+        return "wrk"
+    return requested
+
+
+def wrk_version() -> str | None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    proc = subprocess.run([wrk, "--version"], capture_output=True, text=True)
+    return (proc.stdout or proc.stderr).split("\n")[0].strip() or None
 
 
 def start_load_generators(run: ServeRun) -> None:
-    run.gens = {enc: LoadGen(run.bodies[enc], kind=run.args.client) for enc in run.encodings}
-    run.result["settings"]["client"] = run.gens[run.first].kind
-    run.bench = Bench(run.args, max_foreign=run.args.max_foreign)
+    kind = client_kind(run.args.client)
+    run.gens = {enc: LoadGen(run.bodies[enc], kind=kind) for enc in run.encodings}
+    run.result["settings"]["client"] = kind
+    run.result["client"] = {
+        "kind": kind,
+        "version": wrk_version() if kind == "wrk" else "httpx (asyncio, one child process)",
+        "max_cores_allowed": run.args.max_client_cores,
+    }
+    run.bench = Bench(run.args, max_foreign=run.args.max_foreign, max_client_cores=run.args.max_client_cores)
+
+
+def peer_settings(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(label, workers) of the peers to run: the fair one first, then the one-worker one."""
+    if args.no_peer:
+        return []
+    out = [("peer", args.peer_workers)]
+    if args.peer1 and args.peer_workers != 1:
+        out.append(("peer1", 1))
+    return out
 
 
 def start_peer(run: ServeRun) -> None:
-    """bench/peer_app.py in its own process (one torch thread), unless --no-peer."""
-    if run.args.no_peer:
-        return
-    port = free_port()
-    run.peer_log = open(run.work / "peer.log", "wb")
-    run.peer = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "bench/peer_app.py"),
-            "--bundle",
-            str(run.bundle_uri),
-            "--port",
-            str(port),
-            "--serve-config",
-            str(run.serve_cfg_path),
-            "--exposure-log",
-            str(run.work / "peer-exposure.jsonl"),
-        ],
-        stdout=run.peer_log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=REPO,
-    )
-    run.peer_url = f"http://127.0.0.1:{port}"
+    """bench/peer_app.py servers (one torch thread per worker), unless --no-peer: the fair peer
+    (`--peer-workers` uvicorn workers) and the one-worker peer beside it."""
+    for label, workers in peer_settings(run.args):
+        port = free_port()
+        log = open(run.work / f"{label}.log", "wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "bench/peer_app.py"),
+                "--bundle",
+                str(run.bundle_uri),
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--serve-config",
+                str(run.serve_cfg_path),
+                "--exposure-log",
+                str(run.work / f"{label}-exposure.jsonl"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=REPO,
+        )
+        run.bench.meter.labels[proc.pid] = label  # its workers inherit the label (kit.machine)
+        run.peers[label] = Peer(label, workers, proc, log, f"http://127.0.0.1:{port}")
+    run.result["peer_workers"] = run.args.peer_workers if run.peers else None
 
 
 def stop_peer(run: ServeRun) -> None:
-    peer = run.peer
-    if peer is not None and peer.poll() is None:
-        peer.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            peer.wait(timeout=20)
-        if peer.poll() is None:
-            peer.kill()
-    if run.peer_log is not None:
-        run.peer_log.close()
-        run.peer_log = None
+    for peer in run.peers.values():
+        if peer.proc.poll() is None:
+            peer.proc.send_signal(signal.SIGTERM)  # uvicorn's supervisor stops its workers
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                peer.proc.wait(timeout=20)
+            if peer.proc.poll() is None:
+                peer.proc.kill()
+        if not peer.log.closed:
+            peer.log.close()
 
 
 def start_serve(run: ServeRun) -> None:
@@ -373,37 +451,39 @@ def start_serve(run: ServeRun) -> None:
         f"target {cluster.url_base} (direct ingress: {cluster.ingress_port is not None})"
     )
     result["settings"]["target"] = "router replica port (direct ingress)" if cluster.ingress_port else "proxy"
-    if run.peer is not None:
-        wait_healthy(run.peer_url, 120, run.peer)
+    for peer in run.peers.values():
+        wait_healthy(peer.url, 180, peer.proc)
     a = run.bench.meter.snapshot()
     time.sleep(3)
     idle = CpuMeter.delta(a, run.bench.meter.snapshot())
     result["serve_idle_cores"] = round(
-        sum(v for k, v in idle["per_process"].items() if k not in ("bench-driver", "peer")), 3
+        sum(v for k, v in idle["per_process"].items() if k not in ("bench-driver", *run.peers)), 3
     )
     say(f"idle: Serve's processes {result['serve_idle_cores']} cores, box {idle['box_cores']} cores")
 
 
 def measure_peer_and_serve(run: ServeRun) -> None:
-    """2. Peer and Ray Serve, interleaved: each (encoding, concurrency) level is measured for the peer
-    and then for the service, back to back, so both see the same background load on a shared box (the
-    idle cost of the other server during a level is reported as serve_idle_cores). Then the profiles."""
-    rows, peer_rows = [], []
+    """2. Peers and Ray Serve, interleaved: each (encoding, concurrency) level is measured for the fair
+    peer, the one-worker peer and then the service, back to back, so all see the same background load
+    on a shared box (the idle cost of the other servers during a level is reported as
+    serve_idle_cores). Then the profiles (the fair peer and the graph)."""
+    rows: list[dict[str, Any]] = []
+    peer_rows: dict[str, list[dict[str, Any]]] = {label: [] for label in run.peers}
     try:
         for enc in run.encodings:
             for c in run.levels:
-                if run.peer is not None:
-                    peer_rows.append(run.peer_level(enc, c))
+                for label, peer in run.peers.items():
+                    peer_rows[label].append(run.peer_level(peer, enc, c))
                 rows.append(run.serve_level("serve", enc, c))
-        if run.args.profile:  # both servers are up: the default graph and the peer, back to back
+        if run.args.profile:  # all servers are up: the default graph and the fair peer, back to back
             if run.peer is not None:
-                run.profile("peer", run.peer_url)
+                run.profile("peer", run.peer.url)
             run.profile("graph", run.cluster.url_base)
     finally:
         stop_peer(run)
     run.result["levels"] = rows
-    if run.peer is not None:
-        run.result["peer"] = {"levels": peer_rows}
+    for label, peer in run.peers.items():
+        run.result[label] = {"workers": peer.workers, "levels": peer_rows[label]}
 
 
 def measure_overload(run: ServeRun) -> None:
@@ -507,16 +587,31 @@ def teardown(run: ServeRun) -> None:
 
 
 def summarize_run(result: dict[str, Any]) -> None:
-    """Noisy/re-measured level counts, ratios and targets."""
-    all_rows = [*result.get("levels", []), *result.get("peer", {}).get("levels", [])]
-    for key in ("fused", "no_coalescing", "scaleout"):
+    """Noisy/re-measured level counts, the load generator's CPU, ratios and targets."""
+    all_rows = [*result.get("levels", [])]
+    for key in ("peer", "peer1", "fused", "no_coalescing", "scaleout"):
         all_rows += result.get(key, {}).get("levels", [])
     result["noisy_levels"] = sum(1 for r in all_rows if r.get("noisy"))
     result["retried_levels"] = sum(1 for r in all_rows if r.get("retries"))
+    summarize_client(result, all_rows)
     result["ratios"] = ratios(
-        result.get("levels", []), result.get("peer", {}).get("levels", []), result["limit"]["by_encoding"]
+        result.get("levels", []),
+        result.get("peer", {}).get("levels", []),
+        result["limit"]["by_encoding"],
+        peer1=result.get("peer1", {}).get("levels", []),
+        limit_multi=result["limit"].get("multi_core", {}).get("by_encoding"),
     )
     result["targets"] = targets(result)
+
+
+def summarize_client(result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """result["client"]: the load generator, the most cores it used in a level, and whether every
+    level stayed within `max_cores_allowed` (`ok`; false means the figures are not comparable)."""
+    client = result.setdefault("client", {"kind": result.get("settings", {}).get("client")})
+    used = [r["cpu"]["client_cores"] for r in rows if "cpu" in r and "client_cores" in r["cpu"]]
+    client["max_cores_used"] = max(used) if used else None
+    client["over_budget_levels"] = sum(1 for r in rows if r.get("client_over_budget"))
+    client["ok"] = client["over_budget_levels"] == 0
 
 
 # ============================================================================ main
@@ -535,7 +630,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="measured seconds per level (default 8; quick 3)")
     p.add_argument("--limit-duration", type=float, default=None, help="seconds of the in-process limit loop")
     p.add_argument("--bodies", type=int, default=N_BODIES)
-    p.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
+    p.add_argument(
+        "--client",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="load generator; auto = wrk, and stop if it is not installed (apt-get install -y wrk)",
+    )
+    p.add_argument(
+        "--max-client-cores",
+        type=float,
+        default=0.1,
+        help="flag a level (client_over_budget, result['client'], a warning) whose load generator used more cores",
+    )
+    p.add_argument(
+        "--peer-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="uvicorn workers of the fair peer (default: one per core)",
+    )
+    p.add_argument(
+        "--peer1",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the one-worker peer beside the fair one",
+    )
+    p.add_argument(
+        "--limit-cores",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="also measure the limit on this many cores (one pinned process each, summed); <= 1: one core only",
+    )
     p.add_argument(
         "--max-foreign",
         type=float,

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peer_app  # noqa: E402
+import router_cpu_bench  # noqa: E402
 import serve_bench  # noqa: E402
 import train_bench  # noqa: E402
 from kit import bodies as kit_bodies  # noqa: E402
@@ -62,7 +63,55 @@ def test_bodies_parse_and_the_limit_loop_runs(bundle_a, tiny_bodies) -> None:
         assert set(lim["stages_ms_per_request"]) == {"parse_features", "model", "calibrate", "order_serialise"}
 
 
-def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
+def test_the_limit_on_two_cores_runs_one_pinned_process_per_core(bundle_a, tiny_bodies) -> None:
+    meta = read_meta(bundle_a)
+    out = kit_limit.run_limit_processes(
+        str(bundle_a), tiny_bodies["base64"], batch_size=2, duration_s=0.2, top_m=meta.top_m, cpus=[0, 1]
+    )
+    assert out["processes"] == 2 and out["cpus"] == [0, 1] and [p["cpu"] for p in out["by_process"]] == [0, 1]
+    assert all(p["requests"] > 0 for p in out["by_process"])
+    assert out["rps"] == pytest.approx(sum(p["rps"] for p in out["by_process"]), abs=0.02)
+
+
+def test_child_processes_inherit_a_registered_label() -> None:
+    # uvicorn's workers are spawned with multiprocessing's command line: they must count as the peer
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            labels = kit_machine.labeled_descendants(os.getpid(), {parent.pid: "peer1"})
+            below = [pid for pid, label in labels.items() if pid != parent.pid and label == "peer1"]
+            if below:
+                break
+            time.sleep(0.1)
+        assert labels[parent.pid] == "peer1" and below, labels
+        assert kit_machine.labeled_descendants(os.getpid())[parent.pid] == "other"  # unregistered: its cmdline
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_the_bench_refuses_to_run_without_wrk_unless_asked(monkeypatch) -> None:
+    monkeypatch.setattr(serve_bench.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="apt-get install -y wrk"):
+        serve_bench.client_kind("auto")
+    assert serve_bench.client_kind("httpx") == "httpx"
+
+
+def test_router_cpu_bench_runs_every_phase(tmp_path) -> None:
+    out = tmp_path / "router.json"
+    result = router_cpu_bench.main(["--number", "1", "--repeat", "2", "--json", str(out)])
+    assert set(result["by_encoding"]) == {"json", "base64"} and out.exists()
+    for row in result["by_encoding"].values():
+        keys = ("parse_reference", "parse", "orjson_loads", "respond", "hop_payload", "service")
+        assert all(row[k] > 0 for k in keys), row
+        assert row["hop_payload_dtypes"] == ["float32"] and row["hop_payload_bytes"] > 0
+    timed = router_cpu_bench.best_ms_interleaved({"a": lambda: None, "b": lambda: sum(range(100))}, 2, 3)
+    assert set(timed) == {"a", "b"} and all(v >= 0 for v in timed.values())
+
+
+def _start_peer(bundle: Path, port: int, tmp_path: Path, workers: int = 1) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -71,6 +120,8 @@ def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
             str(bundle),
             "--port",
             str(port),
+            "--workers",
+            str(workers),
             "--exposure-log",
             str(tmp_path / "exposure.jsonl"),
         ],
@@ -80,19 +131,27 @@ def _start_peer(bundle: Path, port: int, tmp_path: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("client", ["httpx", "wrk"])
-def test_peer_and_load_generator(bundle_a, tiny_bodies, tmp_path, client) -> None:
+@pytest.mark.parametrize("client,workers", [("httpx", 1), ("wrk", 1), ("wrk", 2)])
+def test_peer_and_load_generator(bundle_a, tiny_bodies, tmp_path, client, workers) -> None:
     if client == "wrk" and not serve_bench.shutil.which("wrk"):
-        pytest.skip("wrk not installed (apt-get install wrk); the httpx client is the fallback")
+        pytest.skip("wrk not installed (apt-get install -y wrk); the httpx client is the fallback")
     port = kit_cluster.free_port()
-    peer = _start_peer(bundle_a, port, tmp_path)
+    peer = _start_peer(bundle_a, port, tmp_path, workers)
     try:
-        kit_cluster.wait_healthy(f"http://127.0.0.1:{port}", 60, peer)
+        kit_cluster.wait_healthy(f"http://127.0.0.1:{port}", 180, peer)
         gen = kit_load.LoadGen(tiny_bodies["base64"], kind=client)
         bench = kit_load.Bench(args=None)
-        row = bench.level(gen, f"http://127.0.0.1:{port}/v1/rerank", 2, warmup_s=0, duration_s=1, server="peer")
+        label = "peer" if workers > 1 else "peer1"
+        bench.meter.labels[peer.pid] = label  # as serve_bench registers its peers
+        row = bench.level(gen, f"http://127.0.0.1:{port}/v1/rerank", 4, warmup_s=0, duration_s=1, server=label)
         assert LEVEL_KEYS <= set(row) and row["requests"] > 0 and row["errors"] == 0 and row["fallbacks"] == 0
-        assert row["cpu"]["per_process"].get("peer", 0) > 0 and row["loadavg"]
+        per = row["cpu"]["per_process"]
+        assert per.get(label, 0) > 0 and row["cpu"]["server_cores"] == per[label] and row["loadavg"]
+        assert "other" not in per or per["other"] < per[label]  # the spawned workers count as the peer
+        assert row["client"] == client
+        assert row.get("client_over_budget", False) == (row["cpu"]["client_cores"] > bench.max_client_cores)
+        if workers > 1:  # uvicorn's supervisor and its workers
+            assert len(kit_machine.labeled_descendants(peer.pid)) >= workers
         # the peer is the same contract as the service: a bad body is the same 422
         status, body = kit_cluster.http_post(f"http://127.0.0.1:{port}/v1/rerank", b"{}")
         assert status == 422 and json.loads(body)["error"]["code"] == "invalid_request"
@@ -138,26 +197,45 @@ def test_report_helpers_and_plot(tmp_path) -> None:
         }
 
     levels = [row(e, c, 100.0 * c**0.5, 5.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]
-    peer = [row(e, c, 120.0, 4.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]
-    limit = {e: {"rps": 250.0, "ms_per_request": 4.0} for e in kit_bodies.ENCODINGS}
+    peer = [row(e, c, 120.0, 4.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]  # the fair peer
+    peer1 = [row(e, c, 80.0, 2.0 * c) for e in kit_bodies.ENCODINGS for c in (1, 4)]  # one worker
+    limit = {e: {"rps": 250.0, "ms_per_request": 4.0, "batch_size": 16} for e in kit_bodies.ENCODINGS}
+    multi = {e: {"rps": 400.0, "by_process": [{"rps": 200.0}, {"rps": 200.0}]} for e in kit_bodies.ENCODINGS}
+    peer1[-1]["client_over_budget"] = True
     result = {
         "levels": levels,
-        "peer": {"levels": peer},
-        "limit": {"by_encoding": limit},
+        "peer": {"workers": 2, "levels": peer},
+        "peer1": {"workers": 1, "levels": peer1},
+        "limit": {"by_encoding": limit, "multi_core": {"cores": 2, "by_encoding": multi}},
         "machine": {"logical_cpus": 2, "cpu_model": "test"},
+        "settings": {"encodings": list(kit_bodies.ENCODINGS)},
     }
-    result["ratios"] = kit_report.ratios(levels, peer, limit)
+    result["ratios"] = kit_report.ratios(levels, peer, limit, peer1=peer1, limit_multi=multi)
     assert result["ratios"]["by_encoding"]["json"] == {
         "rps_vs_peer": round(200 / 120, 3),
         "rps_vs_limit": 0.8,
         "p50_vs_peer": 1.25,
+        "rps_vs_peer_1worker": 2.5,
+        "p50_vs_peer_1worker": 2.5,
+        "rps_vs_limit_multicore": 0.5,
         "best_concurrency": 4,
         "peer_best_concurrency": 1,
     }
     assert result["ratios"]["rps_vs_peer"] == result["ratios"]["by_encoding"]["json"]["rps_vs_peer"]
+    # without the one-worker peer and the multi-core limit, their ratios are absent (None), not invented
+    bare = kit_report.ratios(levels, peer, limit)["by_encoding"]["json"]
+    assert bare["rps_vs_peer_1worker"] is None and bare["rps_vs_limit_multicore"] is None
     t = kit_report.targets(result)
     assert t["rps_vs_limit>=0.75[json]"] is True and t["base64_p50_c1<=12ms"] is True
     assert "json" in kit_report.fmt_table(levels, "t")
+    flagged = kit_report.fmt_table(peer1, "t")
+    assert "not comparable" in flagged and "!" in flagged.splitlines()[-2]
+    summary = kit_report.fmt_summary(result)
+    assert "fair peer (2 workers)" in summary and "peer (1 worker)" in summary and "limit (2 cores)" in summary
+    assert "1.667x, p50 1.25x" in summary and "400.0" in summary
+    serve_bench.summarize_client(result, [*levels, *peer, *peer1])
+    assert result["client"]["over_budget_levels"] == 1 and result["client"]["ok"] is False
+    assert result["client"]["max_cores_used"] == 0.01
     kit_report.plot_serve(result, tmp_path / "serve.png")
     assert (tmp_path / "serve.png").stat().st_size > 1000
 
@@ -254,6 +332,14 @@ def test_cli_arguments() -> None:
     assert not quick.profile and serve_bench.parse_args(["--quick", "--profile"]).profile
     full = serve_bench.parse_args([])
     assert full.concurrency == "1,4,16,32,64" and full.fused and full.scaleout and full.mode == "opt"
+    assert full.peer_workers == os.cpu_count() and full.peer1 and full.limit_cores == os.cpu_count()
+    assert full.max_client_cores == 0.1 and full.client == "auto"
+    assert serve_bench.peer_settings(full) == (
+        [("peer", full.peer_workers), ("peer1", 1)] if full.peer_workers > 1 else [("peer", 1)]
+    )
+    one = serve_bench.parse_args(["--peer-workers", "2", "--no-peer1"])
+    assert serve_bench.peer_settings(one) == [("peer", 2)]
+    assert serve_bench.peer_settings(serve_bench.parse_args(["--no-peer"])) == []
     assert full.profile and full.profile_requests == 300
     t = train_bench.parse_args(["--quick"])
     assert t.epochs == 3 and t.workers == [1]
@@ -431,6 +517,10 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
         "--bodies",
         "3",
         "--no-peer",
+        "--limit-cores",
+        "2",
+        "--client",
+        "wrk" if serve_bench.shutil.which("wrk") else "httpx",
         "--no-fused",
         "--no-scaleout",
         "--max-foreign",
@@ -451,6 +541,12 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
     assert level["scorer_batch_mean"] is None or level["scorer_batch_mean"] >= 1
     assert result["settings"]["target"].startswith("router replica port")
     assert result["overload"]["status_503"] > 0
+    assert (
+        result["limit"]["multi_core"]["cores"] == 2
+        and result["ratios"]["by_encoding"]["base64"]["rps_vs_limit_multicore"]
+    )
+    assert result["client"]["kind"] == result["settings"]["client"] and result["client"]["max_cores_used"] is not None
+    assert result["peer_workers"] is None  # --no-peer
     assert out.with_suffix(".png").exists()
     # the per-stage profile through the real graph: Server-Timing from the Router, the Scorer's compute
     prof = result["profile"]["graph"]

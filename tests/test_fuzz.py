@@ -236,8 +236,37 @@ def structured_body(draw, query_features: dict, cand_features: dict, top_m: int 
 PARSE_OUTCOMES: collections.Counter = collections.Counter()  # printed at the end (pytest -s)
 
 
+def _same_request(a: ParsedRequest, b: ParsedRequest) -> bool:
+    x, y = a.inputs, b.inputs
+    arrays = [(x.upstream, y.upstream)]
+    arrays += [(x.features.get(g), y.features[g]) for g in y.features]
+    arrays += [(x.query_features.get(g), y.query_features[g]) for g in y.query_features]
+    return (
+        (a.query_id, a.unit_id, a.ids, a.top_n, a.window) == (b.query_id, b.unit_id, b.ids, b.top_n, b.window)
+        and (x.query_id, x.ids, x.window, x.labels) == (y.query_id, y.ids, y.window, None)
+        and x.features.keys() == y.features.keys()
+        and x.query_features.keys() == y.query_features.keys()
+        and all(u is not None and u.dtype == v.dtype and u.tobytes() == v.tobytes() for u, v in arrays)
+    )
+
+
+def check_paths_agree(parser: RequestParser, raw: bytes, default_top_m: int) -> None:
+    """The orjson path answers only for bodies the reference accepts, with bit-identical arrays."""
+    fast = parser.parse_fast(raw, default_top_m=default_top_m)
+    if fast is None:
+        PARSE_OUTCOMES["fast:declined"] += 1
+        return
+    PARSE_OUTCOMES["fast:answered"] += 1
+    try:
+        ref = parser.parse_validated(raw, default_top_m=default_top_m)
+    except RequestError as e:
+        raise AssertionError(f"the orjson path accepted a body the reference refuses: {e!r} {raw[:300]!r}") from None
+    assert _same_request(fast, ref), raw[:300]
+
+
 def check_parse(parser: RequestParser, raw: bytes, default_top_m: int) -> ParsedRequest | RequestError:
-    """Parse `raw`; assert the parser's contract; return what it gave (request or error)."""
+    """Parse `raw`; assert the parser's contract (and that its two paths agree); return what it gave."""
+    check_paths_agree(parser, raw, default_top_m)
     try:
         req = parser.parse(raw, default_top_m=default_top_m)
     except RequestError as e:
@@ -323,8 +352,27 @@ def test_parser_mutated_image_search_bodies(image_parser, image_bases, data) -> 
 def test_parser_accepts_the_unmutated_bases(tiny_parser, image_parser, image_bases) -> None:
     for b in TINY_BASES:
         assert isinstance(check_parse(tiny_parser, orjson.dumps(b), 3), ParsedRequest)
+        assert tiny_parser.parse_fast(orjson.dumps(b), default_top_m=3) is not None  # the fast path is exercised
     for b in image_bases:
         assert isinstance(check_parse(image_parser, orjson.dumps(b), TOP_M), ParsedRequest)
+        assert image_parser.parse_fast(orjson.dumps(b), default_top_m=TOP_M) is not None
+
+
+@settings(FUZZ, max_examples=PARSER_EXAMPLES * 2 // 10)
+@given(
+    vec=st.lists(
+        st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**64), 2**64) | st.booleans(),
+        min_size=3,
+        max_size=3,
+    ),
+    score=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**64), 2**64),
+)
+def test_parser_paths_agree_on_every_number(tiny_parser, vec, score) -> None:
+    # numbers at the edges: float32 overflow, subnormals, -0.0, integers past 2**53 and 2**63, bools
+    body = _tiny_request(3, 0)
+    body["candidates"][0]["features"]["a"] = vec
+    body["candidates"][1]["upstream_score"] = score
+    check_parse(tiny_parser, json.dumps(body).encode(), default_top_m=3)
 
 
 # ---------------------------------------------------------------------------- found by fuzzing

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (the httpx client child): bench
 
 from kit.bodies import Body  # noqa: E402
 from kit.cluster import batch_counters  # noqa: E402
-from kit.machine import CpuMeter, loadavg, remeasure_while_noisy, say  # noqa: E402
+from kit.machine import INHERITED_LABELS, CpuMeter, loadavg, remeasure_while_noisy, say  # noqa: E402
 
 WRK_LUA = r"""
 -- closed-loop POST of pre-built bodies, round-robin; counts statuses, fallbacks, Retry-After
@@ -487,6 +487,9 @@ class Bench:
     max_foreign: float | None = None  # cores used by processes not ours above which a level is re-measured
     max_wait_s: float = 180.0  # per level, waiting for the box to calm down before giving up (then flagged)
     wait_budget_s: float = 900.0  # the whole run's waiting, at most
+    # A level whose load generator used more cores than this is flagged `client_over_budget`: on a
+    # small box the client's CPU is taken from the servers (the httpx client halves every figure).
+    max_client_cores: float | None = 0.1
 
     def level(
         self,
@@ -537,9 +540,13 @@ class Bench:
         b1 = batch_counters(scrape()) if scrape else None
         # the client's CPU comes from rusage: it exits before the second snapshot
         cpu = CpuMeter.delta(s0, s1, client_cpu_s=res["client_cpu_s"])
-        # "server" = the processes of the server under test (the other one idles meanwhile)
-        peer_cores = cpu["per_process"].get("peer", 0.0)
-        cpu["server_cores"] = round(peer_cores if server == "peer" else cpu["server_cores"] - peer_cores, 3)
+        # "server" = the processes of the server under test (the others idle meanwhile): a peer's
+        # group ("peer", "peer1"), or Serve's processes without the peers'
+        per = cpu["per_process"]
+        if server in INHERITED_LABELS:
+            cpu["server_cores"] = round(per.get(server, 0.0), 3)
+        else:
+            cpu["server_cores"] = round(cpu["server_cores"] - sum(per.get(k, 0.0) for k in INHERITED_LABELS), 3)
         out = {
             "concurrency": concurrency,
             **{k: v for k, v in res.items() if k != "client_cpu_s"},
@@ -548,7 +555,14 @@ class Bench:
                 cpu["server_cores"] * (s1["t"] - s0["t"]) / max(1, res["requests"]) * 1000, 3
             ),
             "loadavg": la0,
+            "client": gen.kind,
         }
+        if self.max_client_cores is not None and cpu["client_cores"] > self.max_client_cores:
+            out["client_over_budget"] = True
+            say(
+                f"  WARNING: the load generator ({gen.kind}) used {cpu['client_cores']:.3f} cores at c={concurrency}, "
+                f"more than {self.max_client_cores}: this level's figures are not comparable"
+            )
         if b0 is not None and b1 is not None:
             ds, dc = b1[0] - b0[0], b1[1] - b0[1]
             out["scorer_batch_mean"] = round(ds / dc, 2) if dc > 0 else None

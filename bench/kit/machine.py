@@ -162,19 +162,42 @@ def process_group(cmdline: str) -> str:
     return "other"
 
 
+INHERITED_LABELS = ("peer", "peer1")
+"""Groups whose child processes count as the parent (uvicorn's spawned workers: their command line
+is multiprocessing's, not the server's)."""
+
+
+def labeled_descendants(root: int, labels: dict[int, str] | None = None) -> dict[int, str]:
+    """{pid: group} of every process below `root`: `labels` (pid -> group, e.g. the peer's
+    supervisor) first, then the command line; a child of an `INHERITED_LABELS` process inherits it."""
+    children = _children_map()
+    labels = labels or {}
+    out: dict[int, str] = {}
+    stack = [(root, None)]
+    while stack:
+        pid, parent_label = stack.pop()
+        for c in children.get(pid, []):
+            label = labels.get(c) or (parent_label if parent_label in INHERITED_LABELS else None)
+            label = label or process_group(_proc_name(c))
+            out[c] = label
+            stack.append((c, label))
+    return out
+
+
 class CpuMeter:
     """Box-wide busy cores from /proc/stat and per-process CPU of our own process tree."""
 
     def __init__(self) -> None:
         self.root = os.getpid()
+        self.labels: dict[int, str] = {}  # pid -> group for processes the command line does not name
 
     def snapshot(self) -> dict[str, Any]:
         busy, total = _box_busy_jiffies()
         procs = {}
-        for pid in descendants(self.root):
+        for pid, label in labeled_descendants(self.root, self.labels).items():
             cpu = _proc_cpu_s(pid)
             if cpu is not None:
-                procs[pid] = (process_group(_proc_name(pid)), cpu)
+                procs[pid] = (label, cpu)
         self_cpu = sum(os.times()[:2])
         return {"t": time.monotonic(), "busy": busy, "total": total, "procs": procs, "self": self_cpu}
 

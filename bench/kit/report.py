@@ -16,11 +16,12 @@ from kit.machine import say
 
 
 def cpu_ms_per_request(row: dict[str, Any], server: str = "serve") -> dict[str, float]:
-    """Server CPU ms per request of one level, by process group (the peer's row: the peer process only)."""
+    """Server CPU ms per request of one level, by process group (a peer's row, `server` "peer" or
+    "peer1": that peer's processes only)."""
     cpu = row["cpu"]
     window = cpu.get("window_s") or row["duration_s"]
     n = max(1, row["requests"])
-    keep = ("peer",) if server == "peer" else tuple(k for k in SERVER_PROCESSES if k != "peer")
+    keep = (server,) if server in PEERS else tuple(k for k in SERVER_PROCESSES if k not in PEERS)
     return {k: round(v * window / n * 1000, 3) for k, v in cpu["per_process"].items() if k in keep}
 
 
@@ -34,7 +35,9 @@ SERVER_PROCESSES = (
     "ray-system",
     "ray-worker-other",
     "peer",
+    "peer1",
 )
+PEERS = ("peer", "peer1")  # the fair peer (one uvicorn worker per core) and the one-worker peer
 
 
 def fmt_profile(profile: dict[str, Any], encoding: str | None = None) -> str:
@@ -82,6 +85,7 @@ def fmt_cpu_per_request(result: dict[str, Any]) -> str:
             ("graph", result.get("levels", []), "serve"),
             ("fused", result.get("fused", {}).get("levels", []), "serve"),
             ("peer", result.get("peer", {}).get("levels", []), "peer"),
+            ("peer1", result.get("peer1", {}).get("levels", []), "peer1"),
         ]
         picked = [(name, best(rows, enc), kind) for name, rows, kind in series]
         picked = [(name, r, cpu_ms_per_request(r, kind)) for name, r, kind in picked if r is not None]
@@ -94,6 +98,12 @@ def fmt_cpu_per_request(result: dict[str, Any]) -> str:
             cpu_ms = lim["ms_per_request"] * lim.get("cpu_cores", 1.0)
             lines.append(
                 f"{'':<8}{'limit':<8}{'-':>4}{lim['rps']:>9.1f}{cpu_ms:>8.3f}  (one core, batch {lim['batch_size']})"
+            )
+        multi = result.get("limit", {}).get("multi_core", {})
+        if multi.get("by_encoding", {}).get(enc):
+            lines.append(
+                f"{'':<8}{'limit' + str(multi['cores']):<8}{'-':>4}{multi['by_encoding'][enc]['rps']:>9.1f}"
+                f"{'':>8}  ({multi['cores']} processes, one per core, summed)"
             )
         for name, r, by in picked:
             lines.append(
@@ -108,7 +118,7 @@ def fmt_cpu_per_request(result: dict[str, Any]) -> str:
 def fmt_table(rows: list[dict[str, Any]], title: str) -> str:
     head = (
         f"{'enc':<7}{'c':>4}{'req/s':>9}{'p50':>9}{'p95':>9}{'p99':>9}{'err':>6}{'fb':>5}{'batch':>7}"
-        f"{'box':>6}{'srv':>6}{'cli':>6}{'other':>6}{'ms/req':>8}  load"
+        f"{'box':>6}{'srv':>6}{'cli':>7}{'other':>6}{'ms/req':>8}  load"
     )
     lines = [title, head]
     for r in rows:
@@ -117,9 +127,49 @@ def fmt_table(rows: list[dict[str, Any]], title: str) -> str:
             f"{r.get('encoding', ''):<7}{r['concurrency']:>4}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
             f"{r['p99_ms']:>9.2f}{r['errors']:>6}{r['fallbacks']:>5}{('-' if b is None else f'{b:.1f}'):>7}"
             f"{r['cpu']['box_cores']:>6.2f}{r['cpu']['server_cores']:>6.2f}{r['cpu']['client_cores']:>6.3f}"
-            f"{r['cpu'].get('foreign_cores', 0.0):>6.2f}"
+            f"{'!' if r.get('client_over_budget') else ' '}{r['cpu'].get('foreign_cores', 0.0):>6.2f}"
             f"{r['server_cpu_ms_per_request']:>8.2f}  {r['loadavg'][0]:.2f}"
         )
+    if any(r.get("client_over_budget") for r in rows):
+        lines.append("  ! the load generator used more CPU than allowed at this level: not comparable")
+    return "\n".join(lines)
+
+
+def fmt_summary(result: dict[str, Any]) -> str:
+    """One line per server and encoding: best req/s (at c), p50 at c=1, and the graph's ratio to it."""
+    lines = [f"{'':<30}{'enc':<8}{'best req/s':>11}{'at c':>6}{'p50 c=1':>9}  graph / this (req/s, p50 c=1)"]
+    multi = result.get("limit", {}).get("multi_core", {})
+    graph = result.get("levels", [])
+
+    def line(name: str, enc: str, rps: float | None, c: Any, p50: float | None, ratio: str) -> str:
+        rps_s = "-" if rps is None else f"{rps:.1f}"
+        p50_s = "-" if p50 is None else f"{p50:.2f}"
+        return f"{name:<30}{enc:<8}{rps_s:>11}{c!s:>6}{p50_s:>9}  {ratio}"
+
+    for enc in result.get("settings", {}).get("encodings") or ENCODINGS:
+        g, g1 = best(graph, enc), at(graph, enc, 1)
+        g_rps = g["rps"] if g else None
+        lines.append(line("cotrr-ray graph", enc, g_rps, g["concurrency"] if g else "-", g1 and g1["p50_ms"], ""))
+        peers = [
+            ("peer", f"fair peer ({result.get('peer', {}).get('workers', 1)} workers)"),
+            ("peer1", "peer (1 worker)"),
+        ]
+        for key, name in peers:
+            if key not in result:
+                continue
+            b, b1 = best(result[key]["levels"], enc), at(result[key]["levels"], enc, 1)
+            r, r1 = _ratio(g_rps, b and b["rps"]), _ratio(g1 and g1["p50_ms"], b1 and b1["p50_ms"])
+            lines.append(
+                line(name, enc, b and b["rps"], b["concurrency"] if b else "-", b1 and b1["p50_ms"], f"{r}x, p50 {r1}x")
+            )
+        lim = result.get("limit", {}).get("by_encoding", {}).get(enc)
+        if lim:
+            lines.append(line("limit (1 core)", enc, lim["rps"], "-", None, f"{_ratio(g_rps, lim['rps'])}x"))
+        m = multi.get("by_encoding", {}).get(enc)
+        if m:
+            lines.append(
+                line(f"limit ({multi['cores']} cores)", enc, m["rps"], "-", None, f"{_ratio(g_rps, m['rps'])}x")
+            )
     return "\n".join(lines)
 
 
@@ -130,10 +180,12 @@ def plot_serve(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    styles = {"cotrr-ray": "-o", "peer": "--s", "fused": ":^", "no coalescing": "-.x"}
+    styles = {"cotrr-ray": "-o", "peer": "--s", "peer 1 worker": "--+", "fused": ":^", "no coalescing": "-.x"}
+    workers = result.get("peer", {}).get("workers")
     series = {
         "cotrr-ray": result["levels"],
         "peer": result.get("peer", {}).get("levels", []),
+        "peer 1 worker": result.get("peer1", {}).get("levels", []),
         "fused": result.get("fused", {}).get("levels", []),
         "no coalescing": result.get("no_coalescing", {}).get("levels", []),
     }
@@ -144,12 +196,23 @@ def plot_serve(result: dict[str, Any], path: Path) -> None:
             if not rr:
                 continue
             cs = [r["concurrency"] for r in rr]
-            axes[0].plot(cs, [r["rps"] for r in rr], styles[name], color=colors[enc], label=f"{name} {enc}")
+            label = f"peer {workers} workers" if name == "peer" and workers else name
+            axes[0].plot(cs, [r["rps"] for r in rr], styles[name], color=colors[enc], label=f"{label} {enc}")
             axes[1].plot(cs, [r["p50_ms"] for r in rr], styles[name], color=colors[enc], label=f"{name} {enc} p50")
     for enc in ENCODINGS:
         lim = result.get("limit", {}).get("by_encoding", {}).get(enc)
         if lim:
             axes[0].axhline(lim["rps"], color=colors[enc], alpha=0.4, lw=1, label=f"limit {enc} (1 core)")
+        multi = result.get("limit", {}).get("multi_core", {})
+        if multi.get("by_encoding", {}).get(enc):
+            axes[0].axhline(
+                multi["by_encoding"][enc]["rps"],
+                color=colors[enc],
+                alpha=0.4,
+                lw=1,
+                ls="--",
+                label=f"limit {enc} ({multi['cores']} cores)",
+            )
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency (closed loop)")
@@ -294,15 +357,32 @@ def print_windows(windows: list[dict[str, Any]]) -> None:
         )
 
 
-def ratios(levels: list[dict], peer: list[dict], limit: dict[str, dict]) -> dict[str, Any]:
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(
+    levels: list[dict],
+    peer: list[dict],
+    limit: dict[str, dict],
+    *,
+    peer1: list[dict] | None = None,
+    limit_multi: dict[str, dict] | None = None,
+) -> dict[str, Any]:
+    """The graph against the fair peer (`peer`: one worker per core), the one-worker peer (`peer1`),
+    the one-core limit and the multi-core limit: best throughput of each side, p50 at c=1."""
     by = {}
     for enc in ENCODINGS:
         s, p, s1, p1 = best(levels, enc), best(peer, enc), at(levels, enc, 1), at(peer, enc, 1)
-        lim = limit.get(enc)
+        q, q1 = best(peer1 or [], enc), at(peer1 or [], enc, 1)
+        lim, limn = limit.get(enc), (limit_multi or {}).get(enc)
         by[enc] = {
-            "rps_vs_peer": round(s["rps"] / p["rps"], 3) if s and p else None,
-            "rps_vs_limit": round(s["rps"] / lim["rps"], 3) if s and lim else None,
-            "p50_vs_peer": round(s1["p50_ms"] / p1["p50_ms"], 3) if s1 and p1 else None,
+            "rps_vs_peer": _ratio(s and s["rps"], p and p["rps"]),
+            "rps_vs_limit": _ratio(s and s["rps"], lim and lim["rps"]),
+            "p50_vs_peer": _ratio(s1 and s1["p50_ms"], p1 and p1["p50_ms"]),
+            "rps_vs_peer_1worker": _ratio(s and s["rps"], q and q["rps"]),
+            "p50_vs_peer_1worker": _ratio(s1 and s1["p50_ms"], q1 and q1["p50_ms"]),
+            "rps_vs_limit_multicore": _ratio(s and s["rps"], limn and limn["rps"]),
             "best_concurrency": s["concurrency"] if s else None,
             "peer_best_concurrency": p["concurrency"] if p else None,
         }
@@ -340,14 +420,33 @@ def print_report(result: dict[str, Any]) -> None:
         f"load before {result['load']['before']} after {result['load']['after']}, client {result['settings']['client']}, "
         f"mode {result['settings']['mode']} ({result['settings'].get('target')})"
     )
+    client = result.get("client", {})
+    print(
+        f"load generator: {client.get('kind')} ({client.get('version')}), most cores used in a level "
+        f"{client.get('max_cores_used')} (allowed {client.get('max_cores_allowed')})"
+    )
+    if client.get("ok") is False:
+        print(
+            f"WARNING: the load generator used more than {client.get('max_cores_allowed')} cores in "
+            f"{client.get('over_budget_levels')} level(s): it took CPU from the servers; those figures (marked !) "
+            "are not comparable. Install wrk (apt-get install -y wrk)."
+        )
     for enc, lim in result["limit"]["by_encoding"].items():
         print(
             f"limit {enc}: {lim['rps']:.1f} req/s ({lim['ms_per_request']:.3f} ms/req, batch {lim['batch_size']}) "
             f"stages {lim['stages_ms_per_request']}"
         )
+    multi = result["limit"].get("multi_core")
+    if multi:
+        for enc, lim in multi["by_encoding"].items():
+            per = [p["rps"] for p in lim["by_process"]]
+            print(f"limit {enc} on {multi['cores']} cores: {lim['rps']:.1f} req/s (processes: {per})")
     print(fmt_table(result["levels"], "\ncotrr-ray (Router -> Scorer -> Calibrator)"))
     if "peer" in result:
-        print(fmt_table(result["peer"]["levels"], "\npeer (FastAPI + uvicorn, 1 process)"))
+        w = result["peer"].get("workers", 1)
+        print(fmt_table(result["peer"]["levels"], f"\nfair peer (FastAPI + uvicorn, {w} workers)"))
+    if "peer1" in result:
+        print(fmt_table(result["peer1"]["levels"], "\npeer, one uvicorn worker"))
     if "fused" in result:
         print(fmt_table(result["fused"]["levels"], "\nfused (calibration in the Scorer)"))
     if "no_coalescing" in result:
@@ -372,5 +471,6 @@ def print_report(result: dict[str, Any]) -> None:
         f"\nlevels re-measured because other processes loaded the box: {result.get('retried_levels', 0)}; "
         f"still noisy after waiting: {result.get('noisy_levels', 0)}"
     )
+    print("\n" + fmt_summary(result))
     print("ratios:", json.dumps(result["ratios"]["by_encoding"]))
     print("targets:", json.dumps(result["targets"], indent=1))

@@ -9,9 +9,13 @@ the API (OpenAPI at /docs); the router writes plain dicts of the same shape for 
 
 from __future__ import annotations
 
+import binascii
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from cotrr_ray.core.features import CandidateList, RecordError, to_candidate_list
@@ -131,8 +135,89 @@ def window_only(cl: CandidateList) -> CandidateList:
     return CandidateList(cl.query_id, cl.ids[:w], cl.upstream[:w], w, cl.features, cl.query_features, None)
 
 
+_REQUEST_KEYS = frozenset({"query", "unit_id", "candidates", "top_m", "top_n"})
+_QUERY_KEYS = frozenset({"id", "features"})
+_CANDIDATE_KEYS = frozenset({"id", "upstream_score", "features"})  # a `label` goes the reference way (refused)
+_NUMBER_KINDS = frozenset("fiu")
+
+
+def _is_id(x: Any) -> bool:
+    return type(x) is str and 1 <= len(x) <= 256
+
+
+def _is_number(x: Any) -> bool:
+    """A JSON number pydantic's `float` takes as is (no bool, no numeric string); finite."""
+    t = type(x)
+    return t is int or (t is float and math.isfinite(x))
+
+
+def _is_count(x: Any, hi: int) -> bool:
+    return x is None or (type(x) is int and 1 <= x <= hi)
+
+
+def _number_array(values: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`values` (a vector, or a list of vectors) as float32 of `shape`, the way pydantic's
+    `list[float]` + `np.asarray(..., float32)` makes it (each number to float64, then float32), or None
+    when it holds anything but JSON numbers or is not finite in float32.
+
+    numpy's own dtype discovery does the type check in C: a string, null, object or nested list
+    gives a non-numeric dtype or another shape. Only a bool among numbers converts silently (to
+    0 or 1), so the few elements equal to 0 or 1 are looked at one by one."""
+    if type(values) is not list:
+        return None
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if arr.shape != shape or arr.dtype.kind not in _NUMBER_KINDS:
+        return None
+    for k in np.flatnonzero((arr == 0) | (arr == 1)).tolist():
+        row, col = divmod(k, shape[-1])
+        if type(values[row][col] if len(shape) == 2 else values[k]) is bool:
+            return None
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf: declined below (the reference names it)
+        out = arr.astype(np.float64, copy=False).astype(np.float32)
+    return out if np.isfinite(out).all() else None
+
+
+def _base64_rows(values: list[Any], dim: int) -> np.ndarray | None:
+    """Base64 little-endian float32 strings, each of `dim` values, as one (len, dim) float32 array."""
+    raws = []
+    for v in values:
+        if type(v) is not str:
+            return None
+        try:
+            raw = binascii.a2b_base64(v, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != 4 * dim:
+            return None
+        raws.append(raw)
+    arr = np.frombuffer(b"".join(raws), dtype="<f4").reshape(len(values), dim).astype(np.float32)
+    return arr if np.isfinite(arr).all() else None
+
+
+def _tail_features_ok(f: Any) -> bool:
+    """The features of a candidate outside the window: unused, but pydantic validates them (None or
+    a dict of Vectors: base64 strings or lists of finite numbers)."""
+    if f is None:
+        return True
+    if type(f) is not dict:
+        return False
+    return all(type(v) is str or (type(v) is list and all(_is_number(x) for x in v)) for v in f.values())
+
+
 class RequestParser:
-    """Body bytes -> `ParsedRequest`, raising `RequestError` for every bad input."""
+    """Body bytes -> `ParsedRequest`, raising `RequestError` for every bad input.
+
+    Two paths, one contract. `parse_fast` reads the body with orjson and builds the float32 arrays
+    the model needs straight from the JSON values, checking by hand exactly what the pydantic model
+    and `to_candidate_list` check; it only ever answers for a body that is valid in every respect and
+    declines (None) at the first doubt. `parse_validated` is the reference: pydantic's validation and
+    `features.to_candidate_list`, which raise the 4xx naming the field. `parse` tries the first and
+    falls back to the second, so a bad body gets exactly the reference's error, and a good one the
+    reference's arrays (tests/test_api.py and tests/test_fuzz.py compare the two paths).
+    """
 
     def __init__(self, spec: FeatureSpec, *, max_top_m: int, max_candidates: int):
         self.spec = spec
@@ -145,6 +230,72 @@ class RequestParser:
         )
 
     def parse(self, body: bytes, *, default_top_m: int) -> ParsedRequest:
+        fast = self.parse_fast(body, default_top_m=default_top_m)
+        return fast if fast is not None else self.parse_validated(body, default_top_m=default_top_m)
+
+    def parse_fast(self, body: bytes, *, default_top_m: int) -> ParsedRequest | None:
+        """The request of a fully valid body, read with orjson into arrays; None for anything else."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if type(doc) is not dict or not doc.keys() <= _REQUEST_KEYS:
+            return None
+        query, cands = doc.get("query"), doc.get("candidates")
+        unit_id, top_m, top_n = doc.get("unit_id"), doc.get("top_m"), doc.get("top_n")
+        if type(query) is not dict or not query.keys() <= _QUERY_KEYS or not _is_id(query.get("id")):
+            return None
+        if type(cands) is not list or not 1 <= len(cands) <= self.max_candidates:
+            return None
+        if not (unit_id is None or (type(unit_id) is str and len(unit_id) <= 256)):
+            return None
+        if not _is_count(top_m, self.max_top_m) or not _is_count(top_n, self.max_candidates):
+            return None
+        n = len(cands)
+        m = min(top_m or default_top_m, n)
+        # Whole-list checks (C loops over the 100s of candidates, not a Python loop per field).
+        if set(map(type, cands)) != {dict} or not all(c.keys() <= _CANDIDATE_KEYS for c in cands):
+            return None
+        ids = [c.get("id") for c in cands]
+        if set(map(type, ids)) != {str} or min(map(len, ids)) < 1 or max(map(len, ids)) > 256 or len(set(ids)) != n:
+            return None
+        tail = [c.get("features") for c in cands[m:]]
+        if tail.count(None) != len(tail) and not all(_tail_features_ok(f) for f in tail):
+            return None
+        spec = self.spec
+        qf = query.get("features", {})
+        if type(qf) is not dict or qf.keys() != spec.query.keys():
+            return None
+        query_features = {}
+        for g, d in spec.query.items():
+            v = qf[g]
+            arr = _base64_rows([v], d) if type(v) is str else _number_array(v, (d,))  # None: not a list
+            if arr is None:
+                return None
+            query_features[g] = arr.reshape(d)
+        window = [cands[i].get("features") for i in range(m)]
+        if any(type(f) is not dict or f.keys() != spec.candidate.keys() for f in window):
+            return None
+        features = {}
+        for g, d in spec.candidate.items():
+            values = [f[g] for f in window]
+            if type(values[0]) is str:
+                arr = _base64_rows(values, d)
+            elif all(type(v) is list for v in values):
+                arr = _number_array(values, (m, d))
+            else:
+                return None
+            if arr is None:
+                return None
+            features[g] = arr
+        upstream = _number_array([c.get("upstream_score") for c in cands], (n,))
+        if upstream is None:
+            return None
+        cl = CandidateList(query["id"], ids[:m], upstream[:m], m, features, query_features, None)
+        return ParsedRequest(query["id"], unit_id, ids, top_n, cl)
+
+    def parse_validated(self, body: bytes, *, default_top_m: int) -> ParsedRequest:
+        """The reference path: pydantic validation, then `to_candidate_list`; every error a 4xx."""
         try:
             req = self._model.model_validate_json(body)
         except ValidationError as e:
