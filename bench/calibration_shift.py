@@ -67,7 +67,8 @@ def list_features(z: np.ndarray) -> dict[str, np.ndarray]:
         "logit": z,
         "list_z": (z - mean) / sd if sd > 1e-9 else np.zeros(n),
         "centred": z - mean,
-        "rank_frac": rank / max(n - 1, 1),
+        "rank_frac": rank / max(n - 1, 1),  # 0 = the list's top score
+        "rank_score": 1.0 - rank / max(n - 1, 1),  # increasing in the score, for an isotonic fit
         "list_mean": np.full(n, mean),
         "list_sd": np.full(n, sd),
         "list_max": np.full(n, z.max()),
@@ -122,7 +123,7 @@ CALIBRATORS: dict[str, Fit] = {
     "platt(logit)": logistic_on(("logit",)),
     "isotonic(logit - list mean)": isotonic_on("centred"),
     "isotonic(within-list z)": isotonic_on("list_z"),
-    "isotonic(within-list rank)": isotonic_on("rank_frac"),
+    "isotonic(within-list rank)": isotonic_on("rank_score"),
     "logistic(logit + list features)": logistic_on(LIST),
     "logistic(isotonic + list features)": logistic_on(LIST, on_isotonic=True),
 }

@@ -206,6 +206,7 @@ def test_list_features_are_within_list_statistics():
     shift = _load_bench("calibration_shift")
     f = shift.list_features(np.array([3.0, 1.0, 2.0]))
     np.testing.assert_allclose(f["rank_frac"], [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(f["rank_score"], [1.0, 0.0, 0.5])  # isotonic fits need it increasing
     np.testing.assert_allclose(f["centred"], [1.0, -1.0, 0.0])
     np.testing.assert_allclose(f["list_z"], np.array([1.0, -1.0, 0.0]) / np.std([3.0, 1.0, 2.0]))
     assert shift.list_features(np.array([2.0]))["list_z"].tolist() == [0.0]
