@@ -136,3 +136,19 @@ def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys):
         evaluate_main(["--bundle", str(out), "--data", str(FIXTURE), "--format", "letor"])
     evaluate_main(["--bundle", str(out), "--data", str(FIXTURE), "--format", "letor", "--all-queries", "--bootstrap", "100"])
     assert "ALL queries" in capsys.readouterr().out
+
+
+def test_parquet_conversion_keeps_the_file_order_upstream(tmp_path):
+    from cotrr_ray.data.convert import main as convert_main
+    from cotrr_ray.data.parquet import read_parquet_records
+    from cotrr_ray.data.readers import letor_spec
+
+    out = tmp_path / "pq"
+    args = ["convert", "--input", str(FIXTURE), "--format", "letor", "--output", str(out), "--letor-num-features", "12"]
+    assert convert_main([*args, "--letor-upstream-feature", "file_order"]) == 0
+    got = read_parquet_records(out, letor_spec(12), window=None)
+    want = read_letor(FIXTURE, num_features=12, upstream_feature="file_order")
+    assert [cl.query_id for cl in got] == [cl.query_id for cl in want]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.upstream, b.upstream)
+        np.testing.assert_array_equal(a.features["letor"], b.features["letor"])
