@@ -173,7 +173,9 @@ def run(data: str, test: str, config: str, overrides: list[str], n_boot: int, sa
     thr = d.relevance_threshold
 
     def read(path):
-        return read_letor(path, num_features=d.letor_num_features, upstream_feature=d.letor_upstream_feature, window=cfg.model.top_m)
+        return read_letor(
+            path, num_features=d.letor_num_features, upstream_feature=d.letor_upstream_feature, window=cfg.model.top_m
+        )
 
     lists, test_lists = read(data), read(test)
     spec = letor_spec(d.letor_num_features)
@@ -213,7 +215,10 @@ def run(data: str, test: str, config: str, overrides: list[str], n_boot: int, sa
         "config": config,
         "overrides": overrides,
         "base_rate": rates,
-        "per_query_base_rate_sd": {"train": float(np.std(per_query_rate(lists))), "test": float(np.std(per_query_rate(test_lists)))},
+        "per_query_base_rate_sd": {
+            "train": float(np.std(per_query_rate(lists))),
+            "test": float(np.std(per_query_rate(test_lists))),
+        },
         "choice": choice,
         "chosen": choice["chosen"],
         "test": results,
@@ -234,7 +239,11 @@ def format_table(res: dict[str, Any]) -> str:
     for name, c in res["choice"]["scores"].items():
         mark = "  <- chosen" if name == res["chosen"] else ""
         lines.append(f"{name:<40}{c['ece_equal_width']:>10.4f}{c['brier']:>8.4f}{mark}")
-    lines += ["", "test queries (scored once):", f"{'calibrator':<40}{'ECE-width [95% CI]':>26}{'ECE-mass':>10}{'Brier [95% CI]':>26}{'logloss':>9}"]
+    lines += [
+        "",
+        "test queries (scored once):",
+        f"{'calibrator':<40}{'ECE-width [95% CI]':>26}{'ECE-mass':>10}{'Brier [95% CI]':>26}{'logloss':>9}",
+    ]
     for name, c in res["test"].items():
         mark = "  <- chosen" if name == res["chosen"] else ""
         e, b = c["ece_equal_width_ci"], c["brier_ci"]

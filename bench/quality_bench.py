@@ -231,7 +231,7 @@ def select_cotrr(cfg: TrainConfig, spec, train: list[CandidateList], s: Settings
         for a, b in folds:
             data = prepare_splits(cfg_v, spec, {"train": a, "validation": b})
 
-            def on_epoch(epoch: int, state: dict[str, Any], data=data, b=b) -> None:
+            def on_epoch(epoch: int, state: dict[str, Any], data=data, b=b, ndcg_sum=ndcg_sum) -> None:
                 z = window_logits(model_from_state(state, data.model_config), b, data)
                 ndcg_sum[epoch] += mean_ndcg10(b, z, thr)[0]
 

@@ -71,7 +71,11 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_splits(self) -> DataConfig:
-        if self.format == "letor" and isinstance(self.letor_upstream_feature, int) and not 1 <= self.letor_upstream_feature <= self.letor_num_features:
+        if (
+            self.format == "letor"
+            and isinstance(self.letor_upstream_feature, int)
+            and not 1 <= self.letor_upstream_feature <= self.letor_num_features
+        ):
             raise ValueError(
                 f"data.letor_upstream_feature must be in 1..{self.letor_num_features} (data.letor_num_features) or "
                 f"'file_order', got {self.letor_upstream_feature}"
@@ -79,7 +83,9 @@ class DataConfig(_Strict):
         # {train: 1.0} is only valid with cross-fitted evaluation, which TrainConfig checks.
         missing = {"train", "validation", "test"} - set(self.splits)
         if missing and self.splits != {"train": 1.0}:
-            raise ValueError(f"data.splits must include {sorted(missing)} (or be {{train: 1.0}} with evaluation.method: cross_fit)")
+            raise ValueError(
+                f"data.splits must include {sorted(missing)} (or be {{train: 1.0}} with evaluation.method: cross_fit)"
+            )
         if abs(sum(self.splits.values()) - 1.0) > 1e-6:
             raise ValueError(f"data.splits must sum to 1, got {sum(self.splits.values())}")
         return self
@@ -210,7 +216,9 @@ class TrainConfig(_Strict):
         if self.evaluation.method == "cross_fit":
             wrong = []
             if self.data.splits != {"train": 1.0}:
-                wrong.append(f"data.splits must be {{train: 1.0}} (every query trains the final model), got {self.data.splits}")
+                wrong.append(
+                    f"data.splits must be {{train: 1.0}} (every query trains the final model), got {self.data.splits}"
+                )
             if self.calibration.method != "cross_fit":
                 wrong.append("calibration.method must be cross_fit (the out-of-fold scores are the calibration rows)")
             if self.optim.select != "last":

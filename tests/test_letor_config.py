@@ -113,7 +113,12 @@ def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys):
 
     cfg = TrainConfig.from_yaml(
         CONFIG,
-        [*FAST, f"data.path={FIXTURE}", f"output={tmp_path / 'reg' / 'letor'}", f"scaling.storage_path={tmp_path / 'runs'}"],
+        [
+            *FAST,
+            f"data.path={FIXTURE}",
+            f"output={tmp_path / 'reg' / 'letor'}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+        ],
     )
     out = run(cfg, say=lambda _: None).local_dir()
     bundle = Bundle.load(out)
@@ -134,7 +139,9 @@ def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="cross-fitted out-of-fold report"):
         evaluate_main(["--bundle", str(out), "--data", str(FIXTURE), "--format", "letor"])
-    evaluate_main(["--bundle", str(out), "--data", str(FIXTURE), "--format", "letor", "--all-queries", "--bootstrap", "100"])
+    evaluate_main(
+        ["--bundle", str(out), "--data", str(FIXTURE), "--format", "letor", "--all-queries", "--bootstrap", "100"]
+    )
     assert "ALL queries" in capsys.readouterr().out
 
 

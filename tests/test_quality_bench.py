@@ -165,7 +165,9 @@ def test_tuning_script_runs_the_benchs_selection_and_compares_with_the_config(tm
     out = tmp_path / "tuning.json"
     threads = torch.get_num_threads()
     try:
-        res = tuning.main(["--quick", "--data", str(data), "--json", str(out), *sum((["--set", o] for o in TINY[:2]), [])])
+        res = tuning.main(
+            ["--quick", "--data", str(data), "--json", str(out), *sum((["--set", o] for o in TINY[:2]), [])]
+        )
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
@@ -194,7 +196,10 @@ def test_calibration_shift_bench_chooses_on_training_queries_only(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert set(res["choice"]["scores"]) == set(shift.CALIBRATORS)
     assert res["chosen"] == min(res["choice"]["scores"], key=lambda n: res["choice"]["scores"][n]["brier"])
-    assert set(res["test"]) == set(shift.CALIBRATORS) | {"constant: training base rate", "constant: test base rate (oracle)"}
+    assert set(res["test"]) == set(shift.CALIBRATORS) | {
+        "constant: training base rate",
+        "constant: test base rate (oracle)",
+    }
     for c in res["test"].values():
         lo, hi = c["brier_ci"]
         assert lo <= hi and c["n"] == sum(1 for line in held_out.read_text().splitlines() if line)

@@ -279,7 +279,9 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
     cross_fitted = cfg.evaluation.method == "cross_fit"
     if cross_fitted:
         sizes = {"train": sizes["train"]}  # "validation" is the same queries (monitoring only)
-        say(f"cross-fitted evaluation: all {sizes['train']} queries train the final model, {cfg.calibration.folds} fold models score them")
+        say(
+            f"cross-fitted evaluation: all {sizes['train']} queries train the final model, {cfg.calibration.folds} fold models score them"
+        )
     else:
         say(f"splits by query: {sizes}")
     say(f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
