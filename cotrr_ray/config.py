@@ -106,8 +106,8 @@ class ModelArgs(_Strict):
     group_norm: bool = Field(
         True,
         description="LayerNorm on each candidate feature group's projection. True suits embeddings, whose norm "
-        "carries no meaning; false keeps the magnitude, which is the signal in dense relevance features (LETOR: "
-        "+0.02 nDCG@10 in inner CV on the MSLR sample).",
+        "carries no meaning; false keeps the magnitude, which is the signal in dense relevance features (MSLR "
+        "sample, no attention: inner-CV nDCG@10 0.490 without it vs 0.473 with it, bench/results/mslr_inner_cv_tuning.json).",
     )
 
 
