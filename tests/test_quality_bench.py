@@ -215,3 +215,38 @@ def test_list_features_are_within_list_statistics():
     np.testing.assert_allclose(f["centred"], [1.0, -1.0, 0.0])
     np.testing.assert_allclose(f["list_z"], np.array([1.0, -1.0, 0.0]) / np.std([3.0, 1.0, 2.0]))
     assert shift.list_features(np.array([2.0]))["list_z"].tolist() == [0.0]
+
+
+def test_cotrr_choices_and_training_never_see_the_test_queries(tmp_path, monkeypatch):
+    """Nested selection: in a part, every list cotrr-ray trains or selects on comes from its training queries."""
+    bench = _load_bench()
+    from cotrr_ray.config import TrainConfig
+    from cotrr_ray.data.readers import letor_spec, read_letor
+
+    path = _write_letor(tmp_path / "tiny.txt", queries=12)
+    lists = read_letor(path, num_features=N_FEATURES, upstream_feature=3, window=32)
+    train, test = lists[:9], lists[9:]
+    seen: set[str] = set()
+    real_prepare, real_all = bench.prepare_splits, bench.all_queries_data
+
+    def spy_prepare(cfg, spec, splits):
+        seen.update(cl.query_id for part in splits.values() for cl in part)
+        return real_prepare(cfg, spec, splits)
+
+    def spy_all(cfg, spec, ls, fp=None):
+        seen.update(cl.query_id for cl in ls)
+        return real_all(cfg, spec, ls, fp)
+
+    monkeypatch.setattr(bench, "prepare_splits", spy_prepare)
+    monkeypatch.setattr(bench, "all_queries_data", spy_all)
+    s = bench.quick_settings()
+    cfg = TrainConfig.from_yaml(REPO / "configs" / "mslr.yaml", [*s.model_overrides, *TINY[:2], f"data.path={path}"])
+    threads = torch.get_num_threads()
+    try:
+        scores, info = bench.cotrr_method(cfg, letor_spec(N_FEATURES), train, test, s, 1.0, path, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {cl.query_id for cl in train}  # the selection and the recipe: training queries only
+    assert [len(z) for z in scores] == [cl.window for cl in test]
+    assert info["variant"] in {bench.variant_name(v) for v in s.variants}
+    assert len(info["selection"]["variants"]) == len(s.variants)
