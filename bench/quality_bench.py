@@ -2,6 +2,7 @@
 
     python bench/quality_bench.py [--quick] [--json OUT] [--png OUT] [--data FILE] [--repeats R]
                                   [--test FILE] [--config configs/mslr.yaml] [--set key.path=value ...]
+                                  [--no-fixed] [--no-select]
 
 Protocol (identical query splits for every method, all scored by `cotrr_ray.core.metrics` through the
 same per-query path as `cotrr_ray.training.evaluate.evaluate_lists`):
@@ -21,16 +22,19 @@ same per-query path as `cotrr_ray.training.evaluate.evaluate_lists`):
 * ridge: sklearn Ridge on the bundle's normalised features (signed log1p + standardise, fitted on
   the training queries), alpha by inner CV;
 * LambdaMART (LightGBM, objective lambdarank): a fixed, stated parameter set, and a CV-tuned one
-  (grid x number of trees by inner CV; a larger search than cotrr-ray gets);
-* cotrr-ray: the TrainConfig of `--config` (+ `--set` overrides) through the code that trains and
-  serves it: `prepare` (normaliser fitted on the training queries) -> `cotrr_ray.training.loop.fit` (the
-  same loop Ray Train runs, here in-process) -> `Bundle.save` -> `Bundle.load` -> `Bundle.score`.
-  The number of epochs is chosen by inner CV (argmax of the 3-epoch moving average of the pooled
-  inner nDCG@10); the model keeps its last epoch. The calibrator is cross-fitted on out-of-fold
-  scores of the training queries (`cotrr_ray.training.crossfit`); because the config's learning rate is
-  constant, the inner-CV fold models at the chosen epoch are exactly the cross-fit fold models (an
-  E-epoch run is the prefix of a longer one), so their held-out scores are reused (the identity is
-  checked in tests/test_crossfit.py);
+  (grid x number of trees by inner CV: 9 x 8 = 72 settings);
+* cotrr-ray, in two phases per split. (1) select (`select_cotrr`): every choice it gets, by inner
+  grouped K-fold CV over the split's training queries only: `Settings.variants` (no attention /
+  LayerNorm on the feature projection / one attention block) x epochs 1..`max_epochs`, the best
+  3-epoch moving average of the pooled inner nDCG@10 (as many settings as LambdaMART's grid). So
+  the outer test queries choose nothing: a nested CV for the choices in that grid. (2) train: the
+  shipped job's recipe with that choice, `cotrr_ray.training.crossfit.fit_cross_fitted` (what
+  `train_job.py` runs under `evaluation.method: cross_fit`, there through Ray Train): the final model
+  on every training query for exactly the chosen epochs, K cross-fit fold models, the isotonic
+  calibrator on their out-of-fold scores mapped onto the final model's scale; then `Bundle.save` ->
+  `Bundle.load` -> `Bundle.score` on the test queries. `bench/mslr_tuning.py` runs phase (1) on the
+  whole sample: that choice is configs/mslr.yaml, so the held-out-file split trains the shipped model.
+  `--no-select` trains the config exactly as given instead;
 * paired per-query differences cotrr-ray - baseline with percentile bootstrap intervals;
 * calibration of P(label >= threshold) on the test queries (never seen by model or calibrator):
   ECE (15 bins, equal width / equal mass), Brier, log loss for the cross-fitted calibrator, the raw
@@ -84,16 +88,16 @@ from cotrr_ray.data.readers import file_fingerprint, letor_spec, read_letor  # n
 from cotrr_ray.data.splits import split_by_query  # noqa: E402
 from cotrr_ray.training.checkpoints import model_from_state  # noqa: E402
 from cotrr_ray.training.crossfit import (  # noqa: E402
-    aligned_logits,
     assign_folds,
+    fit_cross_fitted,
     fit_oof_calibrator,
-    moment_alignment,
     train_in_process,
 )
 from cotrr_ray.training.evaluate import RANKING_METRICS, evaluate_lists  # noqa: E402
-from cotrr_ray.training.prepare import (
-    prepare_splits,  # noqa: E402
-    window_logits,  # noqa: E402
+from cotrr_ray.training.prepare import (  # noqa: E402
+    all_queries_data,
+    prepare_splits,
+    window_logits,
 )
 
 LABELS = {
@@ -101,7 +105,7 @@ LABELS = {
     "ridge": "ridge (CV alpha)",
     "lambdamart_fixed": "LambdaMART fixed",
     "lambdamart_cv": "LambdaMART CV-tuned",
-    OURS: "cotrr-ray (CV epochs)",
+    OURS: "cotrr-ray (CV choices)",
 }
 CV_SALT = "quality-bench-cv"
 FIXED_SALT = "quality-bench-fixed"
@@ -111,7 +115,7 @@ FIXED_SALT = "quality-bench-fixed"
 class Settings:
     outer_folds: int = 5
     cv_repeats: int = 3  # repeated grouped CV: each repeat deals the queries into folds with its own salt
-    fixed_split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "test": 0.3})
+    fixed_split: dict[str, float] | None = field(default_factory=lambda: {"train": 0.7, "test": 0.3})
     max_epochs: int = 24  # cotrr-ray epoch grid: 1..max_epochs
     smooth: int = 3  # moving-average window over the inner-CV epoch curve
     ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -136,6 +140,15 @@ class Settings:
     n_boot: int = 2000
     max_queries: int | None = None
     model_overrides: tuple[str, ...] = ()
+    # cotrr-ray's choices, made inside every split by inner CV (select_cotrr): these variants x epochs
+    # 1..max_epochs (3 x 24 = 72 settings, as many as LambdaMART's 9-setting grid x 8 tree counts).
+    # Absolute values, so the grid does not depend on which variant the shipped config holds.
+    variants: tuple[dict[str, Any], ...] = (
+        {"model.n_layers": 0, "model.group_norm": False},
+        {"model.n_layers": 0, "model.group_norm": True},
+        {"model.n_layers": 1, "model.group_norm": False},
+    )
+    select: bool = True  # False: the config as given, no choice (e.g. to score exactly the shipped config)
 
 
 def quick_settings() -> Settings:
@@ -151,6 +164,7 @@ def quick_settings() -> Settings:
         lgb_rounds=(5, 10),
         n_boot=200,
         max_queries=12,
+        variants=({"model.n_layers": 1}, {"model.n_layers": 0}),
         model_overrides=(
             "model.d_model=16",
             "model.n_heads=2",
@@ -171,88 +185,114 @@ def quick_settings() -> Settings:
 
 
 def with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
-    # patience = max_epochs: fit never stops early; the bench keeps the last epoch (fixed epochs).
+    # patience = max_epochs: fit never stops early; the recipe keeps the last epoch (fixed epochs).
     return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"max_epochs": epochs, "patience": epochs})})
+
+
+def with_variant(cfg: TrainConfig, variant: dict[str, Any]) -> TrainConfig:
+    """`cfg` with a variant's ``key.path: value`` settings (absolute values, not deltas)."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in variant.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if last not in node:
+            raise ValueError(f"variant key {key!r} is not a TrainConfig field")
+        node[last] = value
+    return TrainConfig.model_validate(raw)
+
+
+def variant_name(variant: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items()) or "config"
 
 
 def constant_lr(cfg: TrainConfig) -> bool:
     return cfg.optim.warmup_frac == 0 and cfg.optim.min_lr_ratio == 1.0
 
 
+def select_cotrr(cfg: TrainConfig, spec, train: list[CandidateList], s: Settings, thr: float) -> dict[str, Any]:
+    """Phase select: every choice cotrr-ray gets (variant x epochs), by inner grouped K-fold CV over
+    `train` only. Each variant's K fold models train `s.max_epochs` epochs (constant lr, so epoch E of
+    that run is exactly an E-epoch run); after every epoch each scores its held-out inner fold. The
+    choice is the (variant, epoch) with the best 3-epoch moving average of the pooled inner nDCG@10.
+    Returns the choice and every variant's curve."""
+    if not constant_lr(cfg):
+        raise ValueError(
+            "epoch selection reads epoch E of a longer run as an E-epoch run, which is exact only with a constant "
+            "learning rate (optim.warmup_frac=0, optim.min_lr_ratio=1)"
+        )
+    folds = inner_folds(train, cfg.calibration.folds)
+    count = sum(mean_ndcg10(b, [np.zeros(cl.window) for cl in b], thr)[1] for _, b in folds)
+    table = []
+    for variant in s.variants or ({},):
+        cfg_v = with_epochs(with_variant(cfg, variant), s.max_epochs)
+        ndcg_sum = np.zeros(s.max_epochs)
+        for a, b in folds:
+            data = prepare_splits(cfg_v, spec, {"train": a, "validation": b})
+
+            def on_epoch(epoch: int, state: dict[str, Any], data=data, b=b, ndcg_sum=ndcg_sum) -> None:
+                z = window_logits(model_from_state(state, data.model_config), b, data)
+                ndcg_sum[epoch] += mean_ndcg10(b, z, thr)[0]
+
+            train_in_process(cfg_v, data, select="last", on_epoch=on_epoch)
+        curve = ndcg_sum / max(count, 1)
+        pad = np.pad(curve, s.smooth // 2, mode="edge")
+        smooth = np.convolve(pad, np.ones(s.smooth) / s.smooth, mode="valid")
+        best = int(np.argmax(smooth))
+        table.append(
+            {
+                "variant": dict(variant),
+                "name": variant_name(variant),
+                "epochs": best + 1,
+                "inner_ndcg@10": float(curve[best]),
+                "inner_ndcg@10_smoothed": float(smooth[best]),
+                "inner_curve": [round(float(v), 4) for v in curve],
+            }
+        )
+    chosen = max(range(len(table)), key=lambda i: table[i]["inner_ndcg@10_smoothed"])  # first of equals
+    return {"chosen": table[chosen], "variants": table, "inner_queries": count, "inner_folds": len(folds)}
+
+
+def chosen_config(cfg: TrainConfig, selection: dict[str, Any]) -> TrainConfig:
+    c = selection["chosen"]
+    return with_epochs(with_variant(cfg, c["variant"]), c["epochs"])
+
+
 def cotrr_method(
     cfg, spec, train, test, s: Settings, thr, data_path, workdir
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """Inner CV over epochs (fold models double as cross-fit models), final fit, bundle round trip."""
-    if not constant_lr(cfg):
-        raise ValueError(
-            "the bench reuses inner-CV fold models as cross-fit models, which is exact only with a constant "
-            "learning rate (optim.warmup_frac=0, optim.min_lr_ratio=1)"
-        )
-    k = cfg.calibration.folds
-    cfg_inner = with_epochs(cfg, s.max_epochs)
-    folds = inner_folds(train, k)
-    ndcg_sum = np.zeros(s.max_epochs)
-    count = 0
-    held_logits: list[dict[int, list[np.ndarray]]] = []
-    fold_states: list[dict[int, dict[str, Any]]] = []
-    fold_data = []
-    for a, b in folds:
-        data = prepare_splits(cfg_inner, spec, {"train": a, "validation": b})
-        per_epoch: dict[int, list[np.ndarray]] = {}
-        states: dict[int, dict[str, Any]] = {}
-
-        def on_epoch(epoch: int, state: dict[str, Any], data=data, b=b, per_epoch=per_epoch, states=states) -> None:
-            z = window_logits(model_from_state(state, data.model_config), b, data)
-            per_epoch[epoch], states[epoch] = z, state
-            ndcg_sum[epoch] += mean_ndcg10(b, z, thr)[0]
-
-        train_in_process(cfg_inner, data, select="last", on_epoch=on_epoch)
-        held_logits.append(per_epoch)
-        fold_states.append(states)
-        fold_data.append(data)
-        count += mean_ndcg10(b, [np.zeros(cl.window) for cl in b], thr)[1]
-    curve = ndcg_sum / max(count, 1)
-    smooth = np.convolve(np.pad(curve, s.smooth // 2, mode="edge"), np.ones(s.smooth) / s.smooth, mode="valid")
-    epochs = int(np.argmax(smooth)) + 1
-
-    # Final model on all training queries; its own training queries stand in as the loop's
-    # validation split (monitoring only: the last epoch is kept).
-    cfg_final = with_epochs(cfg, epochs)
-    data = prepare_splits(cfg_final, spec, {"train": train, "validation": train})
-    state = train_in_process(cfg_final, data, select="last")
-    model = model_from_state(state, data.model_config)
-
-    # Cross-fitted calibrator: out-of-fold scores of the fold models at the chosen epoch, mapped onto
-    # the final model's scale (cotrr_ray.training.crossfit.moment_alignment), as cross_fit(final_model=...) does.
-    oof_lists = [cl for _, b in folds for cl in b]
-    fold_of = np.concatenate([np.full(len(b), i) for i, (_, b) in enumerate(folds)])
-    oof_logits = [z for per_epoch in held_logits for z in per_epoch[epochs - 1]]
-    alignment = [
-        moment_alignment(model_from_state(st[epochs - 1], fd.model_config), fd, model, data, a)
-        for st, fd, (a, _) in zip(fold_states, fold_data, folds)
-    ]
-    del fold_states
-    calibrator = fit_oof_calibrator(aligned_logits(oof_logits, fold_of, alignment), oof_lists, cfg)
-    unaligned = fit_oof_calibrator(oof_logits, oof_lists, cfg)
+    """Phase select on the training queries, then the shipped job's recipe with the choice
+    (`crossfit.fit_cross_fitted`: final model on every training query, K cross-fit fold models, the
+    calibrator on their aligned out-of-fold scores), then a bundle round trip and the test queries."""
+    selection = select_cotrr(cfg, spec, train, s, thr) if s.select else None
+    cfg_final = cfg if selection is None else chosen_config(cfg, selection)
+    data = all_queries_data(cfg_final, spec, train, file_fingerprint(data_path))
+    cf = fit_cross_fitted(cfg_final, data, lambda c, d: train_in_process(c, d, select="last"))
+    res = cf.result
+    unaligned = fit_oof_calibrator(res.oof_logits, res.lists, cfg_final)
     bundle_dir = Bundle.save(
         Path(workdir) / "bundle",
-        model=model,
+        model=cf.model,
         spec=spec,
         normalizer=data.normalizer,
-        calibrator=calibrator,
+        calibrator=cf.calibrator,
         relevance_threshold=thr,
-        metrics={"bench": "quality_bench", "epochs": epochs},
+        metrics={"bench": "quality_bench", "epochs": cfg_final.optim.max_epochs},
         train_config=cfg_final.model_dump(mode="json"),
         data_fingerprint=file_fingerprint(data_path),
     )
     bundle = Bundle.load(bundle_dir)
     scores = bundle.score(test)
+    oof = per_query(res.lists, res.calibrated_logits, thr)["ndcg@10"]
     return scores, {
-        "epochs": epochs,
-        "inner_ndcg@10": float(curve[epochs - 1]),
-        "inner_curve": [round(float(v), 4) for v in curve],
-        "calibrator_rows": int(calibrator.n_samples_),
-        "alignment": [[round(x, 4), round(y, 4)] for x, y in alignment],
+        "epochs": cfg_final.optim.max_epochs,
+        "variant": None if selection is None else selection["chosen"]["name"],
+        "inner_ndcg@10": None if selection is None else selection["chosen"]["inner_ndcg@10"],
+        "selection": selection,
+        "oof_ndcg@10": float(oof.mean()) if oof.size else None,
+        "calibrator_rows": int(cf.calibrator.n_samples_),
+        "alignment": [[round(x, 4), round(y, 4)] for x, y in res.alignment or []],
         "calibrator": bundle.calibrator,
         "calibrator_unaligned": unaligned,
         "train_base_rate": float(labels01(train, thr).mean()),
@@ -276,8 +316,9 @@ def make_splits(
             ([cl for cl, f in zip(lists, fold) if f != i], [cl for cl, f in zip(lists, fold) if f == i])
             for i in range(s.outer_folds)
         ]
-    fixed = split_by_query(lists, s.fixed_split, FIXED_SALT)
-    splits["fixed"] = [(fixed["train"], fixed["test"])]
+    if s.fixed_split:
+        fixed = split_by_query(lists, s.fixed_split, FIXED_SALT)
+        splits["fixed"] = [(fixed["train"], fixed["test"])]
     if test_lists is not None:
         shared = sorted({cl.query_id for cl in lists} & {cl.query_id for cl in test_lists})
         if shared:
@@ -418,7 +459,7 @@ def run_parts(tasks: list[dict[str, Any]], splits: dict, jobs: int, say) -> dict
         info = r["info"]
         say(
             f"  {key[0]} part {key[1] + 1}/{len(splits[key[0]])}: {info['train_queries']} train / {info['test_queries']} test "
-            f"queries, epochs {info[OURS]['epochs']}, ridge alpha {info['ridge']['alpha']:g}, LambdaMART "
+            f"queries, {info[OURS]['variant'] or 'config'} x {info[OURS]['epochs']} epochs, ridge alpha {info['ridge']['alpha']:g}, LambdaMART "
             f"{info['lambdamart_cv']['num_leaves']} leaves x {info['lambdamart_cv']['n_estimators']} trees; nDCG@10 "
             + ", ".join(f"{m} {v:.3f}" for m, v in info["ndcg@10"].items() if v is not None)
             + f" ({info['seconds']:.0f} s)"
@@ -501,6 +542,16 @@ def describe_run(cfg, s, data_path, test_path, lists, config, overrides, png, jo
     }
 
 
+def _choices(r: dict[str, Any]) -> str:
+    """Per part: cotrr-ray's variant x epochs and its inner-CV nDCG@10 (what chose it)."""
+    out = []
+    for p in r["per_part"]:
+        o = p[OURS]
+        inner = "" if o["inner_ndcg@10"] is None else f" (inner {o['inner_ndcg@10']:.3f})"
+        out.append(f"[{o['variant'] or 'config'}] x {o['epochs']}{inner}")
+    return "; ".join(out)
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"quality bench: {res['data']} ({res['queries']} queries, {res['rows']} rows), "
@@ -514,9 +565,7 @@ def format_table(res: dict[str, Any]) -> str:
             if split == cv_name(s["outer_folds"], 0):
                 lines += ["", "each repeat alone (nDCG@10, pooled over its folds):"]
             row = ", ".join(f"{m} {e['ndcg@10']:.4f}" for m, e in r["methods"].items())
-            epochs = [p[OURS]["epochs"] for p in r["per_part"]]
-            inner = np.mean([p[OURS]["inner_ndcg@10"] for p in r["per_part"]])
-            lines.append(f"  {split}: {row}; epochs {epochs}, {OURS} inner CV {inner:.4f}")
+            lines.append(f"  {split}: {row}; {OURS} choices {_choices(r)}")
             continue
         if split == rep_name:
             title = (
@@ -555,12 +604,7 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{name:<24}{x['ece_equal_width']:>10.4f}{x['ece_equal_mass']:>10.4f}{x['brier']:>8.4f}{x['log_loss']:>9.4f}"
             )
         if "per_part" in r:
-            epochs = [p[OURS]["epochs"] for p in r["per_part"]]
-            inner = np.mean([p[OURS]["inner_ndcg@10"] for p in r["per_part"]])
-            lines.append(
-                f"epochs chosen by inner CV: {epochs} (inner-CV nDCG@10 there, mean over parts: {inner:.4f}); "
-                f"compute {r['seconds']:.0f} s"
-            )
+            lines.append(f"{OURS} choices by inner CV, per part: {_choices(r)}; compute {r['seconds']:.0f} s")
         else:
             lines.append(f"compute {r['seconds']:.0f} s")
     lines.append("")
@@ -588,8 +632,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--jobs", type=int, default=None, help="processes, one split each (default: 2, --quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="CV repeats with different folds (default: 3, --quick: 2)")
     p.add_argument("--test", default=None, help="LETOR file of held-out queries: train on all of --data, score these")
+    p.add_argument("--no-fixed", action="store_true", help="skip the fixed 70/30 split")
+    p.add_argument(
+        "--no-select",
+        action="store_true",
+        help="cotrr-ray: train the config exactly as given (no variant or epoch choice inside the splits)",
+    )
     args = p.parse_args(argv)
     settings = quick_settings() if args.quick else Settings()
+    if args.no_fixed:
+        settings.fixed_split = None
+    if args.no_select:
+        settings.select = False
     if args.repeats is not None:
         if args.repeats < 1:
             p.error("--repeats must be >= 1")

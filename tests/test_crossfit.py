@@ -226,3 +226,106 @@ def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path):
         cl.window for cl in lists if split_of(cl.query_id, cfg["data"]["splits"], cfg["data"]["split_salt"]) == "train"
     )
     assert fit_info["rows"] == bundle.calibrator.n_samples_ == train_rows
+
+
+# --------------------------------------------------------------------------- cross-fitted evaluation
+
+
+def cv_cfg(tmp_path: Path, epochs: int = 2) -> TrainConfig:
+    raw = tiny_cfg(tmp_path, epochs=epochs).model_dump(mode="json")
+    raw["data"]["splits"] = {"train": 1.0}
+    raw["optim"]["select"] = "last"
+    raw["evaluation"] = {"method": "cross_fit"}
+    raw["bootstrap_samples"] = 200
+    return TrainConfig.model_validate(raw)
+
+
+def test_oof_probabilities_come_from_a_calibrator_that_never_saw_the_fold(lists):
+    from cotrr_ray.core.calibration import IsotonicCalibrator
+    from cotrr_ray.training.crossfit import oof_probabilities
+
+    pool = lists[:9]
+    fold = np.array([i % 3 for i in range(9)])
+    # Fold 0's rows are all relevant and score high; the other folds' rows with the same scores are
+    # not relevant. An in-sample calibrator would give fold 0 a high probability; one fitted on
+    # folds 1-2 only must give it 0.
+    relabelled, logits = [], []
+    for i, cl in enumerate(pool):
+        y = np.full(len(cl), 3.0 if fold[i] == 0 else 0.0, np.float32)
+        relabelled.append(type(cl)(**{**cl.__dict__, "labels": y}))
+        logits.append(np.linspace(5.0, 6.0, cl.window))
+    relabelled[1].labels[:] = 3.0  # folds 1-2 need both classes: one relevant list, scored above all
+    logits[1] = np.linspace(7.0, 8.0, relabelled[1].window)
+    cal = IsotonicCalibrator(min_samples=1).fit(np.concatenate(logits), labels01(relabelled, 1.0))
+    res = CrossFitResult(relabelled, fold, logits, [0, 0, 0], None, cal)
+    probs = oof_probabilities(res, TrainConfig.model_validate({}))
+    assert [len(p) for p in probs] == [cl.window for cl in relabelled]
+    for i in np.flatnonzero(fold == 0):
+        assert cal.predict(logits[i]).mean() > 0.2  # what the in-sample calibrator would claim
+        np.testing.assert_array_equal(probs[i], 0.0)  # ...and what the other folds support
+
+
+def test_fit_cross_fitted_trains_the_final_model_on_every_query_and_reports_oof(lists, tmp_path):
+    from cotrr_ray.core.metrics import calibration_report
+    from cotrr_ray.training.crossfit import fit_cross_fitted, oof_probabilities
+    from cotrr_ray.training.prepare import all_queries_data
+
+    cfg = cv_cfg(tmp_path)
+    pool = lists[:24]
+    calls: list[set[str]] = []
+
+    def spy(c: TrainConfig, data):
+        calls.append({cl.query_id for cl in data.lists["train"]})
+        return _last(c, data)
+
+    data = all_queries_data(cfg, letor_spec(N_FEATURES), pool, "sha256:x")
+    cf = fit_cross_fitted(cfg, data, spy)
+    ids = {cl.query_id for cl in pool}
+    assert calls[0] == ids  # the final model: every query, nothing held out
+    assert len(calls) == 1 + 3 and all(len(ids - c) in (8,) for c in calls[1:])  # 3 fold models, 8 out each
+    assert set().union(*(ids - c for c in calls[1:])) == ids  # every query held out once
+    assert cf.state["epoch"] == cfg.optim.max_epochs - 1  # fixed epochs: the last one
+    assert cf.calibrator.n_samples_ == sum(cl.window for cl in pool)
+
+    report = cf.report(cfg)
+    assert report["queries"] + report["skipped"] == len(pool)  # a per-query estimate over every query
+    assert "cross-fitted" in report["estimate"]
+    lo, hi = report["ndcg@10"]["model_ci"]
+    assert lo <= report["ndcg@10"]["model"] <= hi and hi - lo > 0  # an interval, not a point
+    # The report's ranking metrics are those of the out-of-fold scores, its calibration that of
+    # the other-folds calibrators (not the shipped, in-sample one).
+    from cotrr_ray.training.evaluate import evaluate_lists
+
+    oof = evaluate_lists(pool, cf.result.oof_logits, None, relevance_threshold=1.0, n_boot=200)
+    final = evaluate_lists(pool, window_logits(cf.model, pool, data), None, relevance_threshold=1.0, n_boot=200)
+    assert report["ndcg@10"]["model"] == pytest.approx(oof["ndcg@10"]["model"])  # per-fold alignment keeps order
+    assert report["ndcg@10"]["model"] != pytest.approx(final["ndcg@10"]["model"])  # not the in-sample model
+    y = labels01(pool, 1.0)
+    honest = calibration_report(np.concatenate(oof_probabilities(cf.result, cfg)), y)
+    in_sample = calibration_report(cf.calibrator.predict(np.concatenate(cf.result.calibrated_logits)), y)
+    assert report["calibration"]["calibrated"] == honest
+    assert report["calibration"]["calibrated"]["brier"] > in_sample["brier"]  # in-sample flatters
+
+
+def test_cross_fitted_evaluation_config_rules(tmp_path):
+    cfg = cv_cfg(tmp_path)
+    assert cfg.evaluation.method == "cross_fit" and cfg.data.splits == {"train": 1.0}
+    raw = cfg.model_dump(mode="json")
+    for key, value, message in (
+        ("data", {**raw["data"], "splits": {"train": 0.9, "validation": 0.05, "test": 0.05}}, "data.splits"),
+        ("calibration", {**raw["calibration"], "method": "holdout"}, "calibration.method"),
+        ("optim", {**raw["optim"], "select": "best_val"}, "optim.select"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.model_validate({**raw, key: value})
+    with pytest.raises(ValueError, match="holds nothing out"):
+        TrainConfig.model_validate({**raw, "evaluation": {"method": "test_split"}})
+
+
+def test_prepare_data_under_cross_fitted_evaluation_keeps_every_query(tmp_path):
+    from cotrr_ray.training.prepare import prepare_data
+
+    path = write_letor(tmp_path / "t.txt", queries=11)
+    data = prepare_data(cv_cfg(tmp_path), path)
+    assert len(data.lists["train"]) == 11 and data.lists["validation"] == data.lists["train"]
+    assert data.data_fingerprint and data.data_fingerprint.startswith("sha256:")

@@ -145,3 +145,108 @@ def test_fetch_checks_the_archive_digest_and_extracts_one_file(tmp_path, monkeyp
     assert not out.exists()
     monkeypatch.setattr(fetch_mslr_test, "SHA256", hashlib.sha256(archive).hexdigest())
     assert fetch_mslr_test.extract(archive, out).read_bytes() == payload
+
+
+TINY = [
+    f"data.letor_num_features={N_FEATURES}",
+    "data.letor_upstream_feature=3",
+    "model.d_model=16",
+    "model.n_heads=2",
+    "optim.max_epochs=2",
+    "optim.patience=2",
+    "calibration.folds=2",
+    "calibration.min_samples=10",
+]
+
+
+def test_tuning_script_runs_the_benchs_selection_and_compares_with_the_config(tmp_path):
+    tuning = _load_bench("mslr_tuning")
+    data = _write_letor(tmp_path / "tiny.txt")
+    out = tmp_path / "tuning.json"
+    threads = torch.get_num_threads()
+    try:
+        res = tuning.main(
+            ["--quick", "--data", str(data), "--json", str(out), *sum((["--set", o] for o in TINY[:2]), [])]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    quick = _load_bench().quick_settings()
+    assert [v["variant"] for v in res["variants"]] == [dict(v) for v in quick.variants]
+    for v in res["variants"]:
+        assert len(v["inner_curve"]) == quick.max_epochs and 1 <= v["epochs"] <= quick.max_epochs
+    best = max(res["variants"], key=lambda v: v["inner_ndcg@10_smoothed"])
+    assert res["chosen"] == best
+    assert res["config_holds_choice"]["optim.max_epochs"]["chosen"] == best["epochs"]
+
+
+def test_calibration_shift_bench_chooses_on_training_queries_only(tmp_path):
+    shift = _load_bench("calibration_shift")
+    data = _write_letor(tmp_path / "tiny.txt")
+    held_out = _write_letor(tmp_path / "held_out.txt", queries=6, seed=1, first_qid=1000)
+    out = tmp_path / "shift.json"
+    threads = torch.get_num_threads()
+    try:
+        res = shift.main(
+            ["--data", str(data), "--test", str(held_out), "--json", str(out), "--bootstrap", "50"]
+            + sum((["--set", o] for o in TINY), [])
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert set(res["choice"]["scores"]) == set(shift.CALIBRATORS)
+    assert res["chosen"] == min(res["choice"]["scores"], key=lambda n: res["choice"]["scores"][n]["brier"])
+    assert set(res["test"]) == set(shift.CALIBRATORS) | {
+        "constant: training base rate",
+        "constant: test base rate (oracle)",
+    }
+    for c in res["test"].values():
+        lo, hi = c["brier_ci"]
+        assert lo <= hi and c["n"] == sum(1 for line in held_out.read_text().splitlines() if line)
+    # The oracle constant's ECE is ~0 by construction: the reason ECE is never read alone.
+    assert res["test"]["constant: test base rate (oracle)"]["ece_equal_width"] < 1e-9
+
+
+def test_list_features_are_within_list_statistics():
+    shift = _load_bench("calibration_shift")
+    f = shift.list_features(np.array([3.0, 1.0, 2.0]))
+    np.testing.assert_allclose(f["rank_frac"], [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(f["rank_score"], [1.0, 0.0, 0.5])  # isotonic fits need it increasing
+    np.testing.assert_allclose(f["centred"], [1.0, -1.0, 0.0])
+    np.testing.assert_allclose(f["list_z"], np.array([1.0, -1.0, 0.0]) / np.std([3.0, 1.0, 2.0]))
+    assert shift.list_features(np.array([2.0]))["list_z"].tolist() == [0.0]
+
+
+def test_cotrr_choices_and_training_never_see_the_test_queries(tmp_path, monkeypatch):
+    """Nested selection: in a part, every list cotrr-ray trains or selects on comes from its training queries."""
+    bench = _load_bench()
+    from cotrr_ray.config import TrainConfig
+    from cotrr_ray.data.readers import letor_spec, read_letor
+
+    path = _write_letor(tmp_path / "tiny.txt", queries=12)
+    lists = read_letor(path, num_features=N_FEATURES, upstream_feature=3, window=32)
+    train, test = lists[:9], lists[9:]
+    seen: set[str] = set()
+    real_prepare, real_all = bench.prepare_splits, bench.all_queries_data
+
+    def spy_prepare(cfg, spec, splits):
+        seen.update(cl.query_id for part in splits.values() for cl in part)
+        return real_prepare(cfg, spec, splits)
+
+    def spy_all(cfg, spec, ls, fp=None):
+        seen.update(cl.query_id for cl in ls)
+        return real_all(cfg, spec, ls, fp)
+
+    monkeypatch.setattr(bench, "prepare_splits", spy_prepare)
+    monkeypatch.setattr(bench, "all_queries_data", spy_all)
+    s = bench.quick_settings()
+    cfg = TrainConfig.from_yaml(REPO / "configs" / "mslr.yaml", [*s.model_overrides, *TINY[:2], f"data.path={path}"])
+    threads = torch.get_num_threads()
+    try:
+        scores, info = bench.cotrr_method(cfg, letor_spec(N_FEATURES), train, test, s, 1.0, path, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {cl.query_id for cl in train}  # the selection and the recipe: training queries only
+    assert [len(z) for z in scores] == [cl.window for cl in test]
+    assert info["variant"] in {bench.variant_name(v) for v in s.variants}
+    assert len(info["selection"]["variants"]) == len(s.variants)

@@ -37,7 +37,7 @@ def convert(
     queries_per_shard: int = DEFAULT_QUERIES_PER_SHARD,
     queries_per_row_group: int = DEFAULT_QUERIES_PER_ROW_GROUP,
     letor_num_features: int = 136,
-    letor_upstream_feature: int = 110,
+    letor_upstream_feature: int | str = 110,
     require_labels: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -91,7 +91,12 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--feature-spec", help="JSON/YAML file of a FeatureSpec (jsonl; default image-search-v1)")
     c.add_argument("--letor-num-features", type=int, default=136)
-    c.add_argument("--letor-upstream-feature", type=int, default=110)
+    c.add_argument(
+        "--letor-upstream-feature",
+        type=lambda v: v if v == "file_order" else int(v),
+        default=110,
+        help="1-based feature whose value descending is the upstream order, or file_order",
+    )
     c.add_argument("--unlabelled", action="store_true", help="labels optional (inference data)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
     return p

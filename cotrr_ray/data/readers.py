@@ -107,18 +107,39 @@ def _parse_letor_line(path: str | Path, lineno: int, line: str, num_features: in
     return qid, label, x
 
 
+FILE_ORDER = "file_order"
+"""`upstream_feature` value for files whose rows are already in upstream order within each query."""
+
+UpstreamFeature = int | str  # a 1-based feature number, or FILE_ORDER
+
+
+def check_upstream_feature(upstream_feature: UpstreamFeature, num_features: int) -> None:
+    if upstream_feature == FILE_ORDER:
+        return
+    if isinstance(upstream_feature, bool) or not isinstance(upstream_feature, int):
+        raise ValueError(f"upstream_feature must be a feature number or {FILE_ORDER!r}, got {upstream_feature!r}")
+    if not 1 <= upstream_feature <= num_features:
+        raise ValueError(f"upstream_feature must be in 1..{num_features} or {FILE_ORDER!r}, got {upstream_feature}")
+
+
 def _letor_list(
-    qid: str, rows: list[tuple[float, np.ndarray]], upstream_feature: int, group: str, window: int | None
+    qid: str, rows: list[tuple[float, np.ndarray]], upstream_feature: UpstreamFeature, group: str, window: int | None
 ) -> CandidateList:
     x = np.stack([r[1] for r in rows])
     labels = np.array([r[0] for r in rows], np.float32)
-    order = np.argsort(-x[:, upstream_feature - 1], kind="stable")
+    if upstream_feature == FILE_ORDER:
+        # Rows are in upstream order already; a score that sorts them so (higher = earlier).
+        order = np.arange(len(rows))
+        upstream = -order.astype(np.float32)
+    else:
+        order = np.argsort(-x[:, upstream_feature - 1], kind="stable")
+        upstream = x[order, upstream_feature - 1].copy()
     x, labels = x[order], labels[order]
     m = len(rows) if window is None else min(window, len(rows))
     return CandidateList(
         query_id=qid,
         ids=[f"{qid}-{int(j)}" for j in order],
-        upstream=x[:, upstream_feature - 1].copy(),
+        upstream=upstream,
         window=m,
         features={group: x[:m]},
         query_features={},
@@ -130,7 +151,7 @@ def iter_letor_lists(
     path: str | Path,
     *,
     num_features: int = 136,
-    upstream_feature: int = 110,
+    upstream_feature: UpstreamFeature = 110,
     group: str = "letor",
     window: int | None = None,
 ) -> Iterator[tuple[int, CandidateList]]:
@@ -140,8 +161,7 @@ def iter_letor_lists(
     must be contiguous, as LETOR files write them: a qid that comes back after another query is an
     error naming the line, not a silent merge, so a stream never has to hold the whole file.
     """
-    if not 1 <= upstream_feature <= num_features:
-        raise ValueError(f"upstream_feature must be in 1..{num_features}")
+    check_upstream_feature(upstream_feature, num_features)
     finished: dict[str, int] = {}  # qid -> its first line, for queries already yielded
     current: str | None = None
     start = 0
@@ -172,15 +192,18 @@ def read_letor(
     path: str | Path,
     *,
     num_features: int = 136,
-    upstream_feature: int = 110,
+    upstream_feature: UpstreamFeature = 110,
     group: str = "letor",
     window: int | None = None,
 ) -> list[CandidateList]:
     """Read an SVMlight/LETOR file (``label qid:N i:v ... [# comment]``) into candidate lists.
 
-    Features are 1-based; absent indices are 0 (the format is sparse by definition). The upstream
-    order is feature `upstream_feature` descending (MSLR: 110 = BM25 of the whole document), ties
-    kept in file order, and it is also the `upstream_score`. Each query's rows must be contiguous.
+    Features are 1-based; absent indices are 0 (the format is sparse by definition). Query ids are
+    whatever follows ``qid:`` (any string without spaces). The upstream order is feature
+    `upstream_feature` descending (MSLR: 110 = BM25 of the whole document), ties kept in file order,
+    and it is also the `upstream_score`; with ``upstream_feature="file_order"`` the file's row order
+    within each query is the upstream order, and the upstream score is minus the row's position
+    (0, -1, -2, ...). Each query's rows must be contiguous.
     """
     lists = iter_letor_lists(
         path, num_features=num_features, upstream_feature=upstream_feature, group=group, window=window

@@ -23,6 +23,14 @@ on the fold model's own training rows, which both models were trained on (`momen
 fold models follow the final model's recipe exactly: same config, same epochs / checkpoint rule,
 same validation split.
 
+Cross-fitted evaluation (`evaluation.method: cross_fit`, `fit_cross_fitted`) goes one step further
+for small data: no query is held out at all. The final model trains on every query; the fold models
+are the same cross-fit over every query; their out-of-fold scores are both the calibrator's rows and
+the quality report (`cross_fitted_report`): ranking metrics per query from a model that did not see
+the query, and calibration of each fold's rows by a calibrator fitted on the other folds' rows only
+(`oof_probabilities`), since the shipped calibrator saw every row. `job.run` (Ray Train) and
+bench/quality_bench.py (in-process) both train through `fit_cross_fitted`: one recipe.
+
 Nothing here imports Ray: `train_fn` decides where the loop runs.
 """
 
@@ -46,6 +54,7 @@ from cotrr_ray.core.features import CandidateList, labels01
 from cotrr_ray.core.model import Reranker
 from cotrr_ray.core.spec import FeatureSpec
 from cotrr_ray.training.checkpoints import model_from_state
+from cotrr_ray.training.evaluate import evaluate_lists
 from cotrr_ray.training.loop import VAL_METRIC, fit
 from cotrr_ray.training.prepare import PreparedData, prepare_splits, window_logits
 
@@ -305,3 +314,92 @@ def cross_fit_calibrator(
         data_fingerprint=data.data_fingerprint,
     )
     return res.calibrator, res.info()
+
+
+# --------------------------------------------------------------------------- cross-fitted evaluation
+
+
+def oof_probabilities(res: CrossFitResult, cfg: TrainConfig) -> list[np.ndarray]:
+    """Per list, P(relevant) of its (aligned) out-of-fold scores from an isotonic calibrator fitted on
+    the other folds' rows only. The shipped calibrator was fitted on every row, so its probabilities
+    on those rows would be in-sample; these are not, and their ECE / Brier are an honest estimate."""
+    z = res.calibrated_logits
+    thr = cfg.data.relevance_threshold
+    out: list[np.ndarray | None] = [None] * len(res.lists)
+    for i in range(int(res.fold.max()) + 1):
+        others = [j for j in range(len(res.lists)) if res.fold[j] != i]
+        cal = IsotonicCalibrator(min_samples=1).fit(
+            np.concatenate([z[j] for j in others]), labels01([res.lists[j] for j in others], thr)
+        )
+        for j in np.flatnonzero(res.fold == i):
+            out[j] = cal.predict(z[j])
+    return [p for p in out if p is not None]
+
+
+def cross_fitted_report(res: CrossFitResult, cfg: TrainConfig, *, n_boot: int | None = None) -> dict[str, Any]:
+    """The quality report of cross-fitted evaluation: `evaluate_lists` over every query on its
+    out-of-fold scores (bootstrap intervals over queries), calibration from `oof_probabilities`."""
+    report = evaluate_lists(
+        res.lists,
+        res.calibrated_logits,
+        None,
+        relevance_threshold=cfg.data.relevance_threshold,
+        n_boot=cfg.bootstrap_samples if n_boot is None else n_boot,
+        probabilities=oof_probabilities(res, cfg),
+    )
+    k = int(res.fold.max()) + 1
+    report["estimate"] = (
+        f"cross-fitted: every query scored by the one of {k} fold models that did not train on it; "
+        "calibrated probabilities of each fold from an isotonic calibrator fitted on the other folds"
+    )
+    return report
+
+
+@dataclass
+class CrossFitted:
+    """What `fit_cross_fitted` trained: the final model (every query) and the cross-fit over the same queries."""
+
+    state: dict[str, Any]  # the final model's kept state (as `train_fn` returns it)
+    model: Reranker  # the final model, eval mode
+    data: PreparedData  # what it was trained with (every query; see `prepare.all_queries_data`)
+    result: CrossFitResult  # fold models' out-of-fold scores, aligned onto `model`, and the calibrator
+    fit_s: float = 0.0  # seconds of the final fit
+    cross_fit_s: float = 0.0  # seconds of the K fold fits
+
+    @property
+    def calibrator(self) -> IsotonicCalibrator:
+        return self.result.calibrator
+
+    def report(self, cfg: TrainConfig, *, n_boot: int | None = None) -> dict[str, Any]:
+        return cross_fitted_report(self.result, cfg, n_boot=n_boot)
+
+
+def fit_cross_fitted(
+    cfg: TrainConfig, data: PreparedData, train_fn: TrainFn, *, salt: str = "cotrr-crossfit"
+) -> CrossFitted:
+    """The small-data recipe (`evaluation.method: cross_fit`): train the final model on every query
+    of `data` (`prepare.all_queries_data`) for exactly `optim.max_epochs` epochs, then K fold models of
+    the same config over the same queries (`cross_fit`, no separate validation split), their scores
+    aligned onto the final model. `job.run` passes Ray Train as `train_fn`, the bench
+    `train_in_process`: the same models either way."""
+    import time
+
+    if cfg.optim.select != "last":
+        raise ValueError("cross-fitted evaluation keeps the last epoch (optim.select: last)")
+    train = list(data.lists["train"])
+    t0 = time.perf_counter()
+    state = train_fn(cfg, data)
+    model = model_from_state(state, data.model_config)
+    t1 = time.perf_counter()
+    res = cross_fit(
+        cfg,
+        data.spec,
+        train,
+        None,
+        train_fn,
+        salt=salt,
+        final_model=model,
+        final_data=data,
+        data_fingerprint=data.data_fingerprint,
+    )
+    return CrossFitted(state, model, data, res, fit_s=t1 - t0, cross_fit_s=time.perf_counter() - t1)

@@ -37,8 +37,13 @@ def evaluate_lists(
     relevance_threshold: float,
     n_boot: int = 1000,
     seed: int = 0,
+    probabilities: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation report (JSON-safe) for model scores on labelled lists."""
+    """The evaluation report (JSON-safe) for model scores on labelled lists.
+
+    `probabilities` (per list, one per window candidate) replaces ``calibrator.predict(logits)`` as
+    the "calibrated" row of the calibration report: cross-fitted evaluation passes each fold's
+    probabilities from a calibrator that never saw that fold."""
     variants: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"model": [], "upstream": [], "oracle": []}
     for cl, logits in zip(lists, window_logits, strict=True):
         if cl.labels is None:
@@ -61,7 +66,12 @@ def evaluate_lists(
     logits = np.concatenate([np.asarray(x, np.float64) for x in window_logits])
     y = labels01(lists, relevance_threshold)
     out["calibration"] = {"raw": calibration_report(sigmoid(logits), y)}
-    if calibrator is not None:
+    if probabilities is not None:
+        p = np.concatenate([np.asarray(x, np.float64) for x in probabilities])
+        if p.shape != logits.shape:
+            raise ValueError(f"probabilities has {p.size} values for {logits.size} window candidates")
+        out["calibration"]["calibrated"] = calibration_report(p, y)
+    elif calibrator is not None:
         out["calibration"]["calibrated"] = calibration_report(calibrator.predict(logits), y)
     out["relevance_threshold"] = relevance_threshold
     return out
@@ -112,9 +122,12 @@ def held_out_only(lists: list[CandidateList], data_path: str | Path, manifest: d
     data_cfg = manifest["train_config"]["data"]
     fractions = {k: v for k, v in data_cfg["splits"].items() if v > 0}
     if "test" not in fractions:
+        cross_fitted = manifest["train_config"].get("evaluation", {}).get("method") == "cross_fit"
         raise SystemExit(
             f"{data_path} is the file this bundle was trained on and its config had no test split: "
-            "no query of it is held out (pass --all-queries to score it anyway, not as a held-out estimate)"
+            "no query of it is held out"
+            + (" (the bundle's metrics.json holds its cross-fitted out-of-fold report)" if cross_fitted else "")
+            + "; pass --all-queries to score it anyway, not as a held-out estimate"
         )
     test = split_by_query(lists, fractions, data_cfg["split_salt"])["test"]
     return test, f"the {len(test)} held-out test queries of the bundle's own training file"

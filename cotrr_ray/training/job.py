@@ -4,8 +4,12 @@ Phases, in order (`run`):
 1. prepare: load (or generate) the data, split by query, fit the input normaliser on train;
 2. fit: `ray.train.torch.TorchTrainer` runs `cotrr_ray.training.loop.fit` on every worker (gloo on CPU,
    NCCL on GPU), checkpointing each epoch, restarting failed worker groups from the latest one;
-3. calibrate: score the calibration split with the best checkpoint, fit the isotonic calibrator;
+3. calibrate: score the calibration split with the best checkpoint, fit the isotonic calibrator
+   (or cross-fit it on out-of-fold scores of the training queries, `calibration.method: cross_fit`);
 4. evaluate: test split only (never data the model or the calibrator was fitted on);
+   `evaluation.method: cross_fit` (small data) replaces 2-4 by `crossfit.fit_cross_fitted`: the
+   final model on every query, K fold models over the same queries, whose out-of-fold scores give
+   the calibrator and the report;
 5. publish: write the bundle into the registry (`cfg.output` = `<registry>/<name>`, local or s3://)
    under a new immutable id, and move `cfg.alias` to it (compare-and-swap) when one is given.
 """
@@ -224,6 +228,8 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
 def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
     if cfg.data.path is not None:
         return Path(cfg.data.path)
+    if cfg.data.format != "jsonl":
+        raise ValueError(f"data.path is required for data.format {cfg.data.format} (only JSONL data can be generated)")
     from cotrr_ray.data.synthetic import generate
 
     g = cfg.data.generate
@@ -270,29 +276,74 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
     data_path = resolve_data_path(cfg, say)
     data = prepare_data(cfg, data_path)
     sizes = {k: len(v) for k, v in data.lists.items()}
-    say(f"splits by query: {sizes}; model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
+    cross_fitted = cfg.evaluation.method == "cross_fit"
+    if cross_fitted:
+        sizes = {"train": sizes["train"]}  # "validation" is the same queries (monitoring only)
+        say(
+            f"cross-fitted evaluation: all {sizes['train']} queries train the final model, {cfg.calibration.folds} fold models score them"
+        )
+    else:
+        say(f"splits by query: {sizes}")
+    say(f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
     if not ray.is_initialized() and cfg.scaling.num_workers > 0:
         ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
     storage = _storage_path(cfg)
-    state, model, fit_s = _fit_best(cfg, data, storage, say)
-    calibrator, calibration_fit = _calibrate(cfg, data, model, storage, say)
-    test_lists, test_logits, report = _evaluate_test(cfg, data, model, calibrator, say)
+    if cross_fitted:
+        state, model, calibrator, calibration_fit, fit_s, report_lists, report_logits, report, probs = _cross_fitted(
+            cfg, data, storage, say
+        )
+        report_key, report_name = "cross_fit", "cv"
+    else:
+        state, model, fit_s = _fit_best(cfg, data, storage, say)
+        calibrator, calibration_fit = _calibrate(cfg, data, model, storage, say)
+        report_lists, report_logits, report = _evaluate_test(cfg, data, model, calibrator, say)
+        probs, report_key, report_name = None, "test", "test"
     metrics = {
-        "test": report,
+        "evaluation": cfg.evaluation.method,
+        report_key: report,
         "best_checkpoint": state["metrics"],
         "final_epoch": state.get("final_metrics", {}),
         "splits": sizes,
         "calibration_fit": calibration_fit,
         "timing_s": {"fit": fit_s, "total": time.perf_counter() - t_start},
         "headline": {
-            "test_ndcg@10_model": report["ndcg@10"]["model"],
-            "test_ndcg@10_upstream": report["ndcg@10"]["upstream"],
-            "test_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
+            f"{report_name}_ndcg@10_model": report["ndcg@10"]["model"],
+            f"{report_name}_ndcg@10_upstream": report["ndcg@10"]["upstream"],
+            f"{report_name}_ece_calibrated": report["calibration"]["calibrated"]["ece_equal_width"],
         },
     }
     with tempfile.TemporaryDirectory() as staging:
-        bundle_dir = _export(cfg, data, data_path, model, calibrator, metrics, test_lists, test_logits, staging)
+        bundle_dir = _export(
+            cfg, data, data_path, model, calibrator, metrics, report_key, report_lists, report_logits, probs, staging
+        )
         return _publish(cfg, bundle_dir, say)
+
+
+def _cross_fitted(cfg: TrainConfig, data: PreparedData, storage: str, say: Callable[[str], None]) -> tuple:
+    """Phases fit + calibrate + evaluate of cross-fitted evaluation: `crossfit.fit_cross_fitted` with
+    Ray Train as the trainer (the bench runs the same function in-process)."""
+    from cotrr_ray.training.crossfit import fit_cross_fitted, oof_probabilities
+
+    cf = fit_cross_fitted(cfg, data, lambda c, d: run_ray_train(c, d, storage))
+    say(
+        f"final model: epoch {cf.state['epoch']} of {cfg.optim.max_epochs} on all {len(data.lists['train'])} queries "
+        f"(fit {cf.fit_s:.0f} s); {cf.result.info()['folds']} cross-fit fold models ({cf.cross_fit_s:.0f} s), "
+        f"calibrator on {cf.calibrator.n_samples_} out-of-fold rows"
+    )
+    report = cf.report(cfg)
+    say(format_report(report, title="cross-fitted (out-of-fold) estimate, every query"))
+    res = cf.result
+    return (
+        cf.state,
+        cf.model,
+        cf.calibrator,
+        res.info(),
+        cf.fit_s + cf.cross_fit_s,
+        res.lists,
+        res.calibrated_logits,
+        report,
+        oof_probabilities(res, cfg),
+    )
 
 
 def registry_model(cfg: TrainConfig) -> tuple[Registry, str]:
@@ -386,11 +437,13 @@ def _export(
     model: Reranker,
     calibrator: IsotonicCalibrator,
     metrics: dict[str, Any],
+    report_key: str,
     test_lists: list[CandidateList],
     test_logits: list[np.ndarray],
+    probabilities: list[np.ndarray] | None,
     staging: str,
 ) -> Path:
-    """Phase export: the bundle, with the test split's reliability diagram, in a local staging directory."""
+    """Phase export: the bundle, with the report's reliability diagram, in a local staging directory."""
     from cotrr_ray.core.metrics import sigmoid
     from cotrr_ray.training.plots import reliability_diagram
 
@@ -398,11 +451,13 @@ def _export(
     with tempfile.TemporaryDirectory() as tmp:
         y = labels01(test_lists, thr)
         z = np.concatenate(test_logits)
+        p = calibrator.predict(z) if probabilities is None else np.concatenate(probabilities)
+        what = "test split" if report_key == "test" else "out-of-fold scores, every query"
         png = reliability_diagram(
-            {"raw sigmoid": (sigmoid(z), y), "calibrated": (calibrator.predict(z), y)},
+            {"raw sigmoid": (sigmoid(z), y), "calibrated": (p, y)},
             Path(tmp) / "reliability.png",
-            title=f"test split, P(label >= {thr:g})",
-            metrics=metrics["test"]["calibration"],
+            title=f"{what}, P(label >= {thr:g})",
+            metrics=metrics[report_key]["calibration"],
         )
         out = Bundle.save(
             Path(staging) / "bundle",

@@ -79,9 +79,23 @@ def prepare_splits(cfg: TrainConfig, spec: FeatureSpec, splits: dict[str, list[C
     return PreparedData(spec, normalizer, model_config(cfg, spec), dict(splits), padded)
 
 
+def all_queries_data(
+    cfg: TrainConfig, spec: FeatureSpec, lists: list[CandidateList], data_fingerprint: str | None = None
+) -> PreparedData:
+    """The final model's data under cross-fitted evaluation (`evaluation.method: cross_fit`): every
+    query trains it; the same queries stand in as the loop's validation split, which only records a
+    (training-set) curve, since `optim.select: last` keeps the last epoch."""
+    data = prepare_splits(cfg, spec, {"train": list(lists), "validation": list(lists)})
+    return dataclasses.replace(data, data_fingerprint=data_fingerprint)
+
+
 def prepare_data(cfg: TrainConfig, data_path: str | Path) -> PreparedData:
-    """Load, split by query, fit the normaliser on the training split only, pad every split."""
+    """Load, split by query, fit the normaliser on the training split only, pad every split.
+
+    Under cross-fitted evaluation there is no split: every query is training data (`all_queries_data`)."""
     spec, lists = load_lists(cfg, data_path)
+    if cfg.evaluation.method == "cross_fit":
+        return all_queries_data(cfg, spec, lists, file_fingerprint(data_path))
     splits = split_by_query(lists, cfg.data.splits, cfg.data.split_salt)
     for name in ("train", "validation"):
         if not splits[name]:
