@@ -16,6 +16,7 @@ from test_app import wait_for
 
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments import analysis
+from cotrr_ray.experiments.events import displayed_rows
 
 pytestmark = pytest.mark.integration
 
@@ -251,7 +252,7 @@ def test_interleaving_experiment_over_http_with_simulated_clicks_and_its_report(
     logged = con.execute("SELECT request_id, items FROM decisions WHERE mode = 'interleave'").fetchall()
     outcomes = [0, 0, 0]
     for request_id, items in logged:
-        merged = [it for it in items if it["team"] is not None]
+        merged = [it for it in displayed_rows(items) if it["team"] is not None]
         h_t, h_c = credit(
             [it["team"] for it in merged],
             [it["competitive"] for it in merged],
