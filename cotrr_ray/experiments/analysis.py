@@ -105,10 +105,16 @@ def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     return connect(source) if isinstance(source, str) else source
 
 
+# The window of one rollout stage (`stage_window`): decisions since the stage began, made under its
+# split (a Router that has not applied the new config yet still logs the old percentage).
+_NO_WINDOW = {"since": None, "rollout": None, "shadow": None}
+
 _PER_QUERY = """
 WITH d AS (
     SELECT * FROM decisions
     WHERE ($salt IS NULL OR experiment_salt = $salt) AND ($until IS NULL OR ts <= $until)
+        AND ($since IS NULL OR ts >= $since) AND ($rollout IS NULL OR rollout_percentage = $rollout)
+        AND ($shadow IS NULL OR shadow = $shadow)
 ),
 clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
 imps AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'impression'),
@@ -162,7 +168,8 @@ def unit_table(
     FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": until}).to_arrow_table()
+    params = {"salt": experiment_salt, "k": k, "until": until, **_NO_WINDOW}
+    return _con(source).sql(sql, params=params).to_arrow_table()
 
 
 def arm_metrics(
@@ -183,8 +190,83 @@ def arm_metrics(
     FROM per_query GROUP BY arm ORDER BY arm
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None}).to_arrow_table()
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None, **_NO_WINDOW}).to_arrow_table()
 
+
+
+def stage_window(
+    source: str | duckdb.DuckDBPyConnection,
+    experiment_salt: str,
+    *,
+    since: float,
+    rollout_percentage: float,
+    shadow: bool,
+    until: float | None = None,
+    k: int = 10,
+) -> dict[str, object]:
+    """One rollout stage's window (decisions at ``ts >= since`` under that split): what its controller judges.
+
+    Returns ``arms`` (per arm: units seen in that arm only, queries, fallbacks, errors = fallbacks whose
+    reason is a scorer error, latency_p99_ms), ``units_in_multiple_arms``, ``all_units``, ``units`` (the
+    per (unit, arm) sums of `unit_table` over the window) and ``preference`` (per unit: the mean
+    interleaving preference h_treatment - h_control of its interleaved queries, competitive rounds)."""
+    con = _con(source)
+    params = {"salt": experiment_salt, "k": k, "until": until, "since": since, "rollout": rollout_percentage,
+              "shadow": shadow}  # fmt: skip
+    health = con.sql(
+        _PER_QUERY
+        + """
+    , multi AS (SELECT unit_id FROM d GROUP BY unit_id HAVING count(DISTINCT arm) > 1)
+    SELECT arm, count(DISTINCT unit_id) FILTER (WHERE unit_id NOT IN (SELECT unit_id FROM multi)) AS units,
+        count(*) AS queries, count(*) FILTER (WHERE fallback) AS fallbacks,
+        count(*) FILTER (WHERE fallback AND fallback_reason LIKE '%_error:%') AS errors,
+        quantile_cont(latency_ms, 0.99) AS latency_p99_ms,
+        (SELECT count(*) FROM multi) AS multi, (SELECT count(DISTINCT unit_id) FROM d) AS all_units
+    FROM d GROUP BY arm ORDER BY arm
+    """,
+        params=params,
+    ).fetchall()
+    units = con.sql(
+        _PER_QUERY
+        + """
+    SELECT unit_id, arm, count(*) AS queries, sum(clicks)::BIGINT AS clicks, sum(rr) AS rr_sum,
+        sum(clicks_at_k)::BIGINT AS clicks_at_k, sum(shown_at_k)::BIGINT AS shown_at_k
+    FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
+    """,
+        params=params,
+    ).to_arrow_table()
+    pref = con.sql(
+        """
+    WITH d AS (
+        SELECT * FROM decisions WHERE mode = 'interleave' AND NOT fallback AND experiment_salt = $salt
+            AND ts >= $since AND ($until IS NULL OR ts <= $until) AND rollout_percentage = $rollout
+    ),
+    clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
+    shown AS (
+        SELECT d.request_id, d.unit_id, it.item_id AS item_id, it.team AS team, it.competitive AS competitive
+        FROM d, (SELECT unnest(d.items) AS it)
+    ),
+    per_query AS (
+        SELECT any_value(s.unit_id) AS unit_id,
+            count(c.item_id) FILTER (WHERE s.team = 'treatment' AND s.competitive)
+                - count(c.item_id) FILTER (WHERE s.team = 'control' AND s.competitive) AS pref
+        FROM shown s LEFT JOIN clicks c ON c.request_id = s.request_id AND c.item_id = s.item_id
+        GROUP BY s.request_id
+    )
+    SELECT unit_id, avg(pref) AS preference FROM per_query GROUP BY unit_id ORDER BY unit_id
+    """,
+        params={k_: params[k_] for k_ in ("salt", "since", "until", "rollout")},
+    ).to_arrow_table()
+    arms = {
+        r[0]: {"units": r[1], "queries": r[2], "fallbacks": r[3], "errors": r[4], "latency_p99_ms": r[5]} for r in health
+    }
+    return {
+        "arms": arms,
+        "units_in_multiple_arms": health[0][6] if health else 0,
+        "all_units": health[0][7] if health else 0,
+        "units": units,
+        "preference": pref,
+    }
 
 _INTERLEAVED = """
 WITH d AS (
