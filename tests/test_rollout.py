@@ -341,11 +341,10 @@ def test_abort_and_force_and_replayed_commands() -> None:
 
 
 def test_commands_refused_up_front_say_why() -> None:
-    p = plan()
-    s, _ = run_to(p, 2)
-    assert check_command(p, s, cmd("resume", 1.0)) == "cannot resume an experiment that is running"
-    assert "no stage" in check_command(p, s, cmd("force", 1.0, stage="99%"))
-    assert check_command(p, None, cmd("pause", 1.0)).startswith("no controller state")
-    assert check_command(p, s, cmd("pause", 1.0)) is None
-    promoted = s.model_copy(update={"state": "promoted"})
-    assert "promoted" in check_command(p, promoted, cmd("force", 1.0, stage="5%"))
+    names = [st.name for st in plan().stages]
+    assert check_command(names, "running", cmd("resume", 1.0)) == "cannot resume an experiment that is running"
+    assert "no stage" in check_command(names, "running", cmd("force", 1.0, stage="99%"))
+    assert check_command(names, None, cmd("pause", 1.0)).startswith("no controller state")
+    assert check_command(names, "running", cmd("pause", 1.0)) is None
+    assert check_command(names, "rolled_back", cmd("force", 1.0, stage="5%")) is None
+    assert "promoted" in check_command(names, "promoted", cmd("force", 1.0, stage="5%"))

@@ -90,6 +90,72 @@ def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckd
                     download_file(f, dst)
                     paths.append(str(dst))
             _load(con, table, kind, paths)  # tables are materialised, so the copies can go
+    _views(con)
+    return con
+
+
+
+class LiveLog:
+    """A DuckDB connection over a log that keeps growing, refreshed incrementally (the rollout controller
+    looks every minute; `connect` would re-read the whole log each time).
+
+    `refresh()` loads the segments that are new since the last refresh, and again those whose size
+    changed (a local segment that a writer is still appending to: its rows are replaced, so a torn
+    last line read before is read whole the next time). Object-store segments are uploaded whole
+    (`eventlog`), so one read each is enough. The tables and views are those of `connect`, so every
+    function of this module takes a `LiveLog.con`."""
+
+    def __init__(self, log_uri: str):
+        self.root = locate(log_uri)
+        self.con = duckdb.connect()
+        self._seen: dict[str, int | None] = {}  # segment uri -> size when loaded (None: object store)
+        for kind, table in (("decision", "raw_decisions"), ("feedback", "raw_feedback")):
+            cols = _COLUMNS[kind]
+            self.con.execute(
+                f"CREATE TABLE {table} AS SELECT *, CAST(NULL AS VARCHAR) AS _file FROM (SELECT {_typed_nulls(cols)}) "
+                "WHERE false"
+            )
+            self.con.execute(f"CREATE TABLE {table}_torn (_file VARCHAR, n BIGINT)")
+            self.con.execute(f"CREATE VIEW {table}_bad AS SELECT coalesce(sum(n), 0) AS n FROM {table}_torn")
+        _views(self.con)
+
+    def refresh(self) -> int:
+        """Load what is new; returns the number of segments (re)loaded."""
+        n = 0
+        with tempfile.TemporaryDirectory(prefix="cotrr-livelog-") as tmp:
+            for kind, table in (("decision", "raw_decisions"), ("feedback", "raw_feedback")):
+                changed = []
+                for f in segment_files(self.root, kind):
+                    size = Path(f.path).stat().st_size if self.root.local else None
+                    if f.uri not in self._seen or self._seen[f.uri] != size:
+                        changed.append((f, size))
+                for f, size in changed:
+                    self._load_one(kind, table, f, tmp)
+                    self._seen[f.uri] = size
+                n += len(changed)
+        return n
+
+    def _load_one(self, kind: str, table: str, f: Location, tmp: str) -> None:
+        path = f.path
+        if not self.root.local:
+            path = str(Path(tmp) / f"{len(self._seen)}.jsonl")
+            download_file(f, Path(path))
+        self.con.execute(f"DELETE FROM {table} WHERE _file = ?", [f.uri])
+        self.con.execute(f"DELETE FROM {table}_torn WHERE _file = ?", [f.uri])
+        rows = (
+            f"SELECT * FROM read_json(?, format='newline_delimited', columns={_struct(_COLUMNS[kind])}, "
+            "ignore_errors=true, hive_partitioning=false)"
+        )
+        self.con.execute(f"INSERT INTO {table} SELECT *, ? AS _file FROM ({rows}) WHERE kind = '{kind}'", [f.uri, path])
+        self.con.execute(
+            f"INSERT INTO {table}_torn SELECT ?, count(*) FROM ({rows}) WHERE kind IS NULL", [f.uri, path]
+        )
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _views(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         "CREATE OR REPLACE VIEW decisions AS SELECT * FROM raw_decisions "
         "QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1"
@@ -98,8 +164,6 @@ def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckd
         "CREATE OR REPLACE VIEW feedback AS SELECT * FROM raw_feedback "
         "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at) = 1"
     )
-    return con
-
 
 def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     return connect(source) if isinstance(source, str) else source

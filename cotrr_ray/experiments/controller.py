@@ -1,7 +1,7 @@
 """The rollout controller: plan + event log + actuator, one `tick` at a time (Ray-free).
 
     ctl = Controller(plan, "artifacts/events", "rerank-v2", ServeRestActuator("http://127.0.0.1:8265", "rerank"),
-                     promoter=RegistryPromoter("artifacts/registry", "demo"))
+                     promoter=RegistryPromoter("artifacts/registry", "demo"))   # serving.rollout
     ctl.tick()           # observe the stage's window (DuckDB), step the state machine, persist, act
 
 Persisted beside the event log, under its URI (local or ``s3://``, through `cotrr_ray.storage`)::
@@ -156,12 +156,17 @@ def new_command(action: str, *, stage: str | None = None, reason: str = "", acto
                    at=time.time() if now is None else now)  # fmt: skip
 
 
-def submit_command(plan: RolloutPlan, log_uri: str, experiment_id: str, cmd: Command) -> str | None:
-    """Queue `cmd` for the controller; returns why it was refused (None: queued)."""
+def submit_command(log_uri: str, experiment_id: str, cmd: Command, stages: list[str] | None = None) -> str | None:
+    """Queue `cmd` for the experiment's controller; returns why it was refused (None: queued).
+
+    The state is the last decision record's (authoritative); the stage names are `stages`, or the
+    plan in the controller's status.json."""
     store = Store(log_uri, experiment_id)
     rec = store.last_record()
-    state = ControllerState.model_validate(rec["state"]) if rec else None
-    why = check_command(plan, state, cmd)
+    if stages is None:
+        doc = store.read_status()
+        stages = [s["name"] for s in doc["plan"]["stages"]] if doc else []
+    why = check_command(stages, rec["state"]["state"] if rec else None, cmd)
     if why is None:
         store.submit(cmd)
     return why
@@ -191,18 +196,22 @@ _METRIC_COLUMNS = {"clicks_per_query": ("clicks", "queries"), "ctr_at_k": ("clic
                    "mrr": ("rr_sum", "queries")}  # fmt: skip
 
 
-def observe(log_uri: str, plan: RolloutPlan, state: ControllerState, now: float | None = None) -> Observations:
-    """The current stage's window from the event log (DuckDB) as `Observations`."""
-    stage = plan.stages[state.stage_index]
-    con = analysis.connect(log_uri)
-    try:
+class LogObserver:
+    """The current stage's window from the event log (DuckDB over a `LiveLog`, refreshed each look)."""
+
+    def __init__(self) -> None:
+        self.live: analysis.LiveLog | None = None
+
+    def __call__(self, log_uri: str, plan: RolloutPlan, state: ControllerState, now: float | None = None):
+        if self.live is None:
+            self.live = analysis.LiveLog(log_uri)
+        self.live.refresh()
+        stage = plan.stages[state.stage_index]
         w = analysis.stage_window(
-            con, state.experiment_id, since=state.stage_entered_at, rollout_percentage=stage.rollout_percentage,
-            shadow=stage.mode == "shadow", until=now, k=plan.k,
+            self.live.con, state.experiment_id, since=state.stage_entered_at,
+            rollout_percentage=stage.rollout_percentage, shadow=stage.mode == "shadow", until=now, k=plan.k,
         )  # fmt: skip
-    finally:
-        con.close()
-    return observations_from_window(w, state)
+        return observations_from_window(w, state)
 
 
 def observations_from_window(w: dict[str, Any], state: ControllerState) -> Observations:
@@ -335,24 +344,6 @@ def _prune_http_options(schema: dict[str, Any]) -> None:
     schema.pop("grpc_options", None) if not (schema.get("grpc_options") or {}).get("grpc_servicer_functions") else None
 
 
-class RegistryPromoter:
-    """Promotion = the registry's `target` alias (production) takes what `source` (candidate) names, by CAS."""
-
-    def __init__(self, registry_uri: str, model: str, *, source: str = "candidate", target: str = "production"):
-        from cotrr_ray.bundles.registry import Registry  # noqa: PLC0415 (the bundles wing stays optional here)
-
-        self.registry = Registry(registry_uri).require()
-        self.model, self.source, self.target = model, source, target
-
-    def promote(self, reason: str) -> str:
-        bundle_id = self.registry.resolve(self.model, self.source)
-        head = self.registry.head(self.model, self.target)
-        if head is None or head.bundle_id != bundle_id:
-            expected = head.bundle_id if head else None
-            self.registry.set_alias(self.model, self.target, bundle_id, expected=expected, reason=reason[:500])
-        return bundle_id
-
-
 # ============================================================================ the controller
 
 
@@ -360,7 +351,7 @@ class Controller:
     """Loads or starts the experiment's state, then `tick()`s: observe, step, persist, act.
 
     `on_decision(decision, state)` runs after a decision is persisted (the Ray shell exports it as
-    Prometheus series); `observer(log_uri, plan, state, now)` defaults to `observe` (DuckDB).
+    Prometheus series); `observer(log_uri, plan, state, now)` defaults to a `LogObserver` (DuckDB).
     """
 
     def __init__(
@@ -373,15 +364,16 @@ class Controller:
         promoter: Promoter | None = None,
         clock: Callable[[], float] = time.time,
         on_decision: Callable[[Decision, ControllerState], None] | None = None,
-        observer: Callable[..., Observations] = observe,
+        observer: Callable[..., Observations] | None = None,
     ):
         self.plan, self.log_uri = plan, log_uri
         self.store = Store(log_uri, experiment_id)
         self.actuator, self.promoter = actuator, promoter
-        self.clock, self.on_decision, self.observer = clock, on_decision, observer
+        self.clock, self.on_decision = clock, on_decision
+        self.observer = observer or LogObserver()
         self.state: ControllerState | None = None
         self.decisions: list[dict[str, Any]] = []  # recent records, for status.json
-        self.last_error: str | None = None
+        self.errors: dict[str, str] = {}  # what failed at the last tick, by part: observe, actuator
 
     @property
     def experiment_id(self) -> str:
@@ -414,9 +406,10 @@ class Controller:
         commands = self.store.commands()
         try:
             obs = self.observer(self.log_uri, self.plan, self.state, now)
+            self.errors.pop("observe", None)
         except Exception as e:  # an unreadable log: no evaluation, but operator commands still apply
             logger.warning("rollout %s: observations failed: %r", self.experiment_id, e)
-            self.last_error, obs = f"observations failed: {e!r}", None
+            self.errors["observe"], obs = f"observations failed: {e!r}", None
         new_state, decisions = step(self.plan, self.state, obs, now, [c for _, c in commands])
         try:
             self._persist(new_state, decisions)
@@ -452,10 +445,10 @@ class Controller:
     def _reconcile(self, reason: str) -> None:
         try:
             self.actuator.apply_routing(routing_for(self.plan, self.state), reason)
-            self.last_error = None
+            self.errors.pop("actuator", None)
         except Exception as e:  # retried at the next tick: the decision is already recorded
             logger.warning("rollout %s: applying the routing failed: %r", self.experiment_id, e)
-            self.last_error = f"actuator failed: {e!r}"
+            self.errors["actuator"] = f"actuator failed: {e!r}"
 
     def status(self) -> dict[str, Any]:
         """The contract15 document."""
@@ -475,7 +468,7 @@ class Controller:
             "routing": routing_for(self.plan, s),
             "started_at": s.started_at,
             "promoted_bundle": s.promoted_bundle,
-            "last_error": self.last_error,
+            "last_error": "; ".join(self.errors.values()) or None,
             "controller_state": s.model_dump(),
         }  # fmt: skip
 

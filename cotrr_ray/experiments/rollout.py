@@ -21,7 +21,8 @@ Rules of one tick, in order (the first that fires ends the evaluation):
    resumes (a fresh window) or aborts;
 5. success, at and after `success.from_stage`: the sequential test of the primary metric rejects
    upwards with the confidence sequence above `min_effect`, once the stage's minimum duration and
-   units are reached -> promoted;
+   units are reached -> promoted (each such A/B stage tests at `success_alpha`, the plan's alpha split
+   over them, so that the ramp as a whole promotes an equal treatment with probability <= alpha);
 6. advance, once the stage's minimum duration and units are reached and every guardrail is ok
    (not breached, not short of data; a shadow stage has no exposed arm and needs time and volume only).
 
@@ -157,7 +158,10 @@ class SuccessRule(_Strict):
         "clicks_per_query", description="The primary metric (per-unit ratio, higher is better)."
     )
     tau: float = Field(0.08, gt=0, description="mSPRT mixture scale of the success test (chosen beforehand).")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Level of the success test (two-sided mSPRT).")
+    alpha: float = Field(
+        0.05, gt=0, lt=1,
+        description="False-promotion level of the ramp (two-sided mSPRT; split over the A/B stages from from_stage).",
+    )  # fmt: skip
     min_effect: float = Field(
         0.0, description="Promote only when the confidence sequence's lower end exceeds this (metric units)."
     )
@@ -429,19 +433,19 @@ def _command(plan: RolloutPlan, s: ControllerState, cmd: Command, now: float) ->
     return None
 
 
-def check_command(plan: RolloutPlan, state: ControllerState | None, cmd: Command) -> str | None:
-    """Why `cmd` cannot apply to `state` (None: it can): the CLI and the admin API refuse it up front."""
-    current = state.state if state is not None else None
+def check_command(stages: list[str], state: StateName | None, cmd: Command) -> str | None:
+    """Why `cmd` cannot apply to an experiment in `state` with these stage names (None: it can); the CLI
+    and the admin API refuse it up front, so that a person hears why at once."""
     if cmd.action == "force":
         if cmd.stage is None:
             return "force needs a stage"
-        if cmd.stage not in [s.name for s in plan.stages]:
-            return f"no stage {cmd.stage!r} in plan {plan.name!r} ({[s.name for s in plan.stages]})"
-        return "the experiment was promoted; start a new one (a new experiment_salt)" if current == "promoted" else None
-    if current is None:
+        if cmd.stage not in stages:
+            return f"no stage {cmd.stage!r} in the plan ({stages})"
+        return "the experiment was promoted; start a new one (a new experiment_salt)" if state == "promoted" else None
+    if state is None:
         return "no controller state yet: the controller has not started this experiment"
     allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused")}[cmd.action]
-    return None if current in allowed else f"cannot {cmd.action} an experiment that is {current}"
+    return None if state in allowed else f"cannot {cmd.action} an experiment that is {state}"
 
 
 def _decide(
@@ -612,17 +616,26 @@ def _srm_text(r: S.SRMResult) -> str:
     return f"(units observed {r.observed}, expected {exp}, p={r.p_value:.3g} < {r.alpha:g}{multi})"
 
 
+def success_alpha(plan: RolloutPlan) -> float:
+    """The success test's level per stage: each A/B stage from `from_stage` on runs its own test (a new
+    window, a new split), so `success.alpha` is split over them (Sidak) to bound a false promotion."""
+    first = plan.stage_index(plan.success.from_stage)
+    k = sum(1 for st in plan.stages[first:] if st.mode == "ab")
+    return S.guardrail_alpha(plan.success.alpha, k)
+
+
 def _success(plan: RolloutPlan, s: ControllerState, obs: Observations) -> str | None:
     rule = plan.success
     c, t = _metric_arms(obs, rule.metric)
-    r = _update_test(s.tests, f"success:{rule.metric}", c, t, tau=rule.tau, alpha=rule.alpha, alternative="two-sided")
-    if r is None or r.p_value > rule.alpha or r.ci_low is None or r.ci_low <= rule.min_effect:
+    alpha = success_alpha(plan)
+    r = _update_test(s.tests, f"success:{rule.metric}", c, t, tau=rule.tau, alpha=alpha, alternative="two-sided")
+    if r is None or r.p_value > alpha or r.ci_low is None or r.ci_low <= rule.min_effect:
         return None
     if any(g.status != "ok" for g in s.guardrails):
         return None
     return (
         f"{rule.metric} treatment - control {r.dhat:+.4g}, confidence sequence [{r.ci_low:+.4g}, "
-        f"{_fmt(r.ci_high)}] above {rule.min_effect:g}, always-valid p {r.p_value:.3g} <= {rule.alpha:g}"
+        f"{_fmt(r.ci_high)}] above {rule.min_effect:g}, always-valid p {r.p_value:.3g} <= {alpha:.4g}"
     )
 
 
