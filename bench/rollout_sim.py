@@ -10,8 +10,9 @@ variance an A/B metric fights); every tick `queries_per_tick` queries from rando
 by the two noises); clicks come from `cotrr_ray.experiments.simulator` (position-based model). The
 Router's rules are applied as in `serving.service`: arm by `assignment.decide`, shadow answers
 control, interleave shows the team-draft merge, a broken treatment falls back to upstream order with
-`scorer_error:...`, and `lose_treatment_records` drops a share of the treatment arm's decision
-records (a logging bug that a sample ratio mismatch exposes).
+`scorer_error:...`, and `lose_treatment_units` drops every decision record of a share of the exposed
+arm's units (a logging bug on one client platform, say: what a sample ratio mismatch exposes; losing
+random records instead would barely change the count of distinct units, which is what SRM counts).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class World:
     control_noise: float = 1.5
     treatment_noise: float = 1.5
     broken_from: float | None = None  # virtual time from which the treatment scorer raises
-    lose_treatment_records: float = 0.0  # share of treatment decision records lost
+    lose_treatment_units: float = 0.0  # share of exposed units whose decision records are all lost
     latency_ms: float = 15.0
     seed: int = 0
     click_model: ClickModel = field(default_factory=lambda: ClickModel(eta=1.0, noise=0.05))
@@ -93,7 +94,7 @@ def traffic(w: World, log_dir: Path, routing: dict[str, Any], salt: str, t_from:
         order, merged, fallback = _rank(w, arm, mode, labels[i], rid, salt, broken)
         w.answered[arm] += 1
         orders.append(order)
-        if arm != "control" and w.lose_treatment_records and w.rng.random() < w.lose_treatment_records:
+        if arm != "control" and (d.bucket * 7919) % 1000 < w.lose_treatment_units * 1000:
             rows.append(None)  # answered, but its record never reached the log
             continue
         items = [

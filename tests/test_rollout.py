@@ -217,8 +217,8 @@ def test_a_harmful_metric_rolls_back_through_the_one_sided_sequential_test() -> 
     s2, ds = step(p, s, obs_for(p, s, diff=-0.3), s.stage_entered_at + 1)
     assert [d.action for d in ds] == ["rollback"] and "harm_clicks_per_query" in ds[0].reason
     g = {g.name: g for g in s2.guardrails}["harm_clicks_per_query"]
-    # two harm tests in the A/B stage: each at the Sidak share of 0.05
-    assert g.threshold == pytest.approx(S.guardrail_alpha(0.05, 2)) and g.p_value <= g.threshold
+    # two harm tests in each of the two A/B stages, one in the interleave stage: each at the Sidak share of 0.05
+    assert g.threshold == pytest.approx(S.guardrail_alpha(0.05, 5)) and g.p_value <= g.threshold
 
 
 def test_a_better_treatment_never_trips_the_harm_test() -> None:
@@ -348,3 +348,13 @@ def test_commands_refused_up_front_say_why() -> None:
     assert check_command(names, "running", cmd("pause", 1.0)) is None
     assert check_command(names, "rolled_back", cmd("force", 1.0, stage="5%")) is None
     assert "promoted" in check_command(names, "promoted", cmd("force", 1.0, stage="5%"))
+
+
+def test_a_scorer_failing_every_request_trips_before_min_queries() -> None:
+    p = plan()  # min_queries 10
+    s, _ = run_to(p, 2)
+    s2, ds = step(p, s, obs_for(p, s, treat=arm(units=6, queries=6, fallbacks=6, errors=6)), s.stage_entered_at + 1)
+    assert [d.action for d in ds] == ["rollback"] and "lower confidence bound" in ds[0].reason
+    # one fallback in 6 answers is no evidence yet: wait for min_queries
+    s3, ds = step(p, s, obs_for(p, s, treat=arm(units=6, queries=6, fallbacks=1)), s.stage_entered_at + 1)
+    assert ds == [] and {g.name: g.status for g in s3.guardrails}["fallback_rate"] == "insufficient_data"

@@ -30,8 +30,9 @@ Guardrails of a stage with an exposed arm: the exposed arm's fallback rate (ever
 answer), error rate (fallbacks from scorer errors, not timeouts) and p99 latency against absolute
 thresholds, judged once the arm has `min_queries`; and the harm tests: each metric of
 `guardrails.metrics` (A/B stages; higher is better) with a one-sided mSPRT ("treatment below
-control"), and the per-unit interleaving preference in an interleave stage, at the per-guardrail level
-`stats.guardrail_alpha(alpha, k)` for the k harm tests of the stage. The sequential tests are per
+control"), and the per-unit interleaving preference in an interleave stage, each at the level
+`harm_alpha(plan)` = `stats.guardrail_alpha(alpha, k)` for the k harm tests of all stages together
+(every stage is a new window, so a new family of tests). The sequential tests are per
 stage (a stage's window has one split, so units are in one arm); the always-valid p-value is the
 running minimum over the ticks of the stage, kept in the state.
 """
@@ -45,6 +46,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from scipy import stats as sps
 
 from cotrr_ray.experiments import stats as S
 
@@ -139,6 +142,15 @@ class Guardrails(_Strict):
     min_queries: int = Field(
         30, ge=1, description="Exposed-arm queries of the stage before the rate and latency guardrails are judged."
     )
+    early_breach_confidence: float = Field(
+        0.999,
+        gt=0.5,
+        lt=1,
+        description=(
+            "A rate guardrail trips before min_queries when its one-sided Clopper-Pearson lower bound at this "
+            "confidence is above the threshold (a scorer failing every request is stopped at the first look)."
+        ),
+    )
     metrics: list[MetricGuardrail] = Field(
         default_factory=lambda: [MetricGuardrail(metric="clicks_per_query", tau=0.08)],
         description="Harm tests of the A/B stages (one-sided mSPRT, treatment below control).",
@@ -147,7 +159,8 @@ class Guardrails(_Strict):
         0.07, gt=0, description="mSPRT mixture scale of the per-unit interleaving preference (interleave stages)."
     )
     alpha: float = Field(
-        0.05, gt=0, lt=1, description="Family-wise level of a stage's harm tests, split by stats.guardrail_alpha."
+        0.05, gt=0, lt=1,
+        description="Family-wise level of all harm tests of the ramp (false rollbacks), split by stats.guardrail_alpha.",
     )
 
 
@@ -483,17 +496,24 @@ def _finish(s: ControllerState, now: float, action: Action, to_state: StateName,
 # ----------------------------------------------------------------------------- guardrails and tests
 
 
-def _rate_guardrail(name: str, count: int, arm: ArmObs, threshold: float, min_q: int) -> GuardrailStatus:
-    if arm.queries < min_q:
+def _rate_guardrail(name: str, count: int, arm: ArmObs, threshold: float, g: Guardrails) -> GuardrailStatus:
+    """Breached once the rate is over the threshold with `min_queries` answers, or earlier when even
+    the one-sided lower confidence bound of the rate (Clopper-Pearson at `early_breach_confidence`)
+    is over it: 15 failures in 15 answers trip the breaker at the first look, not after min_queries."""
+    n = arm.queries
+    rate = count / n if n else None
+    lower = float(sps.beta.ppf(1 - g.early_breach_confidence, count, n - count + 1)) if count else 0.0
+    detail = f"{count}/{n} = {rate:.4f} vs max {threshold:g}" if n else "no answers yet"
+    if n and lower > threshold:
+        return GuardrailStatus(name=name, value=rate, threshold=threshold, status="breached",
+                               detail=f"{detail} (lower confidence bound {lower:.3f})")  # fmt: skip
+    if n < g.min_queries:
         return GuardrailStatus(
-            name=name, threshold=threshold, status="insufficient_data", detail=f"{arm.queries} of {min_q} queries"
-        )
-    rate = count / arm.queries
-    status = "breached" if rate > threshold else "ok"
-    return GuardrailStatus(
-        name=name, value=rate, threshold=threshold, status=status,
-        detail=f"{count}/{arm.queries} = {rate:.4f} vs max {threshold:g}",
-    )  # fmt: skip
+            name=name, value=rate, threshold=threshold, status="insufficient_data",
+            detail=f"{n} of {g.min_queries} queries",
+        )  # fmt: skip
+    return GuardrailStatus(name=name, value=rate, threshold=threshold,
+                           status="breached" if rate > threshold else "ok", detail=detail)  # fmt: skip
 
 
 def _latency_guardrail(arm: ArmObs, g: Guardrails) -> GuardrailStatus:
@@ -549,7 +569,7 @@ def _harm_guardrails(
         names = [(m.metric, m.tau) for m in g.metrics]
     if not names:
         return []
-    alpha_k = S.guardrail_alpha(g.alpha, len(names))
+    alpha_k = harm_alpha(plan)
     out = []
     for metric, tau in names:
         key = f"harm:{metric}"
@@ -574,6 +594,17 @@ def _harm_guardrails(
     return out
 
 
+def _harm_tests(plan: RolloutPlan, stage: Stage) -> int:
+    return {"shadow": 0, "interleave": 1, "ab": len(plan.guardrails.metrics)}[stage.mode]
+
+
+def harm_alpha(plan: RolloutPlan) -> float:
+    """The level of each harm test: `guardrails.alpha` split (Sidak) over every harm test of every stage
+    (each stage's window is a new family), so that an equal treatment is rolled back by a false alarm
+    with probability <= alpha over the whole ramp."""
+    return S.guardrail_alpha(plan.guardrails.alpha, max(1, sum(_harm_tests(plan, st) for st in plan.stages)))
+
+
 def guardrail_status(
     plan: RolloutPlan, stage: Stage, obs: Observations | None, tests: dict[str, TestState]
 ) -> list[GuardrailStatus]:
@@ -587,8 +618,8 @@ def guardrail_status(
         units=0, queries=0, fallbacks=0, errors=0, latency_p99_ms=None
     )
     out = [
-        _rate_guardrail("fallback_rate", arm.fallbacks, arm, g.max_fallback_rate, g.min_queries),
-        _rate_guardrail("error_rate", arm.errors, arm, g.max_error_rate, g.min_queries),
+        _rate_guardrail("fallback_rate", arm.fallbacks, arm, g.max_fallback_rate, g),
+        _rate_guardrail("error_rate", arm.errors, arm, g.max_error_rate, g),
         _latency_guardrail(arm, g),
     ]
     if obs is not None:
