@@ -34,8 +34,13 @@ def plan(**over) -> RolloutPlan:
             {"name": "5%", "mode": "ab", "rollout_percentage": 5, "min_duration_s": 10, "min_units": 5},
             {"name": "50%", "mode": "ab", "rollout_percentage": 50, "min_duration_s": 10, "min_units": 5},
         ],
-        "guardrails": {"min_queries": 10, "max_fallback_rate": 0.05, "max_error_rate": 0.01, "max_latency_p99_ms": 100,
-                       "metrics": [{"metric": "clicks_per_query", "tau": 0.08}, {"metric": "mrr", "tau": 0.03}]},
+        "guardrails": {
+            "min_queries": 10,
+            "max_fallback_rate": 0.05,
+            "max_error_rate": 0.01,
+            "max_latency_p99_ms": 100,
+            "metrics": [{"metric": "clicks_per_query", "tau": 0.08}, {"metric": "mrr", "tau": 0.03}],
+        },
         "success": {"from_stage": "50%", "tau": 0.08},
         "srm_min_units": 100,
         "max_duration_s": 1000,
@@ -62,7 +67,9 @@ def obs_for(p: RolloutPlan, s, *, treat=None, control=None, diff=None, pref=None
         arms[exposed] = treat or arm(units=max(round(1000 * share), 50), queries=max(round(2000 * share), 100))
     metrics = {}
     if stage.mode == "ab":
-        metrics = {m: {"control": summ(0.5), "treatment": summ(0.5 + (diff or 0.0))} for m in ("clicks_per_query", "mrr")}
+        metrics = {
+            m: {"control": summ(0.5), "treatment": summ(0.5 + (diff or 0.0))} for m in ("clicks_per_query", "mrr")
+        }
     preference = summ(pref if pref is not None else 0.0, n=200) if stage.mode == "interleave" else None
     return Observations(
         stage_index=s.stage_index, since=s.stage_entered_at, arms=arms, all_units=1000,
@@ -356,5 +363,6 @@ def test_a_scorer_failing_every_request_trips_before_min_queries() -> None:
     s2, ds = step(p, s, obs_for(p, s, treat=arm(units=6, queries=6, fallbacks=6, errors=6)), s.stage_entered_at + 1)
     assert [d.action for d in ds] == ["rollback"] and "lower confidence bound" in ds[0].reason
     # one fallback in 6 answers is no evidence yet: wait for min_queries
-    s3, ds = step(p, s, obs_for(p, s, treat=arm(units=6, queries=6, fallbacks=1)), s.stage_entered_at + 1)
+    one = obs_for(p, s, treat=arm(units=6, queries=6, fallbacks=1), control=arm(units=80))  # SRM not run yet
+    s3, ds = step(p, s, one, s.stage_entered_at + 1)
     assert ds == [] and {g.name: g.status for g in s3.guardrails}["fallback_rate"] == "insufficient_data"

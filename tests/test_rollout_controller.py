@@ -18,7 +18,17 @@ from cotrr_ray.experiments.rollout import ControllerState
 from cotrr_ray.serving.rollout import AdminAPI
 
 EXP = "exp-1"
-CONTRACT_KEYS = {"version", "experiment_id", "state", "updated_at", "plan", "stage", "timeline", "guardrails", "decisions"}
+CONTRACT_KEYS = {
+    "version",
+    "experiment_id",
+    "state",
+    "updated_at",
+    "plan",
+    "stage",
+    "timeline",
+    "guardrails",
+    "decisions",
+}
 
 
 class Clock:
@@ -259,7 +269,7 @@ def test_rest_actuator_puts_back_every_app_with_only_the_router_changed(dashboar
     assert act.routing()["rollout_percentage"] == 5.0
     assert act.apply_routing({"rollout_percentage": 5.0}, "same") is False and FakeDashboard.puts == []
     assert act.apply_routing({"rollout_percentage": 20.0, "mode": "ab"}, "advance") is True
-    (schema, auth), = FakeDashboard.puts
+    ((schema, auth),) = FakeDashboard.puts
     assert auth == "Bearer raytoken"
     apps = {a["name"]: a for a in schema["applications"]}
     assert set(apps) == {"rerank", "other"}  # the declarative PUT keeps the other config-deployed app

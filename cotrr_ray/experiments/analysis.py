@@ -94,7 +94,6 @@ def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckd
     return con
 
 
-
 class LiveLog:
     """A DuckDB connection over a log that keeps growing, refreshed incrementally (the rollout controller
     looks every minute; `connect` would re-read the whole log each time).
@@ -147,9 +146,7 @@ class LiveLog:
             "ignore_errors=true, hive_partitioning=false)"
         )
         self.con.execute(f"INSERT INTO {table} SELECT *, ? AS _file FROM ({rows}) WHERE kind = '{kind}'", [f.uri, path])
-        self.con.execute(
-            f"INSERT INTO {table}_torn SELECT ?, count(*) FROM ({rows}) WHERE kind IS NULL", [f.uri, path]
-        )
+        self.con.execute(f"INSERT INTO {table}_torn SELECT ?, count(*) FROM ({rows}) WHERE kind IS NULL", [f.uri, path])
 
     def close(self) -> None:
         self.con.close()
@@ -164,6 +161,7 @@ def _views(con: duckdb.DuckDBPyConnection) -> None:
         "CREATE OR REPLACE VIEW feedback AS SELECT * FROM raw_feedback "
         "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at) = 1"
     )
+
 
 def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     return connect(source) if isinstance(source, str) else source
@@ -257,7 +255,6 @@ def arm_metrics(
     return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None, **_NO_WINDOW}).to_arrow_table()
 
 
-
 def stage_window(
     source: str | duckdb.DuckDBPyConnection,
     experiment_salt: str,
@@ -322,7 +319,8 @@ def stage_window(
         params={k_: params[k_] for k_ in ("salt", "since", "until", "rollout")},
     ).to_arrow_table()
     arms = {
-        r[0]: {"units": r[1], "queries": r[2], "fallbacks": r[3], "errors": r[4], "latency_p99_ms": r[5]} for r in health
+        r[0]: {"units": r[1], "queries": r[2], "fallbacks": r[3], "errors": r[4], "latency_p99_ms": r[5]}
+        for r in health
     }
     return {
         "arms": arms,
@@ -331,6 +329,7 @@ def stage_window(
         "units": units,
         "preference": pref,
     }
+
 
 _INTERLEAVED = """
 WITH d AS (

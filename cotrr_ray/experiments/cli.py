@@ -71,7 +71,9 @@ def format_status(doc: dict) -> str:
     for g in doc["guardrails"]:
         lines.append(f"  guardrail {g['name']:<24} {g['status']:<18} {g['detail']}")
     for d in doc["decisions"][-10:]:
-        lines.append(f"  #{d['seq']:<4} {d['action']:<9} {d['from_stage']} -> {d['to_stage']} by {d['actor']}: {d['reason']}")
+        lines.append(
+            f"  #{d['seq']:<4} {d['action']:<9} {d['from_stage']} -> {d['to_stage']} by {d['actor']}: {d['reason']}"
+        )
     if doc.get("last_error"):
         lines.append(f"  last error: {doc['last_error']}")
     return "\n".join(lines)

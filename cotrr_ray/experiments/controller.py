@@ -414,7 +414,9 @@ class Controller:
         try:
             self._persist(new_state, decisions)
         except AlreadyExists:  # another controller (or a restart) got there first: take its record
-            logger.warning("rollout %s: decision %d exists; resuming from the records", self.experiment_id, new_state.seq)
+            logger.warning(
+                "rollout %s: decision %d exists; resuming from the records", self.experiment_id, new_state.seq
+            )
             self.load()
             return []
         for name, cmd in commands:

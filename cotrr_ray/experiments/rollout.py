@@ -46,7 +46,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from scipy import stats as sps
 
 from cotrr_ray.experiments import stats as S
@@ -159,7 +158,9 @@ class Guardrails(_Strict):
         0.07, gt=0, description="mSPRT mixture scale of the per-unit interleaving preference (interleave stages)."
     )
     alpha: float = Field(
-        0.05, gt=0, lt=1,
+        0.05,
+        gt=0,
+        lt=1,
         description="Family-wise level of all harm tests of the ramp (false rollbacks), split by stats.guardrail_alpha.",
     )
 
@@ -217,7 +218,11 @@ class RolloutPlan(_Strict):
 
     def summary(self) -> dict[str, Any]:
         """The plan as the status document shows it (contract15)."""
-        return {"name": self.name, "max_duration_s": self.max_duration_s, "stages": [s.model_dump() for s in self.stages]}
+        return {
+            "name": self.name,
+            "max_duration_s": self.max_duration_s,
+            "stages": [s.model_dump() for s in self.stages],
+        }
 
 
 def load_plan(path: str | Path) -> RolloutPlan:
@@ -433,7 +438,9 @@ def _command(plan: RolloutPlan, s: ControllerState, cmd: Command, now: float) ->
         return _decide(s, now, "pause", stage, stage, f"paused by {cmd.actor}{why}", cmd)
     if cmd.action == "resume" and s.state == "paused":
         s.state = "running"
-        return _enter(s, now, s.stage_index, plan, "resume", f"resumed by {cmd.actor}, stage window restarted{why}", cmd)
+        return _enter(
+            s, now, s.stage_index, plan, "resume", f"resumed by {cmd.actor}, stage window restarted{why}", cmd
+        )
     if cmd.action == "abort" and s.state not in TERMINAL:
         return _finish(s, now, "abort", "aborted", f"aborted by {cmd.actor}{why}", cmd)
     if cmd.action == "force" and s.state != "promoted" and cmd.stage is not None:
@@ -581,12 +588,17 @@ def _harm_guardrails(
             t = _update_test(tests, key, c, tr, tau=tau, alpha=alpha_k, alternative="less")
         name = f"harm_{metric}"
         if t is None:
-            out.append(GuardrailStatus(name=name, threshold=alpha_k, status="insufficient_data", detail="no variance yet"))
+            out.append(
+                GuardrailStatus(name=name, threshold=alpha_k, status="insufficient_data", detail="no variance yet")
+            )
             continue
         breached = t.p_value <= alpha_k
         out.append(
             GuardrailStatus(
-                name=name, value=t.dhat, threshold=alpha_k, status="breached" if breached else "ok",
+                name=name,
+                value=t.dhat,
+                threshold=alpha_k,
+                status="breached" if breached else "ok",
                 p_value=t.p_value,
                 detail=f"treatment - control {t.dhat:+.4g}, one-sided always-valid p {t.p_value:.3g} vs {alpha_k:.4g}",
             )  # fmt: skip

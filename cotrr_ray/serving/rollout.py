@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cotrr_ray.bundles.registry import Registry
@@ -26,6 +25,7 @@ from cotrr_ray.experiments.rollout import check_experiment_id
 from cotrr_ray.serving.errors import error_body
 
 ADMIN_TOKEN_ENV = "COTRR_ADMIN_TOKEN"
+ADMIN_BODY_LIMIT = 16 * 1024
 
 
 class RegistryPromoter:
@@ -109,7 +109,3 @@ class AdminAPI:
         for e in listed:
             e["configured"] = e["experiment_id"] == salt
         return 200, {"experiments": listed, "routing": configured}
-
-
-def dumps(payload: dict[str, Any]) -> bytes:
-    return orjson.dumps(payload)
