@@ -295,16 +295,17 @@ class ServeRestActuator:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{method} {self.url}: HTTP {e.code}: {e.read()[:500]!r}") from None
 
-    def _deploy_schema(self) -> dict[str, Any]:
+    def _deploy_schema(self, require_app: bool = True) -> dict[str, Any]:
         details = json.loads(self._http("GET"))
         apps = details.get("applications") or {}
-        if self.app not in apps:
+        if require_app and self.app not in apps:
             raise RuntimeError(f"no Serve application {self.app!r} (running: {sorted(apps)})")
         configs = [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")]
-        if not apps[self.app].get("deployed_app_config"):
+        if require_app and not apps[self.app].get("deployed_app_config"):
             raise RuntimeError(f"application {self.app!r} was not deployed from a config (serve deploy/run YAML)")
         schema = {"applications": configs}
-        for key in ("proxy_location", "http_options", "grpc_options"):
+        # The details carry these as the deploy schema's own types; a PUT without target_capacity resets it.
+        for key in ("proxy_location", "http_options", "grpc_options", "target_capacity"):
             if details.get(key) is not None:
                 schema[key] = details[key]
         return schema
@@ -328,20 +329,16 @@ class ServeRestActuator:
         if all(current.get(k) == v for k, v in fields.items()):
             return False
         router["user_config"] = {**current, **fields}
-        _prune_http_options(schema)
         self._http("PUT", json.dumps(schema).encode())
         logger.info("rollout: Router user_config %s -> %s (%s)", current, router["user_config"], reason)
         return True
 
-
-def _prune_http_options(schema: dict[str, Any]) -> None:
-    # The details report every HTTP option, some only the controller may set; the deploy schema takes
-    # the user-facing ones (what `serve config` would print).
-    http = schema.get("http_options")
-    if isinstance(http, dict):
-        keep = ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeout_s")
-        schema["http_options"] = {k: http[k] for k in keep if k in http}
-    schema.pop("grpc_options", None) if not (schema.get("grpc_options") or {}).get("grpc_servicer_functions") else None
+    def deploy_app(self, app_config: dict[str, Any]) -> None:
+        """PUT `app_config` (one `ServeApplicationSchema` dict, named `self.app`) beside the other
+        config-deployed apps, replacing its previous version: `serve deploy` of a file holding them all."""
+        schema = self._deploy_schema(require_app=False)
+        schema["applications"] = [a for a in schema["applications"] if a["name"] != self.app] + [app_config]
+        self._http("PUT", json.dumps(schema).encode())
 
 
 # ============================================================================ the controller
