@@ -279,6 +279,15 @@ def test_rest_actuator_puts_back_every_app_with_only_the_router_changed(dashboar
     assert apps["rerank"] == want and schema["http_options"]["port"] == 8000
 
 
+def test_rest_actuator_leaves_a_router_of_another_experiment_alone(dashboard) -> None:
+    with pytest.raises(RuntimeError, match="runs experiment 's', not 'exp-9'"):
+        C.ServeRestActuator(dashboard, "rerank", experiment_salt="exp-9").apply_routing(
+            {"rollout_percentage": 50.0}, "x"
+        )
+    assert FakeDashboard.puts == []
+    assert C.ServeRestActuator(dashboard, "rerank", experiment_salt="s").apply_routing({"rollout_percentage": 9.0}, "y")
+
+
 def test_rest_actuator_refuses_an_app_not_deployed_from_a_config(dashboard) -> None:
     with pytest.raises(RuntimeError, match="not deployed from a config"):
         C.ServeRestActuator(dashboard, "py").apply_routing({"rollout_percentage": 1.0}, "x")

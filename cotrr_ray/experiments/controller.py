@@ -280,9 +280,13 @@ class ServeRestActuator:
     and the next tick re-asserts the controller's routing.
     """
 
-    def __init__(self, dashboard_url: str, app: str, *, deployment: str = "Router", headers=None, timeout_s=10.0):
+    def __init__(
+        self, dashboard_url: str, app: str, *, experiment_salt: str | None = None, deployment: str = "Router",
+        headers=None, timeout_s: float = 10.0,
+    ):  # fmt: skip
         self.url = dashboard_url.rstrip("/") + "/api/serve/applications/"
         self.app, self.deployment, self.timeout_s = app, deployment, timeout_s
+        self.experiment_salt = experiment_salt  # refuse to ramp a Router that runs another experiment
         self.headers = dict(headers or {})
 
     def _http(self, method: str, body: bytes | None = None) -> bytes:
@@ -326,6 +330,11 @@ class ServeRestActuator:
         schema = self._deploy_schema()
         router = self._router(schema)
         current = dict(router.get("user_config") or {})
+        salt = current.get("experiment_salt", "rerank-v1")  # RoutingConfig's default when unset
+        if self.experiment_salt is not None and salt != self.experiment_salt:
+            raise RuntimeError(
+                f"the Router of {self.app!r} runs experiment {salt!r}, not {self.experiment_salt!r}: not touching it"
+            )
         if all(current.get(k) == v for k, v in fields.items()):
             return False
         router["user_config"] = {**current, **fields}

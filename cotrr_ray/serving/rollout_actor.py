@@ -98,7 +98,9 @@ class RolloutActor:
         promoter = None
         if settings.get("registry"):
             promoter = RegistryPromoter(settings["registry"], settings["model"])
-        actuator = ServeRestActuator(settings["dashboard"], settings["app"], headers=_ray_auth_headers())
+        actuator = ServeRestActuator(
+            settings["dashboard"], settings["app"], experiment_salt=settings["experiment"], headers=_ray_auth_headers()
+        )
         self.ctl = Controller(
             plan, settings["log"], settings["experiment"], actuator, promoter=promoter,
             on_decision=self.metrics.decision,
