@@ -51,6 +51,7 @@ class LiveApp:
     name: str = "rollout"
     prefix: str = "/rollout"
     token: str = "bench-admin-token"
+    metrics_url: str | None = None  # Ray's Prometheus endpoint: the controller's series are checked there
 
     @property
     def url(self) -> str:
@@ -244,6 +245,19 @@ def _admin_checks(rep: Report, app: LiveApp, salt: str, events: Path, handle) ->
     wait_for(lambda: _status(handle)["state"] == "aborted", 30, 0.5, "the abort")
     rep.check("abort from the CLI: the deployed config is back to rollout 0",
               wait_for(lambda: app.rest().routing()["rollout_percentage"] == 0, 30, 0.5, "rollout 0"))  # fmt: skip
+    if app.metrics_url:
+        series = "ray_cotrr_rollout_decisions{action=pause}"
+
+        def exported() -> bool:
+            text = httpx.get(app.metrics_url, timeout=10).text
+            return any(line.startswith("ray_cotrr_rollout_decisions") and salt in line and "pause" in line
+                       for line in text.splitlines())  # fmt: skip
+
+        try:
+            ok = bool(wait_for(exported, 60, 1.0, series))
+        except TimeoutError:
+            ok = False
+        rep.check("the decisions are Prometheus series (ray_cotrr_rollout_decisions)", ok)
 
 
 def live_scenarios(args, workdir: Path) -> list[Report]:
@@ -255,16 +269,18 @@ def live_scenarios(args, workdir: Path) -> list[Report]:
     from cotrr_ray.config import FAULT_INJECTION_ENV
 
     os.environ[FAULT_INJECTION_ENV] = "1"
-    http_port, dash_port = free_port(), free_port()
+    http_port, dash_port, metrics_port = free_port(), free_port(), free_port()
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
-             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", FAULT_INJECTION_ENV: "1"}})  # fmt: skip
+             _metrics_export_port=metrics_port, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", FAULT_INJECTION_ENV: "1"}})  # fmt: skip
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         bundle = prepare_bundle(getattr(args, "bundle", None), workdir)
         control = workdir / "control"
         shutil.copytree(bundle, control)
         app = LiveApp(f"http://127.0.0.1:{dash_port}", f"http://127.0.0.1:{http_port}", http_port, bundle, control,
-                      workdir)  # fmt: skip
+                      workdir, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
         return [scenario_live_broken(app), scenario_live_kill(app)]
     finally:
         ray.shutdown()

@@ -22,7 +22,7 @@ def live_app(serve_session, bundle_a, bundle_b, tmp_path_factory):
 
     app = LiveApp(
         serve_session.dashboard_url, serve_session.http_url, serve_session.http_port, bundle_a, bundle_b,
-        tmp_path_factory.mktemp("rollout-live"),
+        tmp_path_factory.mktemp("rollout-live"), metrics_url=serve_session.metrics_url,
     )  # fmt: skip
     yield app
     serve.delete(app.name)
