@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -339,3 +340,67 @@ def test_the_state_model_round_trips_through_json(tmp_path) -> None:
     started(tmp_path)
     rec = records(tmp_path)[-1]
     assert ControllerState.model_validate_json(orjson.dumps(rec["state"])).stage_index == 2
+
+
+# ----------------------------------------------------------------------------- the observations' SQL
+
+
+def _lines(root: Path, kind: str) -> list[dict]:
+    return [orjson.loads(x) for f in sorted(root.glob(f"kind={kind}/*/*.jsonl")) for x in f.read_bytes().splitlines()]
+
+
+def test_stage_window_matches_a_python_count(tmp_path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from rollout_sim import T0, World, traffic
+
+    from cotrr_ray.experiments import analysis
+
+    w = World(users=300, queries_per_tick=200, broken_from=T0 + 90, seed=3)
+    traffic(w, tmp_path, {"rollout_percentage": 20.0, "shadow_mode": False, "mode": "ab"}, "s", T0, T0 + 60)
+    traffic(w, tmp_path, {"rollout_percentage": 50.0, "shadow_mode": False, "mode": "ab"}, "s", T0 + 60, T0 + 120)
+    traffic(w, tmp_path, {"rollout_percentage": 50.0, "shadow_mode": False, "mode": "ab"}, "other", T0 + 60, T0 + 120)
+    got = analysis.stage_window(str(tmp_path), "s", since=T0 + 30, rollout_percentage=50.0, shadow=False)
+    rows = [d for d in _lines(tmp_path, "decision")
+            if d["experiment_salt"] == "s" and d["ts"] >= T0 + 30 and d["rollout_percentage"] == 50.0]  # fmt: skip
+    arms_of: dict[str, set] = {}
+    for d in rows:
+        arms_of.setdefault(d["unit_id"], set()).add(d["arm"])
+    for arm in ("control", "treatment"):
+        mine = [d for d in rows if d["arm"] == arm]
+        a = got["arms"][arm]
+        assert a["queries"] == len(mine)
+        assert a["units"] == len({d["unit_id"] for d in mine if len(arms_of[d["unit_id"]]) == 1})
+        assert a["fallbacks"] == sum(d["fallback"] for d in mine)
+        assert a["errors"] == sum(bool(d["fallback_reason"] and "_error:" in d["fallback_reason"]) for d in mine)
+    assert got["arms"]["treatment"]["errors"] > 0 and got["arms"]["control"]["fallbacks"] == 0
+    assert got["units_in_multiple_arms"] == sum(len(a) > 1 for a in arms_of.values()) == 0  # one split: sticky
+    clicks = {(f["request_id"], f["item_id"]) for f in _lines(tmp_path, "feedback")}
+    ids = {d["request_id"] for d in rows}
+    assert sum(got["units"].column("clicks").to_pylist()) == sum(1 for r, _ in clicks if r in ids)
+
+
+def test_live_log_reads_growing_segments_and_torn_lines(tmp_path) -> None:
+    from cotrr_ray.experiments import analysis
+
+    seg = tmp_path / "kind=feedback" / "date=2026-12-03" / "a.jsonl"
+    seg.parent.mkdir(parents=True)
+
+    def ev(i: int) -> bytes:
+        return orjson.dumps({"kind": "feedback", "event_id": f"e{i}", "request_id": "r", "item_id": "x",
+                             "type": "click", "timestamp": 1.0, "received_at": 1.0 + i}) + b"\n"  # fmt: skip
+
+    seg.write_bytes(ev(0) + ev(1))
+    live = analysis.LiveLog(str(tmp_path))
+    assert live.refresh() == 1 and analysis.feedback_summary(live.con)["events"] == 2
+    assert live.refresh() == 0  # nothing new: nothing read
+    whole = ev(3)
+    seg.write_bytes(ev(0) + ev(1) + ev(2) + whole[:20])  # a writer mid-line
+    live.refresh()
+    s = analysis.feedback_summary(live.con)
+    assert (s["events"], s["unreadable_lines"]) == (3, 1)
+    seg.write_bytes(ev(0) + ev(1) + ev(2) + whole)
+    (seg.parent / "b.jsonl").write_bytes(ev(4))
+    assert live.refresh() == 2
+    s = analysis.feedback_summary(live.con)
+    assert (s["events"], s["unreadable_lines"]) == (5, 0)
+    assert s == analysis.feedback_summary(str(tmp_path))  # the same as a full read
