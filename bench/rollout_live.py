@@ -66,8 +66,10 @@ class LiveApp:
 def live_plan(stages: list[dict[str, Any]], *, from_stage: str, min_queries: int = 20) -> dict[str, Any]:
     return {
         "name": "live", "stages": stages, "max_duration_s": 900,
+        # No click feedback in this load: the metric harm tests have no variance, so none is configured
+        # (they are exercised offline, with simulated clicks); the rate and latency guardrails are live.
         "guardrails": {"min_queries": min_queries, "max_fallback_rate": 0.05, "max_error_rate": 0.01,
-                       "max_latency_p99_ms": 2000},
+                       "max_latency_p99_ms": 2000, "metrics": []},
         "success": {"from_stage": from_stage}, "srm_min_units": 100000,
     }  # fmt: skip
 

@@ -43,6 +43,7 @@ import orjson
 from cotrr_ray.experiments import analysis
 from cotrr_ray.experiments import stats as S
 from cotrr_ray.experiments.rollout import (
+    TERMINAL,
     ArmObs,
     Command,
     ControllerState,
@@ -410,8 +411,8 @@ class Controller:
             self.load()
         now = self.clock()
         commands = self.store.commands()
-        try:
-            obs = self.observer(self.log_uri, self.plan, self.state, now)
+        try:  # a finished experiment is not observed any more (only a force command moves it again)
+            obs = None if self.state.state in TERMINAL else self.observer(self.log_uri, self.plan, self.state, now)
             self.errors.pop("observe", None)
         except Exception as e:  # an unreadable log: no evaluation, but operator commands still apply
             logger.warning("rollout %s: observations failed: %r", self.experiment_id, e)
