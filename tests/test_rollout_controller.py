@@ -168,6 +168,31 @@ def test_promotion_moves_the_alias_once_even_across_a_restart(tmp_path) -> None:
     assert prom.calls == 1 and again.state.promoted_bundle == "bundle-b"
 
 
+class FlakyPromoter(Promoter):
+    def __init__(self):
+        super().__init__()
+        self.fail = True
+
+    def promote(self, reason: str) -> str:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("registry down")
+        return "bundle-b"
+
+
+def test_a_failed_promotion_is_retried_at_the_next_ticks(tmp_path) -> None:
+    clock, prom = Clock(), FlakyPromoter()
+    winner = Scripted(lambda p, s: obs_for(p, s, diff=0.3 if s.stage_index >= 2 else 0.0))
+    ctl = controller(tmp_path, clock, promoter=prom, observer=winner)
+    ticks(ctl, clock, 4)
+    assert ctl.state.state == "promoted" and ctl.state.promoted_bundle is None
+    assert "registry down" in ctl.status()["last_error"]
+    prom.fail = False
+    assert ticks(ctl, clock, 1) == [] and ctl.state.promoted_bundle == "bundle-b"
+    ticks(ctl, clock, 1)
+    assert prom.calls == 2 and ctl.status()["last_error"] is None  # once failed, once done, then never again
+
+
 class FailingActuator(C.MemoryActuator):
     def __init__(self):
         super().__init__()
@@ -404,3 +429,52 @@ def test_live_log_reads_growing_segments_and_torn_lines(tmp_path) -> None:
     s = analysis.feedback_summary(live.con)
     assert (s["events"], s["unreadable_lines"]) == (5, 0)
     assert s == analysis.feedback_summary(str(tmp_path))  # the same as a full read
+
+
+# ----------------------------------------------------------------------------- promotion through the registry
+
+
+def test_registry_promoter_moves_production_to_candidate_once(tmp_path, bundle_a, bundle_b) -> None:
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.bundles.registry import Registry
+    from cotrr_ray.serving.rollout import RegistryPromoter
+
+    reg = Registry(str(tmp_path / "registry"))
+    reg.publish(bundle_a, "demo")
+    reg.publish(bundle_b, "demo")
+    a, b = read_meta(bundle_a).bundle_id, read_meta(bundle_b).bundle_id
+    reg.set_alias("demo", "production", a)
+    reg.set_alias("demo", "candidate", b)
+    prom = RegistryPromoter(str(tmp_path / "registry"), "demo")
+    assert prom.promote("rollout exp-1: success") == b
+    assert reg.resolve("demo", "production") == b and reg.head("demo", "production").reason.startswith("rollout exp-1")
+    moves = len(reg.history("demo", "production"))
+    assert prom.promote("again (a resumed controller)") == b and len(reg.history("demo", "production")) == moves
+    reg.set_alias("demo", "production", a, reason="a person rolled back")
+    reg.set_alias("demo", "candidate", a)
+    assert prom.promote("x") == a  # follows the candidate, whatever it names now
+
+
+def test_registry_promoter_refuses_a_concurrent_move(tmp_path, bundle_a, bundle_b, monkeypatch) -> None:
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.bundles.registry import AliasConflict, Registry
+    from cotrr_ray.serving.rollout import RegistryPromoter
+
+    reg = Registry(str(tmp_path / "registry"))
+    for b in (bundle_a, bundle_b):
+        reg.publish(b, "demo")
+    a, b = read_meta(bundle_a).bundle_id, read_meta(bundle_b).bundle_id
+    reg.set_alias("demo", "production", a)
+    reg.set_alias("demo", "candidate", b)
+    prom = RegistryPromoter(str(tmp_path / "registry"), "demo")
+    real_head = prom.registry.head
+
+    def head_then_a_person_moves_it(name, alias):  # read by the promoter, then moved by someone else
+        h = real_head(name, alias)
+        if alias == "production":
+            Registry(str(tmp_path / "registry")).set_alias("demo", "production", b, reason="a person")
+        return h
+
+    monkeypatch.setattr(prom.registry, "head", head_then_a_person_moves_it)
+    with pytest.raises(AliasConflict):
+        prom.promote("rollout")

@@ -447,11 +447,18 @@ class Controller:
         self.state = final
 
     def _act(self, d: Decision) -> None:
-        if d.action == "promote" and self.promoter is not None and self.state.promoted_bundle is None:
-            self.state.promoted_bundle = self.promoter.promote(f"rollout {self.experiment_id}: {d.reason}")
         self._reconcile(d.reason)
 
     def _reconcile(self, reason: str) -> None:
+        """Make the world match the state: the alias moved once after a promotion, the routing each tick."""
+        s = self.state
+        if s.state == "promoted" and s.promoted_bundle is None and self.promoter is not None:
+            try:  # until it succeeds (a registry outage, a concurrent move: AliasConflict), at every tick
+                s.promoted_bundle = self.promoter.promote(f"rollout {self.experiment_id}: {reason}")
+                self.errors.pop("promote", None)
+            except Exception as e:
+                logger.warning("rollout %s: promotion failed: %r", self.experiment_id, e)
+                self.errors["promote"] = f"promotion failed: {e!r}"
         try:
             self.actuator.apply_routing(routing_for(self.plan, self.state), reason)
             self.errors.pop("actuator", None)
