@@ -6,9 +6,12 @@
 Phases:
 1. log: `EventLog.append` from C threads at once, each waiting for its ack (batch of B events
    per append), on local disk, for `--seconds`: events/s, appends/s, commits (fsyncs)/s and the
-   commit latency (enqueue to fsync) p50/p99. That latency is the decision-record loss window:
-   a decision is queued with `append_nowait` and is on disk one commit later.
-2. http: `POST /v1/feedback` through a fresh local Ray Serve (Router + fused Scorer,
+   commit latency (enqueue to fsync) p50/p99.
+2. decisions: `EventLog.append_nowait` of one decision-sized record (~100 displayed items) at a
+   paced rate (a Router answering R requests/s), nothing waited for: commits/s and the commit
+   latency of the oldest buffered record, p50/p99/max. That latency is the decision-record loss
+   window on a kill (at most about `commit_interval_s` + one fsync).
+3. http: `POST /v1/feedback` through a fresh local Ray Serve (Router + fused Scorer,
    event_log on local disk) from C client threads, batches of B: acknowledged events/s end to end
    (HTTP, parse and validation, dedupe, group commit). The client threads share the box's CPUs.
 
@@ -108,6 +111,49 @@ def phase_log(threads: int, batch: int, seconds: float, workdir: Path) -> dict:
     }
 
 
+def decision_record(i: int) -> dict:
+    n = 100  # the serve bench's list length; columns as `events.Displayed` writes them
+    items = {
+        "item_id": [f"c{j}" for j in range(n)],
+        "upstream_index": list(range(n)),
+        "score": [0.5] * 20 + [None] * (n - 20),
+        "probability": [0.5] * 20 + [None] * (n - 20),
+        "propensity": [1.0] * n,
+        "team": None,
+        "competitive": None,
+    }
+    return {"kind": "decision", "request_id": f"r-{i}", "unit_id": f"u{i % 1000}", "ts": time.time(), "items": items}
+
+
+def phase_decisions(rate: float, seconds: float, workdir: Path, commit_interval_s: float = 0.2) -> dict:
+    lat: list[float] = []
+    log = EventLog(
+        str(workdir / f"decisions-{rate:g}"),
+        commit_interval_s=commit_interval_s,
+        on_commit=lambda k, n, ms: lat.append(ms),
+    )
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        due = int(elapsed * rate)  # paced like a Router's responses, not a tight loop
+        while n < due:
+            log.append_nowait("decision", [decision_record(n)])
+            n += 1
+        time.sleep(0.001)
+    wall = time.perf_counter() - t0
+    log.close()
+    ms = np.array(lat)
+    return {
+        "phase": "decisions",
+        "rate_per_s": rate,
+        "commit_interval_s": commit_interval_s,
+        "records": n,
+        "commits_per_s": round(log.stats.commits / wall, 1),
+        "commit_ms_p50": round(float(np.percentile(ms, 50)), 3),
+        "commit_ms_p99": round(float(np.percentile(ms, 99)), 3),
+        "commit_ms_max": round(float(ms.max()), 3),
+    }
+
+
 def phase_http(configs: list[tuple[int, int]], seconds: float, workdir: Path) -> list[dict]:
     import httpx
     import orjson
@@ -177,6 +223,9 @@ def main() -> None:
         for threads, batch in [(1, 1), (16, 1), (1, 100), (16, 10), (16, 100)]:
             rows.append(phase_log(threads, batch, a.seconds, work))
             say(f"log threads={threads} batch={batch}: {rows[-1]}")
+        for rate in (100.0, 500.0):
+            rows.append(phase_decisions(rate, a.seconds, work))
+            say(f"decisions rate={rate:g}/s: {rows[-1]}")
         if not a.skip_http:
             rows += phase_http([(1, 1), (8, 1), (8, 10), (8, 100)], a.seconds, work)
     result = {"machine": machine_info(), "seconds": a.seconds, "rows": rows}

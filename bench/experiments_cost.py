@@ -9,7 +9,8 @@ Issue #14 ("Cost"), goal: <= 5% throughput loss. Two configurations of serve_con
 - ON: the same plus `args.event_log.uri` = a fresh temporary directory and the Router's
   `user_config.mode: interleave`; with rollout 100 every request is the team-draft merge of the
   treatment's window and the upstream order (no control bundle), and every decision is written to
-  the event log (`cotrr_ray.experiments.eventlog`, queued, group-committed by the writer thread).
+  the event log (`cotrr_ray.experiments.eventlog`: buffered, written + fsync'ed every
+  `event_log.commit_interval_s`, 0.2 s).
 
 Phases (functions below, in this order):
 
@@ -19,7 +20,15 @@ Phases (functions below, in this order):
    machine record;
 2. configs: OFF and ON built with `kit.cluster.serve_config_for_bench` (only HTTP host/port and the
    absolute bundle path differ from the shipped file) plus the two ON edits;
-3. runs: the configurations alternately, OFF, ON, OFF, ON (`--order`; ABAB cancels linear drift on
+3. router_cpu (Ray-free, in this process, `--router-requests N`, 0 = skip): the Router's own CPU
+   per request, OFF vs ON, alternating `--router-repeats` times: the same `RerankService` a replica
+   runs (parse, assignment, interleaving, response, exposure and decision records, the event log's
+   writer thread), its downstream answered at once with precomputed windows, so the model and the
+   Serve hops (the same in both configurations) are left out. Process CPU time per request, c=1 and
+   16 concurrent, the least of the repeats (interference only adds); ON - OFF is what ON adds to the Router, the bottleneck of the graph on this box.
+   Unlike throughput on a shared 2-core box (runs minutes apart differ by up to 1.8x), CPU time per
+   request of one process hardly depends on what else runs;
+4. runs: the configurations alternately, OFF, ON, OFF, ON (`--order`; ABAB cancels linear drift on
    a shared box), each on its own fresh local Ray + Serve in a child process of this script
    (`kit.cluster.ServeCluster`, `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, load on the Router's direct-ingress
    port), closed-loop load from `kit.load.LoadGen` (wrk, or the httpx client when wrk is absent) at
@@ -30,8 +39,10 @@ Phases (functions below, in this order):
    Optional (`--py-spy ENC:C:SECONDS`): py-spy samples the Router replica during that level of every
    run; the samples are booked to the decision record, the event log's writer thread, interleaving,
    request parsing and other, with the heaviest leaf stacks (`py_spy` in each run's result);
-4. summary: per (encoding, concurrency) the mean over the runs of each configuration and the ratio
-   ON / OFF of the means (rps and p50), plus the per-pair ratios (run k ON / run k OFF).
+5. summary: per (encoding, concurrency) the mean over the runs of each configuration and the ratio
+   ON / OFF of the means (rps and p50), plus the per-pair ratios (run k ON / run k OFF); and the
+   throughput ratio the Router's CPU alone predicts: OFF Router ms / (OFF Router ms + ON's added ms),
+   with OFF's Router ms per request measured in the Serve runs.
 
 Writes bench/results/experiments-cost.json (or `--json`) and prints a table. `--quick`: JSON bodies,
 c=16, OFF then ON, 1 s warm-up + 2 s per level (a smoke run, ~1 minute). No timed assertions.
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -108,7 +120,7 @@ def count_decisions(event_dir: Path) -> dict[str, int]:
                 continue
             out["decisions"] += 1
             out["interleave_mode"] += rec.get("mode") == "interleave"
-            out["with_teams"] += any(it.get("team") for it in rec.get("items") or [])
+            out["with_teams"] += bool((rec.get("items") or {}).get("team"))
     return out
 
 
@@ -306,8 +318,112 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     return {"work": work, "bundle": str(src), "body_files": body_files, "result": result}
 
 
+def router_cpu(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    """3. The Router's own CPU per request, OFF vs ON, in this process (see the module docstring)."""
+    import asyncio
+
+    import numpy as np
+
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.config import AppArgs, RoutingConfig
+    from cotrr_ray.experiments.eventlog import EventLog
+    from cotrr_ray.serving.coalescer import Downstream
+    from cotrr_ray.serving.scorer import CalibratorCore, ScoreResult
+    from cotrr_ray.serving.service import RerankService
+
+    meta = read_meta(Path(ctx["bundle"]))
+    cal = CalibratorCore()
+    cal.add(ctx["bundle"])
+    rng = np.random.default_rng(0)
+    logits = {w: rng.standard_normal(w).astype(np.float32) for w in range(1, meta.top_m + 1)}
+
+    async def score(cl):  # answered at once: the model's cost is not the Router's
+        return ScoreResult(logits[cl.window], meta.bundle_id, ctx["bundle"])
+
+    async def calibrate(item):
+        return cal.transform(item)
+
+    async def info(_):
+        return {}
+
+    # Exposure records go through the "ray.serve" logger, as in a replica; here into a file, as
+    # Serve's replica log does (not to this terminal, whose cost no replica pays).
+    serve_log = logging.getLogger("ray.serve")
+    handler = logging.FileHandler(ctx["work"] / "router-cpu-serve.log")
+    serve_log.addHandler(handler)
+    serve_log.setLevel(logging.INFO)
+    serve_log.propagate = False
+
+    def service(name: str, log_dir: Path) -> tuple[RerankService, EventLog | None]:
+        routing = RoutingConfig(rollout_percentage=100, mode="interleave" if name == "ON" else "ab")
+        events = EventLog(str(log_dir)) if name == "ON" else None
+        app = AppArgs(bundle_uri=ctx["bundle"], routing=routing, event_log={"uri": str(log_dir) if events else None})
+        svc = RerankService(meta, app, Downstream(score=score, calibrate=calibrate, info=info), events=events)
+        return svc, events
+
+    async def drive(svc: RerankService, bodies: list[bytes], n: int, concurrency: int, tag: str) -> float:
+        async def one(i: int) -> None:
+            await svc.rerank(bodies[i % len(bodies)], request_id=f"{tag}-{i}")
+
+        for i in range(0, min(n, 200), concurrency):  # warm-up
+            await asyncio.gather(*(one(i + j) for j in range(concurrency)))
+        c0 = time.process_time()
+        for i in range(0, n, concurrency):
+            await asyncio.gather(*(one(i + j) for j in range(concurrency)))
+        return (time.process_time() - c0) * 1000 / n
+
+    out: dict[str, Any] = {"requests": args.router_requests, "repeats": args.router_repeats, "levels": []}
+    bodies = {enc: [Path(p).read_bytes() for p in files] for enc, files in ctx["body_files"].items()}
+    for enc in bodies:
+        for conc in (1, 16):
+            ms: dict[str, list[float]] = {n: [] for n in CONFIGS}
+            for rep in range(args.router_repeats):
+                for name in CONFIGS if rep % 2 == 0 else CONFIGS[::-1]:
+                    log_dir = ctx["work"] / f"router-cpu-{enc}-{conc}-{rep}-{name}"
+                    svc, events = service(name, log_dir)
+                    try:
+                        ms[name].append(asyncio.run(drive(svc, bodies[enc], args.router_requests, conc, name)))
+                    finally:
+                        if events is not None:
+                            events.close()
+                    shutil.rmtree(log_dir, ignore_errors=True)
+            # The least CPU time of the repeats: interference (another process on the core, its
+            # cache misses) only ever adds to a run's CPU time, so the minimum is the code's own cost.
+            off, on = min(ms["OFF"]), min(ms["ON"])
+            row = {
+                "encoding": enc,
+                "concurrency": conc,
+                "off_ms": round(off, 4),
+                "on_ms": round(on, 4),
+                "added_ms": round(on - off, 4),
+                "median_off_ms": round(statistics.median(ms["OFF"]), 4),
+                "median_on_ms": round(statistics.median(ms["ON"]), 4),
+                "runs_ms": {n: [round(x, 4) for x in v] for n, v in ms.items()},
+            }
+            out["levels"].append(row)
+            say(f"router cpu {enc} c={conc}: OFF {off:.3f} ms, ON {on:.3f} ms per request (+{on - off:.3f} ms)")
+    serve_log.removeHandler(handler)
+    handler.close()
+    return out
+
+
+def predicted_ratios(rows: list[dict[str, Any]], rc: dict[str, Any] | None) -> None:
+    """Per Serve level: the throughput ratio ON's added Router CPU predicts, with OFF's Router ms/request."""
+    if not rc:
+        return
+    added = {(lv["encoding"], lv["concurrency"]): lv["added_ms"] for lv in rc["levels"]}
+    for r in rows:
+        add = added.get((r["encoding"], min(r["concurrency"], 16)))
+        xs = [x["router_cores"] * 1000 / x["rps"] for x in r["runs"]["OFF"] if x.get("router_cores") and x["rps"]]
+        if add is None or not xs:
+            continue
+        router_ms = statistics.median(xs)
+        r["router_ms_off"] = round(router_ms, 3)
+        r["predicted_rps_ratio"] = round(router_ms / (router_ms + add), 3)
+
+
 def run_configs(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    """3. Each configuration of `--order` in its own child process (a fresh local Ray + Serve)."""
+    """4. Each configuration of `--order` in its own child process (a fresh local Ray + Serve)."""
     runs = []
     for i, name in enumerate(args.order.split(",")):
         if name not in CONFIGS:
@@ -347,7 +463,7 @@ def run_configs(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str,
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """4. Per (encoding, concurrency): each configuration's runs, their mean, and ON/OFF ratios."""
+    """5. Per (encoding, concurrency): each configuration's runs, their mean, and ON/OFF ratios."""
     keys = [(r["encoding"], r["concurrency"]) for r in runs[0]["levels"]]
     rows = []
     for enc, c in keys:
@@ -426,6 +542,18 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r.get('p50_ratio', float('nan')):>6.3f} | {per}"
         )
     print(f"verdict: {result['verdict']}")
+    for lv in (result.get("router_cpu") or {}).get("levels", []):
+        print(
+            f"router cpu in process {lv['encoding']:7} c={lv['concurrency']:<3}: OFF {lv['off_ms']:.3f} ms, "
+            f"ON {lv['on_ms']:.3f} ms per request (+{lv['added_ms']:.3f} ms; medians {lv['median_off_ms']:.3f} / "
+            f"{lv['median_on_ms']:.3f})"
+        )
+    for r in result["summary"]:
+        if "predicted_rps_ratio" in r:
+            print(
+                f"predicted by Router CPU {r['encoding']:7} c={r['concurrency']:<3}: ON/OFF rps "
+                f"{r['predicted_rps_ratio']:.3f} (OFF Router {r['router_ms_off']:.2f} ms/request in Serve)"
+            )
     for run in result["runs"]:
         if "event_log" in run:
             print(f"run {run['index']} ({run['name']}) event log: {run['event_log']}")
@@ -448,6 +576,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--bundle", default="artifacts/registry/demo@production")
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"))
+    p.add_argument(
+        "--router-requests", type=int, default=None, help="requests per in-process Router CPU run (0 = skip)"
+    )
+    p.add_argument("--router-only", action="store_true", help="only the in-process Router CPU phase (no Ray)")
+    p.add_argument("--router-repeats", type=int, default=None, help="OFF/ON alternations of the Router CPU phase")
     p.add_argument("--run-timeout", type=float, default=400.0, help="seconds per configuration run at most")
     p.add_argument(
         "--py-spy",
@@ -465,6 +598,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.encodings = a.encodings or ("json" if q else "json,base64")
     a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 2.0)
     a.duration = a.duration if a.duration is not None else (2.0 if q else 6.0)
+    a.router_requests = a.router_requests if a.router_requests is not None else (200 if q else 500)
+    a.router_repeats = a.router_repeats if a.router_repeats is not None else (2 if q else 8)
     return a
 
 
@@ -479,12 +614,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = ctx["result"]
     say(f"machine: {result['machine']['logical_cpus']} CPUs, load {loadavg()}; order {args.order}")
     try:
-        runs = run_configs(args, ctx)
+        result["router_cpu"] = router_cpu(args, ctx) if args.router_requests else None
+        runs = [] if args.router_only else run_configs(args, ctx)
     finally:
         shutil.rmtree(ctx["work"], ignore_errors=True)
     result["runs"] = runs
-    result["client"] = runs[0].get("client")
-    result["summary"] = summarize(runs)
+    result["client"] = runs[0].get("client") if runs else None
+    result["summary"] = summarize(runs) if runs else []
+    predicted_ratios(result["summary"], result["router_cpu"])
     result["verdict"] = verdict(result["summary"])
     result["load"]["after"] = loadavg()
     result["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from cotrr_ray.experiments.assignment import decide
+from cotrr_ray.experiments.events import SCHEMA_VERSION
 from cotrr_ray.experiments.interleaving import team_draft
 from cotrr_ray.experiments.simulator import ClickModel, simulate_clicks_batch
 
@@ -97,12 +98,11 @@ def traffic(w: World, log_dir: Path, routing: dict[str, Any], salt: str, t_from:
         if arm != "control" and (d.bucket * 7919) % 1000 < w.lose_treatment_units * 1000:
             rows.append(None)  # answered, but its record never reached the log
             continue
-        items = [
-            {"item_id": f"i{j}", "position": p, "upstream_index": int(j), "score": None, "probability": None,
-             "propensity": 1.0, "team": merged.teams[p] if merged else None,
-             "competitive": merged.competitive[p] if merged else None}
-            for p, j in enumerate(order)
-        ]  # fmt: skip
+        # events.Displayed's columns: position p is entry p of each
+        items = {"item_id": [f"i{j}" for j in order], "upstream_index": [int(j) for j in order],
+                 "score": [None] * len(order), "probability": [None] * len(order), "propensity": [1.0] * len(order),
+                 "team": list(merged.teams) if merged else None,
+                 "competitive": list(merged.competitive) if merged else None}  # fmt: skip
         lat = float(w.rng.lognormal(np.log(w.latency_ms), 0.3))
         decisions.append(_decision(rid, unit, d.bucket, arm, salt, routing, ts[i], lat, fallback, items, merged))
         rows.append(rid)
@@ -121,12 +121,12 @@ def traffic(w: World, log_dir: Path, routing: dict[str, Any], salt: str, t_from:
 
 def _decision(rid, unit, bucket, arm, salt, routing, ts, lat, fallback, items, merged) -> dict[str, Any]:
     return {
-        "kind": "decision", "schema_version": 1, "request_id": rid, "unit_id": unit, "query_id": rid,
+        "kind": "decision", "schema_version": SCHEMA_VERSION, "request_id": rid, "unit_id": unit, "query_id": rid,
         "bucket": bucket, "arm": arm, "mode": "interleave" if merged is not None else "ab",
         "experiment_salt": salt, "rollout_percentage": routing["rollout_percentage"],
         "shadow": routing["shadow_mode"], "model_id": None, "calibrator_version": None, "ts": float(ts),
         "latency_ms": lat, "fallback": fallback is not None, "fallback_reason": fallback,
-        "n_candidates": len(items), "window": len(items), "items": items,
+        "n_candidates": len(items["item_id"]), "window": len(items["item_id"]), "items": items,
     }  # fmt: skip
 
 

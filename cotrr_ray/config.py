@@ -367,6 +367,16 @@ class EventLogConfig(_Strict):
         le=86_400,
         description="Close a segment this long after it was opened (bounds what an s3:// log holds only on local disk).",
     )
+    commit_interval_s: float = Field(
+        0.2,
+        ge=0.01,
+        le=10.0,
+        description=(
+            "Decision records (one per rerank answer, not waited for) are written and fsync'ed together at "
+            "least this often: the most a killed replica can lose of them. Feedback is always fsync'ed "
+            "before its 2xx."
+        ),
+    )
     max_events_per_batch: int = Field(1000, ge=1, le=100_000, description="More events in one body -> HTTP 413.")
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Larger feedback bodies -> HTTP 413 (checked before parsing)."

@@ -28,11 +28,12 @@ from cotrr_ray.experiments import analysis
 from cotrr_ray.experiments.eventlog import EventLog
 from cotrr_ray.experiments.events import (
     Decision,
-    DisplayedItem,
+    Displayed,
     FeedbackError,
     FeedbackLimits,
     FeedbackParser,
     RecentIds,
+    displayed_rows,
     feedback_record,
     split_new,
 )
@@ -95,6 +96,9 @@ def test_a_valid_batch_parses() -> None:
         ([ev(0, timestamp=NOW + 3600)], "events[0].timestamp", "outside"),
         ([ev(0, timestamp="yesterday")], "events[0].timestamp", "number"),
         ([ev(0, value="a lot")], "events[0].value", "number"),
+        ([ev(0, timestamp=str(NOW))], "events[0].timestamp", "number"),  # a numeric string is not coerced
+        ([ev(0, value="39.9")], "events[0].value", "number"),
+        ([ev(0, timestamp=True)], "events[0].timestamp", "number"),
         ([ev(0, extra=1)], "events[0].extra", "Extra inputs"),
         ([], "events", "at least 1"),
         ({"events": {"a": 1}}, "events", "array"),
@@ -228,6 +232,30 @@ def test_append_nowait_is_committed_by_close_and_close_is_idempotent(tmp_path) -
     assert analysis.feedback_summary(str(tmp_path))["decisions"] == 50
 
 
+def test_buffered_decisions_are_committed_on_schedule_in_few_fsyncs(tmp_path) -> None:
+    commits: list[tuple[str, int, float]] = []
+    log = EventLog(str(tmp_path), commit_interval_s=0.05, on_commit=lambda k, n, ms: commits.append((k, n, ms)))
+    for i in range(200):  # a burst of responses: no flush, no close, no waited append
+        log.append_nowait("decision", [{"kind": "decision", "request_id": f"r{i}", "ts": 1.0}])
+    deadline = time.monotonic() + 5
+    while sum(n for _, n, _ in commits) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    on_disk = sum(len(f.read_bytes().splitlines()) for f in segments(tmp_path, "decision"))
+    log.close()
+    assert on_disk == 200  # written and fsync'ed by the scheduled commit alone
+    assert len(commits) < 20  # the burst shared commits instead of one fsync per record
+
+
+def test_a_waited_append_carries_the_buffered_records_along(tmp_path) -> None:
+    log = EventLog(str(tmp_path), commit_interval_s=10.0)  # the schedule alone would wait ~1 s
+    log.append_nowait("decision", [{"kind": "decision", "request_id": "r0", "ts": 1.0}])
+    log.flush()
+    assert sum(len(f.read_bytes().splitlines()) for f in segments(tmp_path, "decision")) == 1
+    log.close()
+    with pytest.raises(ValueError, match="commit_interval_s"):
+        EventLog(str(tmp_path), commit_interval_s=0)
+
+
 def test_a_write_error_fails_the_futures_not_the_writer(tmp_path, monkeypatch) -> None:
     log = EventLog(str(tmp_path))
     real = os.fsync
@@ -318,7 +346,13 @@ def synthetic_log(root: Path, seed: int = 0) -> dict:
         unit = f"u{rng.randrange(25)}"
         arm = "treatment" if int(unit[1:]) % 2 else "control"
         n = rng.randrange(0, 8)
-        items = [DisplayedItem(f"i{j}", j, rng.randrange(20), 0.1 * j, 0.5, 1.0) for j in range(n)]
+        items = Displayed(
+            item_id=[f"i{j}" for j in range(n)],
+            upstream_index=[rng.randrange(20) for _ in range(n)],
+            score=[0.1 * j for j in range(n)],
+            probability=[0.5] * n,
+            propensity=[1.0] * n,
+        )
         d = Decision(
             f"r{r}",
             unit,
@@ -338,14 +372,14 @@ def synthetic_log(root: Path, seed: int = 0) -> dict:
             items,
         )
         decisions.append(d.record())
-        for it in items:
+        for item_id in items.item_id:
             if rng.random() < 0.5:
-                events.append(fb(f"imp-{r}-{it.item_id}", f"r{r}", it.item_id, "impression", NOW))
+                events.append(fb(f"imp-{r}-{item_id}", f"r{r}", item_id, "impression", NOW))
             if rng.random() < 0.25:
-                e = fb(f"clk-{r}-{it.item_id}", f"r{r}", it.item_id, "click", NOW)
+                e = fb(f"clk-{r}-{item_id}", f"r{r}", item_id, "click", NOW)
                 events += [e] * rng.choice([1, 1, 2])  # a retried event: same id twice
                 if rng.random() < 0.2:  # a second click on the same item (another id)
-                    events.append(fb(f"clk2-{r}-{it.item_id}", f"r{r}", it.item_id, "click", NOW))
+                    events.append(fb(f"clk2-{r}-{item_id}", f"r{r}", item_id, "click", NOW))
     events += [fb(f"orphan-{i}", f"nope-{i}", "i0", "click", NOW) for i in range(7)]
     events.append(fb("unshown", "r3", "not-displayed", "click", NOW))
     rng.shuffle(events)
@@ -369,16 +403,17 @@ def expected_per_query(raw: dict, salt: str | None, k: int) -> list[dict]:
     for d in raw["decisions"]:
         if salt is not None and d["experiment_salt"] != salt:
             continue
-        pos = [it["position"] for it in d["items"] if (d["request_id"], it["item_id"]) in clicks]
+        shown = displayed_rows(d["items"])
+        pos = [it["position"] for it in shown if (d["request_id"], it["item_id"]) in clicks]
         out.append(
             {
                 "unit_id": d["unit_id"],
                 "arm": d["arm"],
                 "clicks": len(pos),
-                "impressions": sum((d["request_id"], it["item_id"]) in imps for it in d["items"]),
+                "impressions": sum((d["request_id"], it["item_id"]) in imps for it in shown),
                 "rr": 1 / (min(pos) + 1) if pos else 0.0,
                 "clicks_at_k": sum(p < k for p in pos),
-                "shown_at_k": sum(it["position"] < k for it in d["items"]),
+                "shown_at_k": sum(it["position"] < k for it in shown),
                 "latency_ms": d["latency_ms"],
                 "fallback": d["fallback"],
             }
@@ -546,8 +581,8 @@ def test_feedback_round_trip_through_the_service(feedback_service, records) -> N
     cols = [c[0] for c in con.description]
     d = dict(zip(cols, rec))
     assert d["arm"] == responses[0]["arm"] and d["mode"] == "ab" and d["model_id"] == responses[0]["model_version"]
-    assert [it["item_id"] for it in d["items"]] == [x["id"] for x in responses[0]["results"]]
-    assert all(it["propensity"] == 1.0 and it["team"] is None for it in d["items"])
+    assert d["items"]["item_id"] == [x["id"] for x in responses[0]["results"]]
+    assert all(it["propensity"] == 1.0 and it["team"] is None for it in displayed_rows(d["items"]))
     assert ("feedback", "accepted", "click", 4) in metrics.calls and (
         "feedback",
         "duplicate",
@@ -593,3 +628,28 @@ def test_a_failed_write_is_503_and_not_remembered_as_acked(feedback_service) -> 
     assert status == 503 and body["error"]["code"] == "log_unavailable"
     log.append_async = real
     assert post_feedback(svc, batch) == (200, {"accepted": 1, "duplicates": 0})  # the retry is written
+
+
+def test_events_bench_smoke_without_http(tmp_path) -> None:
+    out = tmp_path / "events.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "bench" / "events_bench.py"),
+            "--seconds",
+            "0.3",
+            "--skip-http",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    rows = orjson.loads(out.read_bytes())["rows"]
+    assert {r["phase"] for r in rows} == {"log", "decisions"}
+    for r in rows:
+        if r["phase"] == "decisions":
+            assert r["records"] > 0 and r["commits_per_s"] > 0
+            # buffered records wait for the schedule: their commit latency is positive and bounded
+            assert 0 < r["commit_ms_max"] < 5_000

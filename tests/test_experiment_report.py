@@ -20,6 +20,7 @@ from cotrr_ray.experiments import analysis
 from cotrr_ray.experiments import stats as S
 from cotrr_ray.experiments.cli import main as cli
 from cotrr_ray.experiments.eventlog import EventLog
+from cotrr_ray.experiments.events import displayed_rows
 from cotrr_ray.experiments.interleaving import credit
 from cotrr_ray.experiments.report import ReportSettings, experiment_report, format_report
 from cotrr_ray.experiments.simulator import ClickModel, simulate_clicks
@@ -125,7 +126,7 @@ def test_interleaving_report_credits_clicks_like_team_draft_credit(il_log) -> No
     for resp, clicked in shown:
         if resp["arm"] != "interleave":
             continue
-        items = teams[resp["request_id"]]
+        items = displayed_rows(teams[resp["request_id"]])
         merged = [it for it in items if it["team"] is not None]
         h_t, h_c = credit(
             [it["team"] for it in merged], [it["competitive"] for it in merged], [p for p in clicked if p < len(merged)]

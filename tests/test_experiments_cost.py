@@ -80,6 +80,22 @@ def test_experiments_cost_quick(bundle_a, tmp_path) -> None:
     assert row["encoding"] == "json" and row["concurrency"] == 4 and row["rps_ratio"] > 0 and row["p50_ratio"] > 0
     assert result["client"] in ("wrk", "httpx") and "verdict" in result
     assert "ratio" in proc.stdout
+    assert 0 < row["predicted_rps_ratio"] <= 2 and row["router_ms_off"] > 0  # from the in-process Router phase
+
+
+def test_router_cpu_phase_runs_without_ray(bundle_a, tmp_path) -> None:
+    out = tmp_path / "router.json"
+    cmd = [sys.executable, str(ROOT / "bench/experiments_cost.py"), "--router-only", "--bundle", str(bundle_a)]
+    cmd += ["--router-requests", "20", "--router-repeats", "2", "--bodies", "3", "--encodings", "json"]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["runs"] == [] and result["summary"] == []
+    levels = result["router_cpu"]["levels"]
+    assert [(lv["encoding"], lv["concurrency"]) for lv in levels] == [("json", 1), ("json", 16)]
+    for lv in levels:
+        assert all(len(v) == 2 and min(v) > 0 for v in lv["runs_ms"].values())
+        assert lv["added_ms"] == pytest.approx(lv["on_ms"] - lv["off_ms"], abs=1e-3)
 
 
 def test_py_spy_summary_books_stacks() -> None:

@@ -10,6 +10,7 @@ from factories import TINY_SPEC, b64, record, tiny_record
 from cotrr_ray.core.features import (
     CONTEXT_FEATURES,
     FeatureNormalizer,
+    Moments,
     RecordError,
     context_features,
     decode_vector,
@@ -230,6 +231,30 @@ def test_normalizer_stats_come_from_the_given_lists_only() -> None:
     # Fitting on other data gives other statistics (what is fitted depends on the input).
     other_mean = FeatureNormalizer(TINY_SPEC).fit(other).stats_["candidate.a"][0]
     assert np.all(np.abs(other_mean - mean) > 10)
+
+
+def test_moments_merge_exactly_over_any_partition() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(1e6, 3.0, size=(1000, 4))  # a large mean: a sum-of-squares formula would cancel
+    cuts = sorted(rng.choice(np.arange(1, 1000), size=6, replace=False))
+    parts = [Moments.of(p) for p in np.split(x, cuts)] + [Moments.of(np.zeros((0, 4)))]
+    m = parts[0]
+    for p in parts[1:]:
+        m = m.merge(p)
+    assert m.n == 1000
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(m.m2 / m.n, x.var(0), rtol=1e-9)
+
+
+def test_normalizer_fit_from_merged_parts_equals_the_whole_fit() -> None:
+    lists = _lists(seed=3)
+    whole = FeatureNormalizer(TINY_SPEC).fit(lists)
+    a = FeatureNormalizer(TINY_SPEC).moments(lists[:3], chunk=2)  # the parts two workers would send
+    b = FeatureNormalizer(TINY_SPEC).moments(lists[3:], chunk=1)
+    merged = FeatureNormalizer(TINY_SPEC).fit_moments({k: a[k].merge(b[k]) for k in a})
+    for key, (mean, scale) in whole.stats_.items():
+        np.testing.assert_allclose(merged.stats_[key][0], mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(merged.stats_[key][1], scale, rtol=1e-6)
 
 
 def test_normalizer_fit_on_zero_lists_rejected() -> None:

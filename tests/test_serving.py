@@ -22,6 +22,7 @@ from cotrr_ray.bundles.bundle import Bundle, BundleError, read_meta
 from cotrr_ray.bundles.registry import resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig
 from cotrr_ray.experiments.assignment import decide
+from cotrr_ray.experiments.events import displayed_rows
 from cotrr_ray.serving.coalescer import Breaker, Coalescer, Downstream, answer_each
 from cotrr_ray.serving.errors import RequestError, exception_name
 from cotrr_ray.serving.observability import ExposureLog, ModelVersions, NullMetrics, RateLimitedLog, RecentTraffic
@@ -910,7 +911,8 @@ def test_interleave_serves_the_team_draft_merge_of_both_arms_and_logs_teams(
     lines = [json.loads(x) for f in sorted((tmp_path / "events").rglob("*.jsonl")) for x in f.read_text().splitlines()]
     (rec,) = [x for x in lines if x.get("kind") == "decision"]
     assert rec["arm"] == "interleave" and rec["mode"] == "interleave" and rec["request_id"] == "req-il-1"
-    items = rec["items"]
+    items = displayed_rows(rec["items"])
+    assert rec["items"]["team"] == list(merged.teams)  # one entry per merged position, none for the tail
     assert [it["team"] for it in items[:window]] == list(merged.teams)
     assert [it["competitive"] for it in items[:window]] == list(merged.competitive)
     assert all(it["team"] is None and it["competitive"] is None for it in items[window:])

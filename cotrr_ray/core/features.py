@@ -204,6 +204,35 @@ def context_features(upstream: np.ndarray, window: int) -> np.ndarray:
     return np.stack([s, z, rr], axis=1).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Moments:
+    """Row count, mean and sum of squared deviations (M2) per column, in float64.
+
+    Two parts merge exactly (Chan, Golub and LeVeque's pairwise update), so a mean and variance over
+    rows spread across lists, blocks or machines never needs the rows in one place, and avoids the
+    cancellation of a sum-of-squares formula when features have large means.
+    """
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        x = np.asarray(x, dtype=np.float64)
+        if len(x) == 0:
+            return cls(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]))
+        mean = x.mean(axis=0)
+        return cls(len(x), mean, ((x - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: Moments) -> Moments:
+        n = self.n + other.n
+        if self.n == 0 or other.n == 0:
+            return other if self.n == 0 else self
+        delta = other.mean - self.mean
+        return Moments(n, self.mean + delta * (other.n / n), self.m2 + other.m2 + delta**2 * (self.n * other.n / n))
+
+
 class FeatureNormalizer:
     """Per-feature standardisation (optionally after signed log1p), fitted on the training split.
 
@@ -224,24 +253,41 @@ class FeatureNormalizer:
         return self.spec.transform_for(scope, group)  # type: ignore[arg-type]
 
     def fit(self, lists: list[CandidateList]) -> FeatureNormalizer:
-        if not lists:
+        return self.fit_moments(self.moments(lists))
+
+    def _rows(self, scope: str, group: str, lists: list[CandidateList]) -> np.ndarray:
+        """The rows one feature group contributes, as the normaliser sees them (after log1p), float64."""
+        if scope == "candidate":
+            x = np.concatenate([cl.features[group] for cl in lists])
+        elif scope == "query":
+            x = np.stack([cl.query_features[group] for cl in lists])
+        else:
+            x = np.concatenate([cl.upstream[: cl.window] for cl in lists])[:, None]
+        x = x.astype(np.float64)
+        return _signed_log1p(x) if self._transform_name(scope, group) == "signed_log1p_standardize" else x
+
+    def moments(self, lists: list[CandidateList], chunk: int = 256) -> dict[str, Moments]:
+        """Per group, the exact moments of `lists`' rows, `chunk` lists at a time: what one worker or
+        one block contributes; `Moments.merge` combines the parts of a distributed fit."""
+        out: dict[str, Moments] = {}
+        for scope, group in self._keys():
+            key = f"{scope}.{group}"
+            for i in range(0, len(lists), chunk):
+                part = Moments.of(self._rows(scope, group, lists[i : i + chunk]))
+                out[key] = out[key].merge(part) if key in out else part
+        return out
+
+    def fit_moments(self, moments: dict[str, Moments]) -> FeatureNormalizer:
+        """Fit from per-group moments (`moments`, merged over any partition of the training rows)."""
+        if not moments or any(m.n == 0 for m in moments.values()):
             raise ValueError("cannot fit a normalizer on zero lists")
         self.stats_: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for scope, group in self._keys():
-            if scope == "candidate":
-                x = np.concatenate([cl.features[group] for cl in lists])
-            elif scope == "query":
-                x = np.stack([cl.query_features[group] for cl in lists])
+            m = moments[f"{scope}.{group}"]
+            if self._transform_name(scope, group) == "none":
+                mean, scale = np.zeros_like(m.mean), np.ones_like(m.mean)
             else:
-                x = np.concatenate([cl.upstream[: cl.window] for cl in lists])[:, None]
-            x = x.astype(np.float64)
-            name = self._transform_name(scope, group)
-            if name == "signed_log1p_standardize":
-                x = _signed_log1p(x)
-            if name == "none":
-                mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-            else:
-                mean, std = x.mean(axis=0), x.std(axis=0)
+                mean, std = m.mean, np.sqrt(m.m2 / m.n)
                 # Constant features stay constant (centred) instead of exploding.
                 scale = np.where(std > 1e-6, std, 1.0)
             self.stats_[f"{scope}.{group}"] = (mean.astype(np.float32), scale.astype(np.float32))

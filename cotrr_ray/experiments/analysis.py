@@ -171,7 +171,17 @@ def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
 # split (a Router that has not applied the new config yet still logs the old percentage).
 _NO_WINDOW = {"since": None, "rollout": None, "shadow": None}
 
-_PER_QUERY = """
+# One row per displayed item of the decisions in the CTE `d`: the columns of `items` unnested side
+# by side (a shorter column, e.g. `team` of the merged window only, pads with NULL), position = index.
+_SHOWN = """
+    SELECT d.request_id, d.unit_id, d.ts, generate_subscripts(d.items.item_id, 1) - 1 AS position,
+        unnest(d.items.item_id) AS item_id, unnest(d.items.team) AS team,
+        unnest(d.items.competitive) AS competitive
+    FROM d
+"""
+
+_PER_QUERY = (
+    """
 WITH d AS (
     SELECT * FROM decisions
     WHERE ($salt IS NULL OR experiment_salt = $salt) AND ($until IS NULL OR ts <= $until)
@@ -180,10 +190,9 @@ WITH d AS (
 ),
 clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
 imps AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'impression'),
-shown AS (
-    SELECT d.request_id, it.item_id AS item_id, it.position AS position
-    FROM d, (SELECT unnest(d.items) AS it)
-),
+shown AS ("""
+    + _SHOWN
+    + """),
 per_item AS (
     SELECT s.request_id, s.position, c.item_id IS NOT NULL AS clicked, i.item_id IS NOT NULL AS impressed
     FROM shown s
@@ -207,6 +216,7 @@ per_query AS (
     FROM d LEFT JOIN agg a USING (request_id)
 )
 """
+)
 
 
 def unit_table(
@@ -303,10 +313,9 @@ def stage_window(
             AND ts >= $since AND ($until IS NULL OR ts <= $until) AND rollout_percentage = $rollout
     ),
     clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
-    shown AS (
-        SELECT d.request_id, d.unit_id, it.item_id AS item_id, it.team AS team, it.competitive AS competitive
-        FROM d, (SELECT unnest(d.items) AS it)
-    ),
+    shown AS ("""
+        + _SHOWN
+        + """),
     per_query AS (
         SELECT any_value(s.unit_id) AS unit_id,
             count(c.item_id) FILTER (WHERE s.team = 'treatment' AND s.competitive)
@@ -331,16 +340,16 @@ def stage_window(
     }
 
 
-_INTERLEAVED = """
+_INTERLEAVED = (
+    """
 WITH d AS (
     SELECT * FROM decisions
     WHERE mode = 'interleave' AND NOT fallback AND ($salt IS NULL OR experiment_salt = $salt)
 ),
 clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
-shown AS (
-    SELECT d.request_id, d.unit_id, d.ts, it.item_id AS item_id, it.team AS team, it.competitive AS competitive
-    FROM d, (SELECT unnest(d.items) AS it)
-)
+shown AS ("""
+    + _SHOWN
+    + """)
 SELECT s.request_id, any_value(s.unit_id) AS unit_id, any_value(s.ts) AS ts,
     count(c.item_id) FILTER (WHERE s.team = 'treatment' AND (s.competitive OR NOT $competitive_only))
         AS h_treatment,
@@ -348,6 +357,7 @@ SELECT s.request_id, any_value(s.unit_id) AS unit_id, any_value(s.ts) AS ts,
 FROM shown s LEFT JOIN clicks c ON c.request_id = s.request_id AND c.item_id = s.item_id
 GROUP BY s.request_id ORDER BY ts, s.request_id
 """
+)
 
 
 def interleaved_queries(
@@ -381,7 +391,9 @@ def feedback_summary(source: str | duckdb.DuckDBPyConnection) -> dict[str, objec
     con = _con(source)
     row = con.execute(
         """
-        WITH shown AS (SELECT d.request_id, unnest(d.items).item_id AS item_id FROM decisions d)
+        WITH d AS (SELECT * FROM decisions), shown AS ("""
+        + _SHOWN
+        + """)
         SELECT (SELECT count(*) FROM raw_feedback) AS raw_events,
             (SELECT count(*) FROM feedback) AS events,
             (SELECT count(*) FROM feedback f WHERE f.request_id NOT IN (SELECT request_id FROM decisions))

@@ -2,7 +2,7 @@
 
     log = EventLog("s3://bucket/events", staging_dir="/var/tmp/cotrr-events")
     await log.append_async("feedback", records)   # returns once the lines are written and fsync'ed
-    log.append_nowait("decision", [record])        # queued; fsync'ed by the next group commit
+    log.append_nowait("decision", [record])        # buffered; written + fsync'ed within commit_interval_s
     log.close()                                    # flushes, closes and uploads open segments
 
 Layout under the URI (a local directory or ``s3://``, through `cotrr_ray.storage`)::
@@ -27,10 +27,14 @@ Durability contract
   fsync'ed. Concurrent appends share one write + fsync (group commit in one writer thread), so
   the cost per event falls as load rises. An acknowledged record therefore survives a kill of the
   process (and, with the directory entry fsync'ed when the segment is created, a crash of the node).
-- `append_nowait` (used for decision records) returns at once; the record is fsync'ed by the next
-  group commit. What can be lost on a kill is what was queued and not yet committed: the loss
-  window is the commit latency (enqueue to fsync), exported as `commit_ms` and measured in
-  bench/events_bench.py.
+- `append_nowait` (used for decision records, one per rerank response) returns at once and does
+  not wake the writer: the records wait in memory and are written and fsync'ed together with the
+  next waited append, or at the latest `commit_interval_s` after they were queued. What a kill can
+  lose is what was queued and not yet committed: the loss window is the commit latency (enqueue to
+  fsync, at most about `commit_interval_s` + one fsync), exported as `commit_ms` and measured in
+  bench/events_bench.py. Why not one commit per record: at a few hundred responses per second a
+  writer woken per response (thread switch, write, fsync) cost the Router ~18% of its samples
+  (bench/README, experiments_cost); a commit every 0.2 s costs a few fsyncs per second.
 - Object-store URI: segments are staged on local disk under `staging_dir/<writer>/` (same fsync
   rule) and uploaded, whole and atomically, when closed (rotation or `close()`). A writer's
   staging directory is locked (flock) while it lives; a new writer uploads every unlocked leftover
@@ -53,6 +57,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -126,6 +131,7 @@ class EventLog:
         staging_dir: str | None = None,
         max_segment_bytes: int = 64 * 1024 * 1024,
         max_segment_age_s: float = 300.0,
+        commit_interval_s: float = 0.2,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[str, int, float], None] | None = None,
         on_rotate: Callable[[str, str], None] | None = None,
@@ -133,6 +139,9 @@ class EventLog:
         self.root: Location = locate(uri)
         self.max_segment_bytes = max_segment_bytes
         self.max_segment_age_s = max_segment_age_s
+        if commit_interval_s <= 0:
+            raise ValueError(f"commit_interval_s must be > 0, got {commit_interval_s}")
+        self.commit_interval_s = commit_interval_s
         self.clock = clock
         self.on_commit = on_commit
         self.on_rotate = on_rotate
@@ -140,7 +149,8 @@ class EventLog:
         self.stats = LogStats()
         self._seq = 0
         self._open: dict[str, _Segment] = {}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # waited appends (and close): wake the writer
+        self._buffered: deque[_Append] = deque()  # append_nowait: picked up by the writer's next commit
         self._closed = False
         self._close_lock = threading.Lock()
         self._lock_fh = None
@@ -173,7 +183,7 @@ class EventLog:
         await asyncio.wrap_future(self.append(kind, records))
 
     def append_nowait(self, kind: str, records: list[dict[str, Any]]) -> None:
-        """Queue `records` for the next group commit, without waiting (the decision-record path)."""
+        """Buffer `records` for the next commit (at most `commit_interval_s` away), without waiting."""
         self._put(kind, records, None)
 
     def _put(self, kind: str, records: list[dict[str, Any]], fut: concurrent.futures.Future | None) -> None:
@@ -182,7 +192,11 @@ class EventLog:
         if self._closed:
             raise RuntimeError("event log is closed")
         data = b"".join(orjson.dumps(r) + b"\n" for r in records)
-        self._queue.put(_Append(kind, data, len(records), time.perf_counter(), fut))
+        a = _Append(kind, data, len(records), time.perf_counter(), fut)
+        if fut is None:
+            self._buffered.append(a)  # deque.append is atomic: no lock, no wake-up of the writer
+        else:
+            self._queue.put(a)
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until everything queued before this call is fsync'ed."""
@@ -203,24 +217,33 @@ class EventLog:
     # ----------------------------------------------------------------- the writer thread
 
     def _run(self) -> None:
-        tick = max(0.05, min(1.0, self.max_segment_age_s / 4))
+        tick = max(0.01, min(1.0, self.max_segment_age_s / 4, self.commit_interval_s))
         stop = False
         while not stop:
             try:
-                first = self._queue.get(timeout=tick)
+                batch = [self._queue.get(timeout=tick)]
             except queue.Empty:
-                self._rotate_aged()
-                continue
-            batch = [first]
+                batch = []
             while True:  # everything queued meanwhile joins this commit: one fsync for all of it
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop = any(a is None for a in batch)
-            self._commit([a for a in batch if a is not None])
+            # Buffered records are committed on every wake-up: a waited append or close carries them
+            # along (flush() means everything before it), and a timeout commits them on schedule.
+            self._commit(self._take_buffered() + [a for a in batch if a is not None])
             self._rotate_aged()
+        self._commit(self._take_buffered())  # appended while close() was stopping the loop
         self._close_all("close")
+
+    def _take_buffered(self) -> list[_Append]:
+        out = []
+        while True:
+            try:
+                out.append(self._buffered.popleft())
+            except IndexError:
+                return out
 
     def _commit(self, batch: list[_Append]) -> None:
         if not batch:

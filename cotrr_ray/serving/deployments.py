@@ -242,6 +242,7 @@ class Router:
                 staging_dir=ev.staging_dir,
                 max_segment_bytes=ev.max_segment_bytes,
                 max_segment_age_s=ev.max_segment_age_s,
+                commit_interval_s=ev.commit_interval_s,
                 on_commit=metrics.event_log_commit,
                 on_rotate=metrics.segment_rotated,
             )
