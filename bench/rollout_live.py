@@ -75,7 +75,9 @@ def live_plan(stages: list[dict[str, Any]], *, from_stage: str, min_queries: int
 
 
 def deploy(app: LiveApp, salt: str, events: Path, *, fault: str | None) -> float:
-    """The app (Router, Scorer = treatment, ScorerControl, Calibrator) through the REST API; seconds to healthy."""
+    """The app (Router, Scorer = treatment, ScorerControl, Calibrator) through the REST API; seconds until
+    it is healthy and, with `fault`, the treatment's Scorer then switched to it (/healthz runs a real
+    inference through every scorer, so a broken one keeps it at 503: the app comes up healthy first)."""
     from cotrr_ray.bundles.bundle import read_meta
 
     cfg = app_config(
@@ -88,23 +90,30 @@ def deploy(app: LiveApp, salt: str, events: Path, *, fault: str | None) -> float
     spec = cfg["applications"][0]
     spec["args"]["event_log"] = {"uri": str(events), "max_segment_age_s": 5}
     spec.setdefault("runtime_env", {}).setdefault("env_vars", {})[ADMIN_TOKEN_ENV] = app.token
+    scorer = next(d for d in spec["deployments"] if d["name"] == "Scorer")
     for d in spec["deployments"]:
         if d["name"] == "Router":
             d["user_config"].update(experiment_salt=salt, rollout_percentage=0.0, shadow_mode=False, mode="ab")
-        if d["name"] == "Scorer":
-            d["user_config"]["fault"] = fault
+    scorer["user_config"]["fault"] = None
     t0 = time.monotonic()
     app.rest().deploy_app(spec)
     wait_app(app.name, app.url, timeout_s=240)
-
-    def applied() -> bool:  # a redeploy rolls the replicas: wait for the new ones
-        try:
-            return httpx.get(app.url + "/v1/model", timeout=10).json()["routing"]["experiment_salt"] == salt
-        except (httpx.HTTPError, ValueError, KeyError):
-            return False
-
-    wait_for(applied, 240, 0.5, f"the Router on salt {salt}")
+    wait_for(lambda: _model(app, "routing", "experiment_salt") == salt, 240, 0.5, f"the Router on salt {salt}")
+    if fault is not None:
+        scorer["user_config"]["fault"] = fault
+        app.rest().deploy_app(spec)
+        wait_for(lambda: _model(app, "scorer", "config", "fault") == fault, 120, 0.5, f"the Scorer fault {fault}")
     return time.monotonic() - t0
+
+
+def _model(app: LiveApp, *keys: str) -> Any:
+    try:
+        out = httpx.get(app.url + "/v1/model", timeout=10).json()
+        for k in keys:
+            out = out[k]
+        return out
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
 
 
 def start_controller(app: LiveApp, salt: str, events: Path, plan: dict[str, Any], interval_s: float = 1.0):
