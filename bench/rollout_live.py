@@ -94,7 +94,7 @@ def deploy(app: LiveApp, salt: str, events: Path, *, fault: str | None) -> float
     for d in spec["deployments"]:
         if d["name"] == "Router":
             d["user_config"].update(experiment_salt=salt, rollout_percentage=0.0, shadow_mode=False, mode="ab")
-    scorer["user_config"]["fault"] = None
+    scorer["user_config"]["fault"] = "none"
     t0 = time.monotonic()
     app.rest().deploy_app(spec)
     wait_app(app.name, app.url, timeout_s=240)
