@@ -13,7 +13,8 @@ in-memory Router config as its actuator):
   back, the Router config is back on control (rollout 0), measured: virtual seconds from the first
   failed treatment answer to the rollback and the treatment answers served in upstream order until then.
 - better: the treatment ranks with less noise (a known gap). Checks: it ramps through the stages and is
-  promoted, never rolled back; measured: the virtual time and the queries/units the ramp took.
+  promoted, never rolled back, and the promotion moved a real local registry's production alias (two
+  tiny bundles published, production -> candidate); measured: the virtual time and the queries it took.
 - equal (A/A): `--aa-runs` replays, each with its own seed and salt. Checks: none promotes beyond what
   the plan's alpha allows (the rate with its 95% Clopper-Pearson interval), each ends concluded with
   "no detectable difference" or (rarely, a false alarm) rolled back.
@@ -86,7 +87,7 @@ class Run:
     salt: str
     now: float = T0
     actuator: MemoryActuator = field(default_factory=MemoryActuator)
-    promoter: FakePromoter = field(default_factory=FakePromoter)
+    promoter: Any = field(default_factory=FakePromoter)
     decisions: list = field(default_factory=list)
     queries: int = 0
 
@@ -160,16 +161,49 @@ def _fallbacks(log: Path, salt: str) -> int:
     return int(n)
 
 
-def scenario_better(workdir: Path, plan: RolloutPlan, seed: int = 12) -> Report:
+def registry_with(workdir: Path, control: Path, treatment: Path):
+    """A local registry with `control` as production and `treatment` as candidate: what promotion moves."""
+    from cotrr_ray.bundles.bundle import read_meta
+    from cotrr_ray.bundles.registry import Registry
+
+    reg = Registry(str(workdir / "registry"))
+    for b in (control, treatment):
+        reg.publish(b, "demo")
+    reg.set_alias("demo", "production", read_meta(control).bundle_id)
+    reg.set_alias("demo", "candidate", read_meta(treatment).bundle_id)
+    return reg
+
+
+def tiny_bundles(workdir: Path) -> tuple[Path, Path]:
+    """Two tiny real bundles (tests/_bundles.py), for the registry the promotion moves."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _bundles import make_bundle, make_data
+
+    data = make_data(workdir / "lists.jsonl")
+    return make_bundle(workdir / "bundle-a", data, seed=0), make_bundle(workdir / "bundle-b", data, seed=1)
+
+
+def scenario_better(workdir: Path, plan: RolloutPlan, seed: int = 12, bundles: tuple[Path, Path] | None = None):
+    """With `bundles` (control, treatment), promotion moves a real registry's production alias
+    (`serving.rollout.RegistryPromoter`); without, a stand-in counts the promotions."""
+    from cotrr_ray.serving.rollout import RegistryPromoter
+
     rep = Report("better")
-    run = Run(plan, World(treatment_noise=0.5, seed=seed), workdir / "better", "better-1")
+    reg = registry_with(workdir, *bundles) if bundles else None
+    promoter = RegistryPromoter(reg.uri, "demo") if reg else FakePromoter()
+    run = Run(plan, World(treatment_noise=0.5, seed=seed), workdir / "better", "better-1", promoter=promoter)
     run.until(lambda r: r.state.state in TERMINAL, _max_ticks(plan))
     actions = [d.action for d in run.decisions]
     stages = [t.stage for t in run.state.timeline]
-    rep.check("promoted", run.state.state == "promoted" and run.promoter.calls == 1)
+    rep.check("promoted", run.state.state == "promoted" and actions.count("promote") == 1)
+    if reg is not None:
+        head = reg.head("demo", "production")
+        rep.check("production now names the candidate, moved by the rollout",
+                  head.bundle_id == reg.resolve("demo", "candidate") and head.reason.startswith("rollout better-1"))  # fmt: skip
+        rep.measured["production_alias"] = {"bundle_id": head.bundle_id, "seq": head.seq, "reason": head.reason[:120]}
     rep.check("never rolled back", "rollback" not in actions)
     rep.check("ramped through the stages in order", stages == [s.name for s in plan.stages][: len(stages)])
-    rep.measured = {
+    rep.measured |= {
         "virtual_s_to_promotion": run.elapsed(),
         "stages_traversed": stages,
         "queries_total": run.queries,
@@ -252,7 +286,8 @@ def scenario_srm(workdir: Path, plan: RolloutPlan, seed: int = 14) -> Report:
 
 def offline(args: argparse.Namespace, workdir: Path) -> list[Report]:
     plan = load_plan(SIM_PLAN)
-    reps = [scenario_broken(workdir, plan), scenario_better(workdir, plan), scenario_kill(workdir, plan),
+    reps = [scenario_broken(workdir, plan), scenario_better(workdir, plan, bundles=tiny_bundles(workdir)),
+            scenario_kill(workdir, plan),
             scenario_srm(workdir, plan), scenario_equal(workdir, plan, args.aa_runs)]  # fmt: skip
     return reps
 

@@ -27,6 +27,12 @@ def test_offline_scenario_passes(tmp_path, sim_plan, scenario) -> None:
     assert rep.measured
 
 
+def test_better_treatment_promotion_moves_the_registry_alias(tmp_path, sim_plan, bundle_a, bundle_b) -> None:
+    rep = rb.scenario_better(tmp_path, sim_plan, bundles=(bundle_a, bundle_b))
+    assert rep.ok, rep.checks
+    assert rep.measured["production_alias"]["reason"].startswith("rollout better-1: success")
+
+
 def test_broken_treatment_is_back_on_control_within_a_tick(tmp_path, sim_plan) -> None:
     rep = rb.scenario_broken(tmp_path, sim_plan)
     assert rep.measured["virtual_s_first_failure_to_rollback"] <= rb.TICK_S
