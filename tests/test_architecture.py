@@ -18,8 +18,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cotrr_ray"
 # data/parallel.py: one Ray task per Parquet shard (the parallel synthetic generator); the shard
 # writers it runs stay Ray-free in data/synthetic.py and data/parquet.py. batch/pipeline.py: the Ray
 # Data graph of offline reranking; the actor's work is Ray-free in batch/rerank.py.
+# serving/rollout_actor.py: the rollout controller's detached actor; the controller is Ray-free in
+# experiments/controller.py.
 RAY_SHELLS = {
     "serving/deployments.py",
+    "serving/rollout_actor.py",
     "serving/app.py",
     "training/job.py",
     "demo.py",

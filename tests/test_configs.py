@@ -26,7 +26,8 @@ from cotrr_ray.serving.app import build_app
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = ROOT / "cotrr_ray" / "configs"  # package data: the configs the demo reads
 SERVE_CONFIGS = sorted(ROOT.glob("serve_config*.yaml")) + sorted(PACKAGED.glob("serve_config*.yaml"))
-TRAIN_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(
+ROLLOUT_PLANS = ROOT / "configs" / "rollouts"  # RolloutPlan files, loaded by tests/test_rollout.py
+TRAIN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if ROLLOUT_PLANS not in p.parents) + sorted(
     p for p in PACKAGED.glob("*.yaml") if not p.name.startswith("serve_config")
 )
 USER_CONFIG_SCHEMA = {"Router": RoutingConfig, "Scorer": ScorerConfig, "ScorerControl": ScorerConfig}

@@ -90,6 +90,69 @@ def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckd
                     download_file(f, dst)
                     paths.append(str(dst))
             _load(con, table, kind, paths)  # tables are materialised, so the copies can go
+    _views(con)
+    return con
+
+
+class LiveLog:
+    """A DuckDB connection over a log that keeps growing, refreshed incrementally (the rollout controller
+    looks every minute; `connect` would re-read the whole log each time).
+
+    `refresh()` loads the segments that are new since the last refresh, and again those whose size
+    changed (a local segment that a writer is still appending to: its rows are replaced, so a torn
+    last line read before is read whole the next time). Object-store segments are uploaded whole
+    (`eventlog`), so one read each is enough. The tables and views are those of `connect`, so every
+    function of this module takes a `LiveLog.con`."""
+
+    def __init__(self, log_uri: str):
+        self.root = locate(log_uri)
+        self.con = duckdb.connect()
+        self._seen: dict[str, int | None] = {}  # segment uri -> size when loaded (None: object store)
+        for kind, table in (("decision", "raw_decisions"), ("feedback", "raw_feedback")):
+            cols = _COLUMNS[kind]
+            self.con.execute(
+                f"CREATE TABLE {table} AS SELECT *, CAST(NULL AS VARCHAR) AS _file FROM (SELECT {_typed_nulls(cols)}) "
+                "WHERE false"
+            )
+            self.con.execute(f"CREATE TABLE {table}_torn (_file VARCHAR, n BIGINT)")
+            self.con.execute(f"CREATE VIEW {table}_bad AS SELECT coalesce(sum(n), 0) AS n FROM {table}_torn")
+        _views(self.con)
+
+    def refresh(self) -> int:
+        """Load what is new; returns the number of segments (re)loaded."""
+        n = 0
+        with tempfile.TemporaryDirectory(prefix="cotrr-livelog-") as tmp:
+            for kind, table in (("decision", "raw_decisions"), ("feedback", "raw_feedback")):
+                changed = []
+                for f in segment_files(self.root, kind):
+                    size = Path(f.path).stat().st_size if self.root.local else None
+                    if f.uri not in self._seen or self._seen[f.uri] != size:
+                        changed.append((f, size))
+                for f, size in changed:
+                    self._load_one(kind, table, f, tmp)
+                    self._seen[f.uri] = size
+                n += len(changed)
+        return n
+
+    def _load_one(self, kind: str, table: str, f: Location, tmp: str) -> None:
+        path = f.path
+        if not self.root.local:
+            path = str(Path(tmp) / f"{len(self._seen)}.jsonl")
+            download_file(f, Path(path))
+        self.con.execute(f"DELETE FROM {table} WHERE _file = ?", [f.uri])
+        self.con.execute(f"DELETE FROM {table}_torn WHERE _file = ?", [f.uri])
+        rows = (
+            f"SELECT * FROM read_json(?, format='newline_delimited', columns={_struct(_COLUMNS[kind])}, "
+            "ignore_errors=true, hive_partitioning=false)"
+        )
+        self.con.execute(f"INSERT INTO {table} SELECT *, ? AS _file FROM ({rows}) WHERE kind = '{kind}'", [f.uri, path])
+        self.con.execute(f"INSERT INTO {table}_torn SELECT ?, count(*) FROM ({rows}) WHERE kind IS NULL", [f.uri, path])
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _views(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         "CREATE OR REPLACE VIEW decisions AS SELECT * FROM raw_decisions "
         "QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY ts) = 1"
@@ -98,12 +161,15 @@ def connect(log_uri: str, con: duckdb.DuckDBPyConnection | None = None) -> duckd
         "CREATE OR REPLACE VIEW feedback AS SELECT * FROM raw_feedback "
         "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at) = 1"
     )
-    return con
 
 
 def _con(source: str | duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     return connect(source) if isinstance(source, str) else source
 
+
+# The window of one rollout stage (`stage_window`): decisions since the stage began, made under its
+# split (a Router that has not applied the new config yet still logs the old percentage).
+_NO_WINDOW = {"since": None, "rollout": None, "shadow": None}
 
 # One row per displayed item of the decisions in the CTE `d`: the columns of `items` unnested side
 # by side (a shorter column, e.g. `team` of the merged window only, pads with NULL), position = index.
@@ -119,6 +185,8 @@ _PER_QUERY = (
 WITH d AS (
     SELECT * FROM decisions
     WHERE ($salt IS NULL OR experiment_salt = $salt) AND ($until IS NULL OR ts <= $until)
+        AND ($since IS NULL OR ts >= $since) AND ($rollout IS NULL OR rollout_percentage = $rollout)
+        AND ($shadow IS NULL OR shadow = $shadow)
 ),
 clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
 imps AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'impression'),
@@ -172,7 +240,8 @@ def unit_table(
     FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": until}).to_arrow_table()
+    params = {"salt": experiment_salt, "k": k, "until": until, **_NO_WINDOW}
+    return _con(source).sql(sql, params=params).to_arrow_table()
 
 
 def arm_metrics(
@@ -193,7 +262,82 @@ def arm_metrics(
     FROM per_query GROUP BY arm ORDER BY arm
     """
     )
-    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None}).to_arrow_table()
+    return _con(source).sql(sql, params={"salt": experiment_salt, "k": k, "until": None, **_NO_WINDOW}).to_arrow_table()
+
+
+def stage_window(
+    source: str | duckdb.DuckDBPyConnection,
+    experiment_salt: str,
+    *,
+    since: float,
+    rollout_percentage: float,
+    shadow: bool,
+    until: float | None = None,
+    k: int = 10,
+) -> dict[str, object]:
+    """One rollout stage's window (decisions at ``ts >= since`` under that split): what its controller judges.
+
+    Returns ``arms`` (per arm: units seen in that arm only, queries, fallbacks, errors = fallbacks whose
+    reason is a scorer error, latency_p99_ms), ``units_in_multiple_arms``, ``all_units``, ``units`` (the
+    per (unit, arm) sums of `unit_table` over the window) and ``preference`` (per unit: the mean
+    interleaving preference h_treatment - h_control of its interleaved queries, competitive rounds)."""
+    con = _con(source)
+    params = {"salt": experiment_salt, "k": k, "until": until, "since": since, "rollout": rollout_percentage,
+              "shadow": shadow}  # fmt: skip
+    health = con.sql(
+        _PER_QUERY
+        + """
+    , multi AS (SELECT unit_id FROM d GROUP BY unit_id HAVING count(DISTINCT arm) > 1)
+    SELECT arm, count(DISTINCT unit_id) FILTER (WHERE unit_id NOT IN (SELECT unit_id FROM multi)) AS units,
+        count(*) AS queries, count(*) FILTER (WHERE fallback) AS fallbacks,
+        count(*) FILTER (WHERE fallback AND fallback_reason LIKE '%_error:%') AS errors,
+        quantile_cont(latency_ms, 0.99) AS latency_p99_ms,
+        (SELECT count(*) FROM multi) AS multi, (SELECT count(DISTINCT unit_id) FROM d) AS all_units
+    FROM d GROUP BY arm ORDER BY arm
+    """,
+        params=params,
+    ).fetchall()
+    units = con.sql(
+        _PER_QUERY
+        + """
+    SELECT unit_id, arm, count(*) AS queries, sum(clicks)::BIGINT AS clicks, sum(rr) AS rr_sum,
+        sum(clicks_at_k)::BIGINT AS clicks_at_k, sum(shown_at_k)::BIGINT AS shown_at_k
+    FROM per_query GROUP BY unit_id, arm ORDER BY arm, unit_id
+    """,
+        params=params,
+    ).to_arrow_table()
+    pref = con.sql(
+        """
+    WITH d AS (
+        SELECT * FROM decisions WHERE mode = 'interleave' AND NOT fallback AND experiment_salt = $salt
+            AND ts >= $since AND ($until IS NULL OR ts <= $until) AND rollout_percentage = $rollout
+    ),
+    clicks AS (SELECT DISTINCT request_id, item_id FROM feedback WHERE type = 'click'),
+    shown AS ("""
+        + _SHOWN
+        + """),
+    per_query AS (
+        SELECT any_value(s.unit_id) AS unit_id,
+            count(c.item_id) FILTER (WHERE s.team = 'treatment' AND s.competitive)
+                - count(c.item_id) FILTER (WHERE s.team = 'control' AND s.competitive) AS pref
+        FROM shown s LEFT JOIN clicks c ON c.request_id = s.request_id AND c.item_id = s.item_id
+        GROUP BY s.request_id
+    )
+    SELECT unit_id, avg(pref) AS preference FROM per_query GROUP BY unit_id ORDER BY unit_id
+    """,
+        params={k_: params[k_] for k_ in ("salt", "since", "until", "rollout")},
+    ).to_arrow_table()
+    arms = {
+        r[0]: {"units": r[1], "queries": r[2], "fallbacks": r[3], "errors": r[4], "latency_p99_ms": r[5]}
+        for r in health
+    }
+    return {
+        "arms": arms,
+        "units_in_multiple_arms": health[0][6] if health else 0,
+        "all_units": health[0][7] if health else 0,
+        "units": units,
+        "preference": pref,
+    }
 
 
 _INTERLEAVED = (

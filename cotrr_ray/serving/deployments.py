@@ -31,10 +31,11 @@ from cotrr_ray.bundles.registry import BundleSource, resolve_uri
 from cotrr_ray.config import AppArgs, RoutingConfig, ScorerConfig
 from cotrr_ray.core.features import CandidateList
 from cotrr_ray.experiments.eventlog import EventLog
-from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi
+from cotrr_ray.serving.api import ErrorResponse, RerankResponse, install_openapi, read_body
 from cotrr_ray.serving.coalescer import Coalescer, Downstream, answer_each
-from cotrr_ray.serving.errors import HTTP_CODES, error_body, exception_name
+from cotrr_ray.serving.errors import HTTP_CODES, RequestError, error_body, exception_name
 from cotrr_ray.serving.observability import ExposureLog, RateLimitedLog
+from cotrr_ray.serving.rollout import ADMIN_BODY_LIMIT, AdminAPI
 from cotrr_ray.serving.scorer import CalibrationInput, CalibratorCore, ScorerCore, ScoreResult
 from cotrr_ray.serving.service import WARNING_INTERVAL_S, RerankService
 from cotrr_ray.serving.timing import SERVER_TIMING
@@ -255,6 +256,7 @@ class Router:
             events=self.events,
         )
         self._configure_coalescers(args.routing)
+        self.admin = AdminAPI(args.event_log.uri)  # rollout operator commands; COTRR_ADMIN_TOKEN or off
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:  # on the event loop: no races
         config = RoutingConfig.model_validate(user_config)
@@ -307,6 +309,28 @@ class Router:
     async def experiment_page(self, experiment_id: str) -> Response:
         status, page = await self.service.experiment_page(experiment_id)
         return HTMLResponse(page, status_code=status)
+
+    # ---------------------------------------------------------------- rollouts (serving.rollout.AdminAPI)
+
+    @api.get("/v1/experiments", response_model=None, summary="Experiments with a rollout controller, and their stage")
+    async def experiments(self) -> Response:
+        status, payload = await asyncio.to_thread(self.admin.experiments, self.service.config.model_dump())
+        return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+    @api.post(
+        "/admin/experiments/{experiment_id}/{action}",
+        response_model=None,
+        responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+        summary="Operator: pause, resume, abort or force a rollout stage (Authorization: Bearer <admin token>)",
+    )
+    async def admin_command(self, experiment_id: str, action: str, request: Request) -> Response:
+        try:
+            body = await read_body(request, ADMIN_BODY_LIMIT)
+        except RequestError as e:
+            return Response(orjson.dumps(e.body()), status_code=e.status, media_type="application/json")
+        auth = request.headers.get("authorization")
+        status, payload = await asyncio.to_thread(self.admin.command, experiment_id, action, auth, body)
+        return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
     def __del__(self) -> None:
         # Graceful replica shutdown: commit what is queued and close (upload) the open segments.
