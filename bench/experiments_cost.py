@@ -413,7 +413,7 @@ def predicted_ratios(rows: list[dict[str, Any]], rc: dict[str, Any] | None) -> N
         return
     added = {(lv["encoding"], lv["concurrency"]): lv["added_ms"] for lv in rc["levels"]}
     for r in rows:
-        add = added.get((r["encoding"], min(r["concurrency"], 16)))
+        add = added.get((r["encoding"], 1 if r["concurrency"] == 1 else 16))  # the phase's two levels
         xs = [x["router_cores"] * 1000 / x["rps"] for x in r["runs"]["OFF"] if x.get("router_cores") and x["rps"]]
         if add is None or not xs:
             continue

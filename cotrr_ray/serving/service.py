@@ -326,6 +326,9 @@ class RerankService:
                 s.versions.add(out.model_version, now)
         if s.recent.add(now, arm, out.fallback is not None):  # a new second: refresh the window gauges
             self.metrics.window(s.recent.ratios(), len(s.versions.recent(now)))
+            # and the routing gauges: set only at reconfigure, they were missing from a scrape taken
+            # minutes after the deploy (the full test run); re-set each second they stay exported.
+            self.metrics.routing(cfg)
         self.exposure.write(
             {
                 "event": "exposure",
