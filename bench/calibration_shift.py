@@ -26,7 +26,6 @@ would say) and the test file's own base rate (an oracle no deployed model has).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from kit.machine import basic_machine  # noqa: E402
+from kit.report import write_json  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
 from cotrr_ray.core.calibration import IsotonicCalibrator  # noqa: E402
@@ -267,11 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = run(args.data, args.test, args.config, args.overrides, args.bootstrap)
     print(format_table(res), flush=True)
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(res, Path(args.json_out), indent=1, newline=True)
     return res
 
 

@@ -17,7 +17,6 @@ scores (the only ones allowed to choose), not estimates of quality on new querie
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 import quality_bench as qb  # noqa: E402
 import torch  # noqa: E402
 from kit.machine import basic_machine  # noqa: E402
+from kit.report import write_json  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
 from cotrr_ray.data.readers import file_fingerprint, letor_spec  # noqa: E402
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     res = run(args.data, args.config, qb.quick_settings() if args.quick else qb.Settings(), args.overrides)
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(res, Path(args.json_out), indent=1, newline=True)
     return res
 
 

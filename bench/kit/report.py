@@ -316,9 +316,12 @@ def write_outputs(result: dict[str, Any], json_path: str | Path, png: str | Path
 
 
 def write_json(result: dict[str, Any], path: Path, *, newline: bool = False, **dump: Any) -> Path:
-    """`result` as JSON at `path` (parents created); `dump`: json.dumps keywords."""
+    """`result` as JSON at `path` (parents created), written whole: a temporary file renamed over it,
+    so an interrupted run never leaves a torn result; `dump`: json.dumps keywords."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, **dump) + ("\n" if newline else ""))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, **dump) + ("\n" if newline else ""))
+    tmp.replace(path)
     return path
 
 

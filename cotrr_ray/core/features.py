@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -112,18 +113,9 @@ def _decode_window_fast(record: QueryRecord, spec: FeatureSpec, m: int) -> dict[
         values = [r[name] for r in rows]
         first = values[0]
         if isinstance(first, str):
-            raws = []
-            for v in values:
-                if not isinstance(v, str):
-                    return None
-                try:
-                    raw = binascii.a2b_base64(v, strict_mode=True)
-                except (binascii.Error, ValueError):
-                    return None
-                if len(raw) != 4 * dim:
-                    return None
-                raws.append(raw)
-            arr = np.frombuffer(b"".join(raws), dtype="<f4").reshape(m, dim).astype(np.float32)
+            arr = base64_rows(values, dim)
+            if arr is None:
+                return None
         else:
             for v in values:
                 if isinstance(v, str) or len(v) != dim:
@@ -136,6 +128,23 @@ def _decode_window_fast(record: QueryRecord, spec: FeatureSpec, m: int) -> dict[
             return None
         out[name] = arr
     return out
+
+
+def base64_rows(values: list[Any], dim: int) -> np.ndarray | None:
+    """Base64 little-endian float32 strings of `dim` values each as one (len, dim) float32 array, or
+    None at the first value that is not such a string (finiteness is the caller's check)."""
+    raws = []
+    for v in values:
+        if type(v) is not str:
+            return None
+        try:
+            raw = binascii.a2b_base64(v, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != 4 * dim:
+            return None
+        raws.append(raw)
+    return np.frombuffer(b"".join(raws), dtype="<f4").reshape(len(values), dim).astype(np.float32)
 
 
 def to_candidate_list(

@@ -9,7 +9,6 @@ the API (OpenAPI at /docs); the router writes plain dicts of the same shape for 
 
 from __future__ import annotations
 
-import binascii
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,7 +17,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from cotrr_ray.core.features import CandidateList, RecordError, to_candidate_list
+from cotrr_ray.core.features import CandidateList, RecordError, base64_rows, to_candidate_list
 from cotrr_ray.core.schema import CandidateRecord, QueryRecord, Vector
 from cotrr_ray.core.spec import FeatureSpec
 from cotrr_ray.serving.errors import RequestError, from_record_error, from_validation_error
@@ -181,20 +180,9 @@ def _number_array(values: Any, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _base64_rows(values: list[Any], dim: int) -> np.ndarray | None:
-    """Base64 little-endian float32 strings, each of `dim` values, as one (len, dim) float32 array."""
-    raws = []
-    for v in values:
-        if type(v) is not str:
-            return None
-        try:
-            raw = binascii.a2b_base64(v, strict_mode=True)
-        except (binascii.Error, ValueError):
-            return None
-        if len(raw) != 4 * dim:
-            return None
-        raws.append(raw)
-    arr = np.frombuffer(b"".join(raws), dtype="<f4").reshape(len(values), dim).astype(np.float32)
-    return arr if np.isfinite(arr).all() else None
+    """`features.base64_rows`, and None unless every value is finite."""
+    arr = base64_rows(values, dim)
+    return arr if arr is not None and np.isfinite(arr).all() else None
 
 
 def _tail_features_ok(f: Any) -> bool:
