@@ -46,8 +46,27 @@ class DataConfig(_Strict):
     path: str | None = Field(
         None, description="Training data file. None = generate synthetic data into the output directory."
     )
-    format: Literal["jsonl", "letor"] = Field("jsonl", description="File format of `path`.")
-    cache_dir: str = Field("artifacts/data", description="Where generated synthetic data is written and reused.")
+    format: Literal["jsonl", "letor", "parquet"] = Field(
+        "jsonl",
+        description="Format of `path`: a JSONL or LETOR file (converted once to Parquet under `cache_dir`), or "
+        "`parquet`, a dataset directory written by `python -m cotrr_ray.data convert` (local or s3://).",
+    )
+    cache_dir: str = Field(
+        "artifacts/data", description="Where generated synthetic data and converted Parquet datasets are kept."
+    )
+    cache_max_mb: float = Field(
+        512,
+        ge=0,
+        description="A source of at most this many MB on storage is read once into Ray's object store for all "
+        "epochs; a larger one is streamed from storage every epoch (memory bounded by blocks in flight). 0 = "
+        "always stream.",
+    )
+    shuffle_buffer_queries: int = Field(
+        1000,
+        ge=0,
+        description="Queries in each Train worker's local shuffle buffer (Ray Data), reshuffled per epoch from "
+        "(seed, rank, epoch); 0 = shard order. Memory per worker grows with it (about one row group).",
+    )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Synthetic data settings.")
     feature_spec: FeatureSpec = Field(
         default=IMAGE_SEARCH_SPEC, description="Feature groups of a JSONL dataset (LETOR files use `letor`)."
@@ -141,7 +160,20 @@ class OptimConfig(_Strict):
 class ScalingArgs(_Strict):
     num_workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); otherwise CPU + gloo.")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float = Field(
+        1,
+        gt=0,
+        description="CPUs reserved per worker. Ray Data's reads need at least one CPU beside the workers' "
+        "reservations (the job refuses to start otherwise).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the Train workers' bundles: PACK (fewest nodes) or SPREAD (one per node "
+        "where possible, e.g. to read shards on every node).",
+    )
+    score_actors: int = Field(
+        1, ge=1, description="Ray Data actors (models) scoring the calibration and test splits after training."
+    )
     torch_threads: int = Field(
         1, ge=1, description="Intra-op threads per worker; more threads than reserved CPUs thrash."
     )

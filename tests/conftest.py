@@ -98,6 +98,24 @@ class ServeSession:
     http_port: int
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one module's jobs and Ray Data pipelines (4 logical CPUs: two Train workers
+    and Ray Data's reads beside them). The session's Serve cluster, when already up, is shared and
+    left alone; one started here is shut down at the module's end, because `serve_session` calls
+    ray.init() unconditionally later."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def serve_session():
     """One local Ray cluster + Serve for the whole session (never attaches to a running cluster).

@@ -19,8 +19,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cotrr_ray"
 # writers it runs stay Ray-free in data/synthetic.py and data/parquet.py. batch/pipeline.py: the Ray
 # Data graph of offline reranking; the actor's work is Ray-free in batch/rerank.py.
 # serving/rollout_actor.py: the rollout controller's detached actor; the controller is Ray-free in
-# experiments/controller.py.
+# experiments/controller.py. training/ingest.py: the training job's Ray Data path (reads, splits,
+# the normaliser's aggregation, Train shards, split scoring); its transforms are Ray-free in
+# data/collate.py.
 RAY_SHELLS = {
+    "training/ingest.py",
     "serving/deployments.py",
     "serving/rollout_actor.py",
     "serving/app.py",

@@ -558,10 +558,28 @@ def test_serve_bench_cli_end_to_end(bundle_a, tmp_path) -> None:
 
 @pytest.mark.integration
 def test_train_bench_ray_one_worker(serve_session, test_data, tmp_path) -> None:
-    from cotrr_ray.training.prepare import prepare_data
+    from cotrr_ray.training.ingest import open_training_data, parquet_source
 
     base = _tiny_train_cfg(test_data)
-    data = prepare_data(base, test_data)
+    base = base.model_copy(update={"data": base.data.model_copy(update={"cache_dir": str(tmp_path / "data")})})
+    data = open_training_data(base, parquet_source(base, test_data, say=lambda _: None))
     r = train_bench.run_ray(train_bench.bench_cfg(base, epochs=2), data, tmp_path, num_workers=1)
     assert [e["epoch"] for e in r["epochs"]] == [0, 1] and r["world_size"] == 1
     assert r["startup_s"] > 0 and r["samples_per_s"] > 0 and np.isfinite(r["final_train_loss"])
+
+
+@pytest.mark.integration
+def test_ingest_bench_quick(tmp_path) -> None:
+    import ingest_bench
+
+    result = ingest_bench.main(["--quick", "--json", str(tmp_path / "ingest.json"), "--workdir", str(tmp_path)])
+    assert [r["queries"] for r in result["runs"]] == [60]
+    for r in result["runs"]:
+        assert r["driver_peak_mb"] > 0 and len(r["train_workers_peak_mb"]) == 2
+        assert sum(r["splits"].values()) == r["queries"]
+    assert set(result["ratios"]) == {
+        "driver_peak_last_over_first",
+        "worker_peak_last_over_first",
+        "driver_peak_over_disk_at_last",
+    }
+    assert (tmp_path / "ingest.png").read_bytes()[:4] == b"\x89PNG"

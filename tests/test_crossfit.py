@@ -207,7 +207,7 @@ def test_train_in_process_select_best_and_last(lists, tmp_path):
 
 
 @pytest.mark.integration
-def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path):
+def test_job_run_cross_fit_in_ray_train_local_mode(tmp_path, local_ray):
     """train_job.py's path end to end: Ray Train V2 local mode (num_workers=0), cross-fitted calibrator."""
     from cotrr_ray.bundles.bundle import Bundle
     from cotrr_ray.training.job import run

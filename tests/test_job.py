@@ -145,7 +145,7 @@ def test_job_on_s3_checkpoints_resume_and_publish_with_an_alias(
     assert _retried_after_injected_failure(ray_local, run_name)
 
 
-def test_local_mode_keeps_only_this_runs_epochs_and_refuses_another_runs(tmp_path: Path) -> None:
+def test_local_mode_keeps_only_this_runs_epochs_and_refuses_another_runs(ray_local, tmp_path: Path) -> None:
     """Ray Train local mode (num_workers=0) keeps its epochs under storage/run_name; a rerun under the
     same name picks its model only among epochs with its own fingerprint, and a rerun with another
     config refuses to resume the old weights."""
@@ -153,9 +153,9 @@ def test_local_mode_keeps_only_this_runs_epochs_and_refuses_another_runs(tmp_pat
 
     from cotrr_ray.data.synthetic import generate
     from cotrr_ray.training.checkpoints import load_state
+    from cotrr_ray.training.ingest import open_training_data, parquet_source
     from cotrr_ray.training.job import run_ray_train
     from cotrr_ray.training.loop import VAL_METRIC
-    from cotrr_ray.training.prepare import prepare_data
 
     path = generate(
         tmp_path / "d.jsonl", queries=60, seed=0, min_candidates=10, max_candidates=12, top_m=8, progress=False
@@ -168,7 +168,7 @@ def test_local_mode_keeps_only_this_runs_epochs_and_refuses_another_runs(tmp_pat
         "scaling.run_name=same-name",
     ]
     cfg = tiny_train_config(tmp_path, base)
-    data = prepare_data(cfg, path)
+    data = open_training_data(cfg, parquet_source(cfg, path, say=lambda _: None))
     storage = tmp_path / "ray_results"
     first = run_ray_train(cfg, data, storage)
     local = storage / "same-name" / "local_checkpoints"

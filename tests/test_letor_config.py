@@ -94,7 +94,7 @@ def test_letor_config_trains_and_cross_fits_on_the_fixture():
     data = prepare_data(cfg, cfg.data.path)
     assert data.model_config.candidate_groups == (("letor", 12),)
     assert len(data.lists["train"]) == 15
-    cf = fit_cross_fitted(cfg, data, lambda c, d: train_in_process(c, d, select="last"))
+    cf = fit_cross_fitted(cfg, data, lambda c, d: train_in_process(c, d, select="last", ray_data=True))
     report = cf.report(cfg, n_boot=100)
     assert report["queries"] + report["skipped"] == 15
     assert cf.calibrator.n_samples_ == sum(len(cl) for cl in data.lists["train"])  # top_m 320 > every list
@@ -102,7 +102,7 @@ def test_letor_config_trains_and_cross_fits_on_the_fixture():
 
 
 @pytest.mark.integration
-def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys):
+def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys, local_ray):
     """train_job.py's path (Ray Train local mode) with configs/letor.yaml, then `cotrr_ray.evaluate` on the
     file; and the job's model is the in-process recipe's (one recipe: the bench trains the same way)."""
     from cotrr_ray.bundles.bundle import Bundle
@@ -130,7 +130,7 @@ def test_train_job_and_evaluate_cli_on_the_fixture(tmp_path, capsys):
 
     lists = read_letor(FIXTURE, num_features=12, upstream_feature="file_order", window=bundle.top_m)
     data = prepare_data(cfg, FIXTURE)
-    cf = fit_cross_fitted(cfg, data, lambda c, d: train_in_process(c, d, select="last"))
+    cf = fit_cross_fitted(cfg, data, lambda c, d: train_in_process(c, d, select="last", ray_data=True))
     from cotrr_ray.training.prepare import window_logits
 
     for a, b in zip(bundle.score(lists), window_logits(cf.model, lists, data), strict=True):

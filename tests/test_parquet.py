@@ -414,22 +414,6 @@ def test_synthetic_cli_writes_parquet(tmp_path: Path) -> None:
     assert len(read_parquet_records(out, IMAGE_SEARCH_SPEC, window=3)) == 6
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # The session's Serve cluster (conftest) may already be up: share it and leave it alone. One
-    # started here is shut down, since `serve_session` later calls ray.init() unconditionally.
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
 @pytest.mark.integration
 def test_ray_tasks_write_the_same_bytes_as_one_process(tmp_path: Path, local_ray) -> None:
     kw = dict(queries=24, shards=4, seed=3, min_candidates=4, max_candidates=7, top_m=4, queries_per_row_group=4)

@@ -17,7 +17,15 @@ from cotrr_ray.data.readers import file_fingerprint
 from cotrr_ray.data.synthetic import generate
 from cotrr_ray.training import loop, prepare
 from cotrr_ray.training.checkpoints import ResumeMismatchError, config_fingerprint, load_state
-from cotrr_ray.training.loop import VAL_METRIC, epoch_seed, fit, warmup_cosine, window_ndcg
+from cotrr_ray.training.loop import (
+    VAL_METRIC,
+    InMemoryBatches,
+    epoch_seed,
+    fit,
+    warmup_cosine,
+    window_ndcg,
+    window_ndcg_sums,
+)
 from cotrr_ray.training.prepare import PreparedData, pad_split, prepare_data, window_logits
 from cotrr_ray.training.torchrun import TorchContext
 
@@ -209,22 +217,38 @@ def test_ranks_draw_different_dropout_and_each_rank_replays_its_own(
     assert losses["r0"] != losses["r1"]
 
 
-def test_ddp_shuffle_comes_from_the_sampler_and_agrees_across_ranks(data: PreparedData, tmp_path: Path) -> None:
+def test_ddp_shuffle_comes_from_the_sampler_and_agrees_across_ranks(data: PreparedData) -> None:
     # The per-rank torch seed must not leak into DDP shuffling: every rank's DistributedSampler
     # permutes with its own seed and the epoch, so the shards stay disjoint and cover the data.
-    ctx = TorchContext(tmp_path)
-    n = len(data.padded["train"])
-    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=16, shuffle=True)
+    padded = data.padded["train"]
+    n = len(padded)
+    key = padded.query["text_embedding"][:, 0]  # a per-list value that tells lists apart
+    assert len(set(key.tolist())) == n
     for epoch in (0, 3):
         shards = []
         for rank in (0, 1):
-            ctx.world_size, ctx.rank = 2, rank  # prepare_loader as rank `rank` of 2 (no process group needed)
-            sampler = ctx.prepare_loader(loader).sampler
+            batches = InMemoryBatches(padded, 16, rank=rank, world_size=2)
             torch.manual_seed(epoch_seed(0, rank, epoch))  # what _train_epoch does before iterating
-            sampler.set_epoch(epoch)
-            shards.append(list(sampler))
+            shards.append([v for b in batches.epoch(epoch) for v in b.query["text_embedding"][:, 0].tolist()])
+            assert batches.num_lists == len(shards[-1])
         assert not set(shards[0]) & set(shards[1])
-        assert set(shards[0]) | set(shards[1]) == set(range(n))
+        assert set(shards[0]) | set(shards[1]) == set(key.tolist())
+
+
+def test_in_memory_validation_shards_add_up_to_the_whole_split(data: PreparedData) -> None:
+    # Validation is sharded across ranks (no padding, no overlap): the ranks' metric sums add up
+    # to the single-process metric.
+    padded = data.padded["validation"]
+    logits = np.random.default_rng(0).normal(size=padded.mask.shape).astype(np.float32)
+    whole = window_ndcg_sums(logits, padded)
+    parts = np.zeros(2)
+    for rank in range(3):
+        shard = InMemoryBatches(padded, 7, shuffle=False, rank=rank, world_size=3)
+        idx = np.arange(len(padded))[rank::3]
+        for start, b in zip(range(0, len(idx), 7), shard.epoch(0)):
+            parts += window_ndcg_sums(logits[idx[start : start + 7]], b)
+    np.testing.assert_allclose(parts, whole)
+    assert whole[0] / whole[1] == pytest.approx(window_ndcg(logits, padded))
 
 
 # ------------------------------------------------------------------------- scoring precision

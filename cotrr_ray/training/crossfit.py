@@ -105,8 +105,8 @@ class InProcessContext:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def prepare_loader(self, loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
-        return loader
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return values
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         return None
@@ -131,19 +131,27 @@ def train_in_process(
     *,
     select: str = "best",
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    ray_data: bool = False,
 ) -> dict[str, Any]:
     """Run `cotrr_ray.training.loop.fit` in this process and return the kept state.
 
     ``select="best"`` returns the epoch with the best `VAL_METRIC` (what `run_ray_train`
     returns); ``select="last"`` the last epoch trained (fixed epochs, e.g. chosen by cross-validation).
     The state has ``"model"``, ``"epoch"``, ``"metrics"`` and ``"history"`` (every epoch's metrics).
+    Batches come from the padded arrays in memory (no Ray), or with `ray_data` through the job's
+    own Ray Data path (`ingest.in_process_batches`), which makes the model equal the job's.
     """
     if select not in ("best", "last"):
         raise ValueError(f"select must be 'best' or 'last', got {select!r}")
     threads = torch.get_num_threads()
     ctx = InProcessContext(on_epoch=on_epoch)
+    train, val = data.padded["train"], data.padded["validation"]
+    if ray_data:
+        from cotrr_ray.training.ingest import InMemoryData, in_process_batches
+
+        train, val = in_process_batches(cfg, InMemoryData.of(data, cfg.model.top_m))
     try:
-        fit(cfg, data.model_config, data.padded["train"], data.padded["validation"], ctx)
+        fit(cfg, data.model_config, train, val, ctx)
     finally:
         torch.set_num_threads(threads)  # fit sets the loop's thread count process-wide
     state = ctx.best_state if select == "best" else ctx.last_state

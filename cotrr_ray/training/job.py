@@ -16,6 +16,7 @@ Phases, in order (`run`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -32,14 +33,15 @@ from cotrr_ray.bundles.bundle import Bundle
 from cotrr_ray.bundles.registry import AliasMove, BundleSource, Registry
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.core.calibration import IsotonicCalibrator
-from cotrr_ray.core.features import CandidateList, labels01
+from cotrr_ray.core.features import CandidateList, FeatureNormalizer, labels01
 from cotrr_ray.core.model import Reranker, RerankerConfig
-from cotrr_ray.data.readers import file_fingerprint
+from cotrr_ray.core.spec import FeatureSpec
 from cotrr_ray.storage import locate
 from cotrr_ray.training.checkpoints import kept_epochs, load_state, model_from_state, run_fingerprint, save_state
 from cotrr_ray.training.evaluate import evaluate_lists, format_report
+from cotrr_ray.training.ingest import InMemoryData, ScoredQuery, Source, TrainingData, parquet_source, score_split
 from cotrr_ray.training.loop import VAL_METRIC, fit
-from cotrr_ray.training.prepare import PreparedData, prepare_data, window_logits
+from cotrr_ray.training.prepare import PreparedData, all_queries_data, prepare_splits
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +77,12 @@ class RayContext:
 
         return ray.train.torch.prepare_model(model)
 
-    def prepare_loader(self, loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_data_loader(loader)
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.cpu().numpy()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         import ray.train
@@ -119,20 +123,16 @@ class RayContext:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker loop: `fit` with a `RayContext`. Config keys: cfg, model_config, train,
-    validation (arrays or object refs), local_dir (local mode), data_fingerprint (of the data file,
-    None for lists built in memory), and optionally on_report (a picklable `ReportHook`, shipped to
-    the workers with the config)."""
+    """The Ray Train worker loop: `fit` with a `RayContext` over this worker's dataset shards.
+    Config keys: cfg, model_config, data (`TrainingData.loop_config`), local_dir (local mode),
+    data_fingerprint, and optionally on_report (a picklable `ReportHook`, shipped with the config)."""
     t_start = time.time()
-    import ray
-
-    def resolve(x: Any) -> Any:
-        return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+    from cotrr_ray.training.ingest import worker_batches  # imports ray.train: only on a worker
 
     cfg = TrainConfig.model_validate(config["cfg"])
     model_config = RerankerConfig.from_dict(config["model_config"])
     ctx = RayContext(config.get("local_dir"), on_report=config.get("on_report"), t_start=t_start)
-    train, val = resolve(config["train"]), resolve(config["validation"])
+    train, val = worker_batches(cfg, config["data"], ctx.rank, ctx.world_size)
     fit(cfg, model_config, train, val, ctx, data_fingerprint=config.get("data_fingerprint"))
 
 
@@ -144,19 +144,27 @@ def make_trainer(
     name: str,
     storage_path: str | Path,
     max_failures: int,
+    datasets: dict[str, Any] | None = None,
 ) -> Any:
     """The job's `TorchTrainer`: scaling, DDP backend, checkpoint policy and worker env from `cfg`.
     bench/train_bench.py times this same trainer and worker loop (with an `on_report` hook)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cotrr_ray.training.ingest import ingest_config
+
     s = cfg.scaling
     return TorchTrainer(
         train_loop,
         train_loop_config=train_loop_config,
+        datasets=datasets,
+        dataset_config=ingest_config(),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker},
+            placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -170,28 +178,29 @@ def make_trainer(
     )
 
 
-def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path) -> dict[str, Any]:
-    """Fit through Ray Train and return the best checkpoint's state (by `VAL_METRIC`)."""
-    import ray
+def run_ray_train(cfg: TrainConfig, data: TrainingData | InMemoryData, storage_path: str | Path) -> dict[str, Any]:
+    """Fit through Ray Train, each worker streaming its shard of `data`'s Ray Datasets, and return
+    the best checkpoint's state (by `VAL_METRIC`)."""
     from ray.train import Checkpoint
 
     s = cfg.scaling
-    train, val = data.padded["train"], data.padded["validation"]
-    if s.num_workers > 0:
-        # The object store ships the arrays to workers on any node; no shared filesystem needed.
-        train, val = ray.put(train), ray.put(val)
     run_name = s.run_name or f"cotrr-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     local_dir = Path(storage_path) / run_name / "local_checkpoints" if s.num_workers == 0 else None
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "model_config": data.model_config.to_dict(),
-        "train": train,
-        "validation": val,
+        "data": data.loop_config(),
         "local_dir": str(local_dir) if local_dir else None,
         "data_fingerprint": data.data_fingerprint,
     }
     trainer = make_trainer(
-        cfg, _worker_loop, loop_config, name=run_name, storage_path=storage_path, max_failures=s.max_failures
+        cfg,
+        _worker_loop,
+        loop_config,
+        name=run_name,
+        storage_path=storage_path,
+        max_failures=s.max_failures,
+        datasets=data.datasets(),
     )
     result = trainer.fit()
     if result.error:
@@ -225,7 +234,9 @@ def run_ray_train(cfg: TrainConfig, data: PreparedData, storage_path: str | Path
     return state
 
 
-def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> Path:
+def resolve_data_path(cfg: TrainConfig, say: Callable[[str], None]) -> str | Path:
+    if cfg.data.format == "parquet" and cfg.data.path is not None:
+        return cfg.data.path  # a dataset directory or an s3:// URI, never a Path (it would fold the //)
     if cfg.data.path is not None:
         return Path(cfg.data.path)
     if cfg.data.format != "jsonl":
@@ -271,33 +282,45 @@ class Published:
 def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
     """Run every phase; the bundle is published into the registry `cfg.output` names."""
     import ray
+    import ray.data
 
     t_start = time.perf_counter()
     data_path = resolve_data_path(cfg, say)
-    data = prepare_data(cfg, data_path)
-    sizes = {k: len(v) for k, v in data.lists.items()}
-    cross_fitted = cfg.evaluation.method == "cross_fit"
-    if cross_fitted:
-        sizes = {"train": sizes["train"]}  # "validation" is the same queries (monitoring only)
-        say(
-            f"cross-fitted evaluation: all {sizes['train']} queries train the final model, {cfg.calibration.folds} fold models score them"
-        )
-    else:
-        say(f"splits by query: {sizes}")
-    say(f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
-    if not ray.is_initialized() and cfg.scaling.num_workers > 0:
+    if not ray.is_initialized():
         ray.init()  # attaches to a running cluster (RAY_ADDRESS / ray start), else starts a local one
+    _check_cpus(cfg)
     storage = _storage_path(cfg)
-    if cross_fitted:
-        state, model, calibrator, calibration_fit, fit_s, report_lists, report_logits, report, probs = _cross_fitted(
-            cfg, data, storage, say
-        )
-        report_key, report_name = "cross_fit", "cv"
-    else:
-        state, model, fit_s = _fit_best(cfg, data, storage, say)
-        calibrator, calibration_fit = _calibrate(cfg, data, model, storage, say)
-        report_lists, report_logits, report = _evaluate_test(cfg, data, model, calibrator, say)
-        probs, report_key, report_name = None, "test", "test"
+    source = parquet_source(cfg, data_path, say)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    # Deterministic reads everywhere (local mode's shards too): the same run replays the same batches.
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one per epoch and split would bury the job's own lines
+    try:
+        if cfg.evaluation.method == "cross_fit":
+            data = all_queries_data(cfg, source.spec, _records(cfg, source), source.fingerprint)
+            sizes = {"train": len(data.lists["train"])}  # "validation" is the same queries (monitoring only)
+            say(
+                f"cross-fitted evaluation: all {sizes['train']} queries train the final model, {cfg.calibration.folds} fold models score them"
+            )
+            say(f"model {data.model_config.d_model}d x {data.model_config.n_layers} layers")
+            state, model, calibrator, calibration_fit, fit_s, report_lists, report_logits, report, probs = (
+                _cross_fitted(cfg, data, storage, say)
+            )
+            report_key, report_name, normalizer, spec = "cross_fit", "cv", data.normalizer, data.spec
+        else:
+            tdata = open_training_data_checked(cfg, source)
+            sizes = dict(tdata.counts)
+            say(f"splits by query: {sizes}")
+            how = "read once into the object store" if tdata.cached else "streamed from storage every epoch"
+            say(f"dataset {tdata.source_bytes / 2**20:.0f} MB on storage: {how} (data.cache_max_mb)")
+            say(f"model {tdata.model_config.d_model}d x {tdata.model_config.n_layers} layers")
+            state, model, fit_s = _fit_best(cfg, tdata, storage, say)
+            calibrator, calibration_fit = _calibrate(cfg, tdata, source, model, storage, say)
+            report_lists, report_logits, report = _evaluate_test(cfg, tdata, model, calibrator, say)
+            probs, report_key, report_name, normalizer, spec = None, "test", "test", tdata.normalizer, tdata.spec
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
     metrics = {
         "evaluation": cfg.evaluation.method,
         report_key: report,
@@ -314,9 +337,60 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
     }
     with tempfile.TemporaryDirectory() as staging:
         bundle_dir = _export(
-            cfg, data, data_path, model, calibrator, metrics, report_key, report_lists, report_logits, probs, staging
+            cfg,
+            spec,
+            normalizer,
+            source.fingerprint,
+            model,
+            calibrator,
+            metrics,
+            report_key,
+            report_lists,
+            report_logits,
+            probs,
+            staging,
         )
         return _publish(cfg, bundle_dir, say)
+
+
+def open_training_data_checked(cfg: TrainConfig, source: Source) -> TrainingData:
+    """`ingest.open_training_data`, refusing empty training or validation splits."""
+    from cotrr_ray.training.ingest import open_training_data
+
+    data = open_training_data(cfg, source)
+    for name in ("train", "validation"):
+        if not data.counts.get(name):
+            total = sum(data.counts.values())
+            raise ValueError(f"split {name!r} is empty: {total} queries are too few for {cfg.data.splits}")
+    return data
+
+
+def _records(cfg: TrainConfig, source: Source) -> list[CandidateList]:
+    """Every list of the source in memory: only for cross-fitting, a small-data method by design."""
+    from cotrr_ray.data.parquet import read_parquet_records
+
+    return read_parquet_records(source.dataset.location.uri, source.spec, window=cfg.model.top_m)
+
+
+def _check_cpus(cfg: TrainConfig) -> None:
+    """Ray Data reads and transforms beside the Train workers; with every CPU reserved by them its
+    tasks never run and the job hangs, so refuse at once (as the batch job does)."""
+    import ray
+
+    s = cfg.scaling
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = s.num_workers * s.cpus_per_worker
+    if s.num_workers > 0 and reserved > cpus - 1:
+        raise ValueError(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs leave less than 1 of the cluster's "
+            f"{cpus:g} CPUs for Ray Data's reads; lower scaling.cpus_per_worker (e.g. 0.5) or num_workers, or "
+            "add CPUs"
+        )
+
+
+def _ray_train(storage: str) -> Callable[[TrainConfig, PreparedData], dict[str, Any]]:
+    """Cross-fitting's `TrainFn`: in-memory fold data through the same Ray Data path."""
+    return lambda c, d: run_ray_train(c, InMemoryData.of(d, c.model.top_m), storage)
 
 
 def _cross_fitted(cfg: TrainConfig, data: PreparedData, storage: str, say: Callable[[str], None]) -> tuple:
@@ -324,7 +398,7 @@ def _cross_fitted(cfg: TrainConfig, data: PreparedData, storage: str, say: Calla
     Ray Train as the trainer (the bench runs the same function in-process)."""
     from cotrr_ray.training.crossfit import fit_cross_fitted, oof_probabilities
 
-    cf = fit_cross_fitted(cfg, data, lambda c, d: run_ray_train(c, d, storage))
+    cf = fit_cross_fitted(cfg, data, _ray_train(storage))
     say(
         f"final model: epoch {cf.state['epoch']} of {cfg.optim.max_epochs} on all {len(data.lists['train'])} queries "
         f"(fit {cf.fit_s:.0f} s); {cf.result.info()['folds']} cross-fit fold models ({cf.cross_fit_s:.0f} s), "
@@ -369,7 +443,7 @@ def _storage_path(cfg: TrainConfig) -> str:
 
 
 def _fit_best(
-    cfg: TrainConfig, data: PreparedData, storage: str, say: Callable[[str], None]
+    cfg: TrainConfig, data: TrainingData, storage: str, say: Callable[[str], None]
 ) -> tuple[dict[str, Any], Reranker, float]:
     """Phase fit: Ray Train; the selected checkpoint's state, its model (eval mode) and the fit seconds."""
     t_fit = time.perf_counter()
@@ -380,65 +454,78 @@ def _fit_best(
     return state, model, fit_s
 
 
+def _score(cfg: TrainConfig, data: TrainingData, split: str, model: Reranker) -> tuple[list[ScoredQuery], list]:
+    """A split's window logits by Ray Data batch inference (`ingest.score_split`)."""
+    s = cfg.scaling
+    return score_split(data, [split], model, actors=s.score_actors, cpus_per_actor=s.cpus_per_worker)
+
+
 def _calibrate(
-    cfg: TrainConfig, data: PreparedData, model: Reranker, storage: str, say: Callable[[str], None]
+    cfg: TrainConfig, data: TrainingData, source: Source, model: Reranker, storage: str, say: Callable[[str], None]
 ) -> tuple[IsotonicCalibrator, dict[str, Any]]:
     """Phase calibrate: the isotonic calibrator (cross-fitted, or on the calibration split) and how it was fit."""
     t_cal = time.perf_counter()
     if cfg.calibration.method == "cross_fit":
+        from cotrr_ray.data.splits import split_by_query
         from cotrr_ray.training.crossfit import cross_fit_calibrator
 
-        # K fold models, each trained exactly like the final model (same config, same validation
-        # split, same checkpoint rule) on K-1 folds of the training (+ calibration) queries.
-        calibrator, calibration_fit = cross_fit_calibrator(
-            cfg, data, lambda c, d: run_ray_train(c, d, storage), final_model=model
+        # Cross-fitting is for data that fits in memory: its folds are lists here. K fold models, each
+        # trained exactly like the final model (same config, same validation split, same checkpoint
+        # rule) on K-1 folds of the training (+ calibration) queries.
+        splits = split_by_query(_records(cfg, source), data.fractions, data.salt)
+        prepared = dataclasses.replace(
+            prepare_splits(cfg, data.spec, splits), normalizer=data.normalizer, data_fingerprint=data.data_fingerprint
         )
+        calibrator, calibration_fit = cross_fit_calibrator(cfg, prepared, _ray_train(storage), final_model=model)
         say(
             f"cross-fitted calibrator: {calibration_fit['folds']} folds, {calibration_fit['rows']} out-of-fold rows "
             f"({time.perf_counter() - t_cal:.0f} s)"
         )
         return calibrator, calibration_fit
-    cal_lists = data.lists.get("calibration", [])
-    if not cal_lists:
+    if not data.counts.get("calibration"):
         raise ValueError("calibration split is empty; give data.splits a 'calibration' fraction")
+    queries, logits = _score(cfg, data, "calibration", model)
     calibrator = IsotonicCalibrator(min_samples=cfg.calibration.min_samples).fit(
-        np.concatenate(window_logits(model, cal_lists, data)), labels01(cal_lists, cfg.data.relevance_threshold)
+        np.concatenate(logits), labels01(queries, cfg.data.relevance_threshold)
+    )
+    say(
+        f"calibrator on {calibrator.n_samples_} window candidates of the calibration split ({time.perf_counter() - t_cal:.0f} s)"
     )
     return calibrator, {"method": "holdout", "rows": int(calibrator.n_samples_)}
 
 
 def _evaluate_test(
     cfg: TrainConfig,
-    data: PreparedData,
+    data: TrainingData,
     model: Reranker,
     calibrator: IsotonicCalibrator,
     say: Callable[[str], None],
-) -> tuple[list[CandidateList], list[np.ndarray], dict[str, Any]]:
-    """Phase evaluate: the test split only; its lists, window logits and report (printed)."""
-    test_lists = data.lists.get("test", [])
-    if not test_lists:
+) -> tuple[list[ScoredQuery], list[np.ndarray], dict[str, Any]]:
+    """Phase evaluate: the test split only; its queries, window logits and report (printed)."""
+    if not data.counts.get("test"):
         raise ValueError("test split is empty")
-    test_logits = window_logits(model, test_lists, data)
+    test_queries, test_logits = _score(cfg, data, "test", model)
     report = evaluate_lists(
-        test_lists,
+        test_queries,
         test_logits,
         calibrator,
         relevance_threshold=cfg.data.relevance_threshold,
         n_boot=cfg.bootstrap_samples,
     )
     say(format_report(report))
-    return test_lists, test_logits, report
+    return test_queries, test_logits, report
 
 
 def _export(
     cfg: TrainConfig,
-    data: PreparedData,
-    data_path: Path,
+    spec: FeatureSpec,
+    normalizer: FeatureNormalizer,
+    data_fingerprint: str,
     model: Reranker,
     calibrator: IsotonicCalibrator,
     metrics: dict[str, Any],
     report_key: str,
-    test_lists: list[CandidateList],
+    test_lists: list,
     test_logits: list[np.ndarray],
     probabilities: list[np.ndarray] | None,
     staging: str,
@@ -462,13 +549,13 @@ def _export(
         out = Bundle.save(
             Path(staging) / "bundle",
             model=model,
-            spec=data.spec,
-            normalizer=data.normalizer,
+            spec=spec,
+            normalizer=normalizer,
             calibrator=calibrator,
             relevance_threshold=thr,
             metrics=metrics,
             train_config=cfg.model_dump(mode="json"),
-            data_fingerprint=data.data_fingerprint or file_fingerprint(data_path),
+            data_fingerprint=data_fingerprint,
             extra_files={"reliability.png": png},
         )
     return out

@@ -14,9 +14,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # the full list as the test report's ndcg@10 (cotrr_ray.training.evaluate); early stopping and
 # checkpoint selection use it.
 VAL_METRIC = "val_window_ndcg@10"
+VALIDATION_BATCH = 256  # lists per validation model call (predict_logits' default)
 BEST_VAL_METRIC = "best_val_window_ndcg@10"
 
 
@@ -48,7 +49,10 @@ class LoopContext(Protocol):
     device: torch.device
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
-    def prepare_loader(self, loader: DataLoader) -> DataLoader: ...
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over the ranks (every rank calls it; the identity for one process)."""
+        ...
+
     def load_checkpoint(self) -> dict[str, Any] | None: ...
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         """Called by every rank once per epoch; `state` (rank 0 only) is the checkpoint to keep."""
@@ -75,24 +79,85 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def window_ndcg(logits: np.ndarray, lists: PaddedLists, k: int = 10) -> float:
-    """Mean nDCG@k over the Top-M windows of queries with a relevant candidate (validation metric)."""
-    values = []
+def window_ndcg_sums(logits: np.ndarray, lists: PaddedLists, k: int = 10) -> np.ndarray:
+    """[sum of nDCG@k, number of queries] over the Top-M windows of queries with a relevant
+    candidate: one shard's share of the validation metric (sums add across ranks; means do not)."""
+    total, count = 0.0, 0
     assert lists.labels is not None
     for i in range(len(lists)):
         n = int(lists.mask[i].sum())
         v = ndcg_at_k(logits[i, :n], lists.labels[i, :n], k)
         if v is not None:
-            values.append(v)
-    return float(np.mean(values)) if values else float("nan")
+            total, count = total + v, count + 1
+    return np.array([total, count], np.float64)
 
 
-def _collate(padded: PaddedLists) -> Callable[[list[int]], tuple[dict[str, Any], torch.Tensor]]:
-    def collate(idx: list[int]) -> tuple[dict[str, Any], torch.Tensor]:
-        batch = padded.take(np.asarray(idx))
-        return to_tensors(batch, "cpu"), torch.from_numpy(batch.labels)
+def window_ndcg(logits: np.ndarray, lists: PaddedLists, k: int = 10) -> float:
+    """Mean nDCG@k over the Top-M windows of queries with a relevant candidate (validation metric)."""
+    total, count = window_ndcg_sums(logits, lists, k)
+    return float(total / count) if count else float("nan")
 
-    return collate
+
+class Batches(Protocol):
+    """One rank's data: the padded batches of an epoch, and how many there are.
+
+    Two kinds: `InMemoryBatches` (arrays in this process: torchrun, in-process cross-fitting) and
+    `cotrr_ray.training.ingest.ShardBatches` (this rank's shard of a Ray Dataset, the job's path).
+    Under DDP every rank must yield the same number of training batches per epoch."""
+
+    num_batches: int  # per epoch, this rank
+    num_lists: int  # per epoch, this rank
+
+    def epoch(self, epoch: int) -> Iterable[PaddedLists]: ...
+
+
+class InMemoryBatches:
+    """Padded lists held in memory, batched by a `DataLoader`: shuffled from torch's RNG (which
+    `fit` seeds per epoch), or, with ``world_size > 1``, dealt to ranks by a `DistributedSampler`
+    (`set_epoch`: one permutation for all ranks, disjoint shards). Unshuffled (validation), rank r
+    takes lists r, r + world_size, ... (no padding: the ranks' metric sums add up to the whole)."""
+
+    def __init__(
+        self, padded: PaddedLists, batch_size: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.padded, self.shuffle = padded, shuffle
+        index = list(range(len(padded)))
+        sampler = None
+        if world_size > 1:
+            if shuffle:
+                sampler = torch.utils.data.DistributedSampler(index, world_size, rank, shuffle=True)
+            else:
+                index = index[rank::world_size]
+        self.loader = DataLoader(
+            index,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=lambda idx: padded.take(np.asarray(idx)),
+        )
+        self.num_batches = len(self.loader)
+        self.num_lists = len(sampler) if sampler is not None else len(index)
+
+    def epoch(self, epoch: int) -> Iterable[PaddedLists]:
+        if isinstance(self.loader.sampler, torch.utils.data.DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+        return self.loader
+
+
+T = TypeVar("T")
+
+
+def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """(item, is it the last one): a stream's end is known without its length."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -114,14 +179,14 @@ def _add_noise(inputs: dict[str, Any], std: float) -> None:
 
 @dataclass
 class _Training:
-    """What one `fit` call trains with: the (wrapped) model, its optimiser state and the loader."""
+    """What one `fit` call trains with: the (wrapped) model, its optimiser state and the batches."""
 
     model: torch.nn.Module  # as called: DDP-wrapped and/or compiled
     raw_model: Reranker  # parameters and checkpoints
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    loader: DataLoader
+    batches: Batches
 
 
 @dataclass
@@ -134,8 +199,8 @@ class _Progress:
     resumed: bool = False
 
 
-def _setup(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, ctx: LoopContext) -> _Training:
-    """Model (seeded), AdamW, the launcher's loader, warm-up + cosine schedule and the AMP grad scaler."""
+def _setup(cfg: TrainConfig, model_config: RerankerConfig, train: Batches, ctx: LoopContext) -> _Training:
+    """Model (seeded), AdamW, warm-up + cosine schedule over `train`'s batches and the AMP grad scaler."""
     o = cfg.optim
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(o.seed)
@@ -144,14 +209,11 @@ def _setup(cfg: TrainConfig, model_config: RerankerConfig, train: PaddedLists, c
     if o.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(_param_groups(raw_model, o.weight_decay), lr=o.lr, betas=(0.9, 0.98))
-    loader = ctx.prepare_loader(
-        DataLoader(list(range(len(train))), batch_size=o.batch_size, shuffle=True, collate_fn=_collate(train))
-    )
-    steps_per_epoch = math.ceil(len(loader) / o.grad_accum_steps)
+    steps_per_epoch = math.ceil(train.num_batches / o.grad_accum_steps)
     total = steps_per_epoch * o.max_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(o.warmup_frac * total), o.min_lr_ratio))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=o.amp == "fp16")
-    return _Training(model, raw_model, opt, sched, scaler, loader)
+    return _Training(model, raw_model, opt, sched, scaler, train)
 
 
 def _resume(t: _Training, ctx: LoopContext, fingerprint: dict[str, Any]) -> _Progress:
@@ -170,28 +232,21 @@ def _resume(t: _Training, ctx: LoopContext, fingerprint: dict[str, Any]) -> _Pro
 
 
 def _train_epoch(cfg: TrainConfig, t: _Training, epoch: int, ctx: LoopContext) -> tuple[list[float], float]:
-    """One pass over the loader with gradient accumulation; the per-batch losses and the seconds it took."""
+    """One pass over this rank's batches with gradient accumulation; the per-batch losses and the
+    seconds it took."""
     o = cfg.optim
-    # Under DDP the DistributedSampler shuffles from its own seed and the epoch (set_epoch), the
-    # same on every rank, so the ranks keep disjoint shards; this seed only drives dropout, noise
-    # and the single-process loader's shuffle.
+    # The shuffle is the batches' own (a DistributedSampler's or Ray Data's seeded local shuffle,
+    # from (seed, epoch)); this seed drives dropout, noise and the single-process loader's shuffle.
     torch.manual_seed(epoch_seed(o.seed, ctx.rank, epoch))
-    loader, model = t.loader, t.model
-    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    model = t.model
     model.train()
     t0, losses = time.perf_counter(), []
-    for i, (inputs, labels) in enumerate(loader):
-        inputs = {  # no-op on CPU; prepare_data_loader already moved Ray's batches
-            "candidate": {g: x.to(ctx.device) for g, x in inputs["candidate"].items()},
-            "query": {g: x.to(ctx.device) for g, x in inputs["query"].items()},
-            "context": inputs["context"].to(ctx.device),
-            "mask": inputs["mask"].to(ctx.device),
-        }
-        labels = labels.to(ctx.device)
+    for i, (batch, last) in enumerate(_with_last(t.batches.epoch(epoch))):
+        inputs = to_tensors(batch, ctx.device)
+        labels = torch.from_numpy(batch.labels).to(ctx.device)
         if o.input_noise_std:
             _add_noise(inputs, o.input_noise_std)
-        step_now = (i + 1) % o.grad_accum_steps == 0 or i + 1 == len(loader)
+        step_now = (i + 1) % o.grad_accum_steps == 0 or last
         # Skip the DDP all-reduce on micro-batches that only accumulate.
         sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -214,13 +269,19 @@ def _optimizer_step(t: _Training, grad_clip: float) -> None:
     t.sched.step()
 
 
-def _validate(cfg: TrainConfig, t: _Training, val: PaddedLists, ctx: LoopContext) -> float:
-    """The validation metric (`VAL_METRIC`: nDCG@10 over the Top-M windows) of the current weights."""
-    # Every rank scores the whole validation split with identical weights, so all ranks agree
-    # on early stopping without extra communication. At the precision serving scores with on this
-    # device, not training's optim.amp: the checkpoint is chosen for the scores it will serve.
+def _validate(t: _Training, val: Batches, ctx: LoopContext) -> float:
+    """The validation metric (`VAL_METRIC`: nDCG@10 over the Top-M windows) of the current weights.
+
+    Each rank scores its own shard; the sums are all-reduced, so every rank gets the metric of the
+    whole split (the same number as one process scoring it all) and all agree on early stopping."""
+    # At the precision serving scores with on this device, not training's optim.amp: the checkpoint
+    # is chosen for the scores it will serve.
     amp = inference_amp(ctx.device)
-    return window_ndcg(predict_logits(t.raw_model, val, device=ctx.device, amp=amp), val)
+    sums = np.zeros(2, np.float64)
+    for batch in val.epoch(0):
+        sums += window_ndcg_sums(predict_logits(t.raw_model, batch, device=ctx.device, amp=amp), batch)
+    total, count = ctx.all_reduce_sum(sums)
+    return float(total / count) if count else float("nan")
 
 
 def _checkpoint(
@@ -244,8 +305,8 @@ def _checkpoint(
 def fit(
     cfg: TrainConfig,
     model_config: RerankerConfig,
-    train: PaddedLists,
-    val: PaddedLists,
+    train: Batches | PaddedLists,
+    val: Batches | PaddedLists,
     ctx: LoopContext,
     *,
     data_fingerprint: str | None = None,
@@ -256,8 +317,13 @@ def fit(
     checkpoint from rank 0), and stop early once `optim.patience` epochs in a row did not improve.
     `data_fingerprint` (`file_fingerprint` of the data file) goes into each checkpoint's fingerprint
     with the config's (`run_fingerprint`); resuming from a checkpoint with another one raises.
+    Padded arrays are batched in memory (`InMemoryBatches`) as this rank of ``ctx.world_size``.
     """
     o = cfg.optim
+    if isinstance(train, PaddedLists):
+        train = InMemoryBatches(train, o.batch_size, rank=ctx.rank, world_size=ctx.world_size)
+    if isinstance(val, PaddedLists):
+        val = InMemoryBatches(val, VALIDATION_BATCH, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
     fingerprint = run_fingerprint(cfg, model_config, data_fingerprint)
     t = _setup(cfg, model_config, train, ctx)
     p = _resume(t, ctx, fingerprint)
@@ -266,7 +332,7 @@ def fit(
         return  # the checkpoint we resumed from had already triggered early stopping
     for epoch in range(p.start_epoch, o.max_epochs):
         losses, epoch_s = _train_epoch(cfg, t, epoch, ctx)
-        val_metric = _validate(cfg, t, val, ctx)
+        val_metric = _validate(t, val, ctx)
         if val_metric > p.best + 1e-6:
             p.best, p.bad_epochs = val_metric, 0
         else:
@@ -278,7 +344,7 @@ def fit(
             BEST_VAL_METRIC: p.best,
             "lr": t.sched.get_last_lr()[0],
             "epoch_s": epoch_s,
-            "train_samples_per_s_per_worker": len(train) / ctx.world_size / epoch_s,
+            "train_samples_per_s_per_worker": train.num_lists / epoch_s,
         }
         ctx.report(metrics, _checkpoint(t, p, epoch, model_config, metrics, fingerprint) if ctx.rank == 0 else None)
         if cfg.scaling.fail_after_epoch == epoch and not p.resumed and ctx.rank == 0:

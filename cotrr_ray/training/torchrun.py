@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.training.checkpoints import load_state, save_state
@@ -46,11 +46,12 @@ class TorchContext:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
-            return loader
-        sampler = torch.utils.data.DistributedSampler(loader.dataset, self.world_size, self.rank, shuffle=True)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn)
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.cpu().numpy()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         done = sorted(self.checkpoint_dir.glob("epoch_[0-9][0-9][0-9]/state.pt"))  # not epoch_NNN.tmp/

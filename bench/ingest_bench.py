@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""Training at scale: peak memory of the driver and of each Train worker at 1x, 3x and 10x the data.
+
+    python bench/ingest_bench.py [--quick] [--json OUT] [--png OUT] [--base-queries N] [--scales 1 3 10]
+
+The recipe, per scale (each in a fresh subprocess, so a process's peak RSS is that run's alone):
+1. generate: synthetic Parquet shards (the default image-search spec, ~85 KB a query), written by
+   Ray tasks (`cotrr_ray.data.synthetic.generate_parquet(use_ray=True)`), outside the measured run;
+2. train: the training job itself (`cotrr_ray.training.job.run`) on that dataset (`data.format:
+   parquet`): Ray Data reads, splits, the normaliser's aggregation, 2 Train workers streaming their
+   shards (`data.cache_max_mb: 0`, so no scale is cached in the object store), calibration and
+   test scoring by Ray Data batch inference, evaluation and publishing;
+3. measure: a sampler thread reads every process's VmHWM (peak RSS) from /proc every 0.2 s and keeps
+   the driver's, each RayTrainWorker's and the largest of Ray Data's own processes (read and map
+   tasks, actors, the split coordinator).
+
+Targets (from the issue): the driver's peak flat (10x / 1x <= 1.2) and far below the dataset's size
+on disk; the workers' peaks set by batch and prefetch settings (flat too), not by the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]
+
+from kit.machine import descendants, loadavg, machine_info, say  # noqa: E402
+from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
+
+EPOCHS = 1
+
+
+def vm_hwm_mb(pid: int | str) -> float | None:
+    """The peak resident set of a process (VmHWM), in MiB; None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _title(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class PeakSampler(threading.Thread):
+    """Every 0.2 s: the VmHWM of each of this process's Ray processes, grouped by what it is."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.peaks: dict[str, float] = {}  # "pid title" -> peak MiB
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in descendants(os.getpid()):  # this run's Ray only, never another cluster on the box
+                title = _title(str(pid))
+                if "ray::" in title:
+                    mb = vm_hwm_mb(pid)
+                    if mb is not None:
+                        key = f"{pid} {title.split()[0]}"
+                        self.peaks[key] = max(self.peaks.get(key, 0.0), mb)
+            self.stop.wait(0.2)
+
+    def groups(self) -> dict[str, Any]:
+        workers = sorted(v for k, v in self.peaks.items() if "RayTrainWorker" in k)
+        # Ray's other workers: Ray Data's read/map tasks and actors, its split coordinator, Train's controller.
+        other = [v for k, v in self.peaks.items() if "RayTrainWorker" not in k]
+        return {
+            "train_workers_peak_mb": [round(v, 1) for v in workers],
+            "other_ray_worker_largest_peak_mb": round(max(other), 1) if other else None,
+            "ray_processes_seen": len(self.peaks),
+        }
+
+
+def one_scale(dataset: str, workdir: str) -> dict[str, Any]:
+    """Phase train + measure, in this (fresh) process: the job on `dataset`, peaks sampled."""
+    import ray
+
+    from cotrr_ray.config import TrainConfig
+    from cotrr_ray.training.job import run
+
+    cfg = TrainConfig.from_yaml(
+        REPO / "configs" / "demo.yaml",
+        [
+            "data.format=parquet",
+            f"data.path={dataset}",
+            "data.cache_max_mb=0",
+            f"optim.max_epochs={EPOCHS}",
+            "optim.amp=none",  # bf16 autocast is emulated on CPUs without it (7x slower here)
+            "bootstrap_samples=100",
+            f"output={workdir}/registry/scale",
+            "alias=null",
+            f"scaling.storage_path={workdir}/runs",
+        ],
+    )
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    sampler = PeakSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    published = run(cfg, say=lambda _: None)
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    metrics = json.loads((published.local_dir() / "metrics.json").read_text())
+    out = {
+        "driver_peak_mb": round(vm_hwm_mb("self") or 0.0, 1),
+        **sampler.groups(),
+        "job_s": round(wall, 1),
+        "splits": metrics["splits"],
+        "test_ndcg@10_model": metrics["headline"]["test_ndcg@10_model"],
+        "train_lists_per_s_per_worker": metrics["final_epoch"].get("train_samples_per_s_per_worker"),
+    }
+    ray.shutdown()
+    return out
+
+
+def generate(path: Path, queries: int, *, use_ray: bool) -> dict[str, Any]:
+    """Phase generate: the dataset at one scale (with `use_ray`, one Ray task per shard)."""
+    import ray
+
+    from cotrr_ray.data.synthetic import generate_parquet
+
+    t0 = time.perf_counter()
+    if use_ray:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    manifest = generate_parquet(path, queries=queries, shards=max(1, queries // 1000), seed=0, use_ray=use_ray)
+    if use_ray:
+        ray.shutdown()
+    size = sum(s["bytes"] for s in manifest["shards"])
+    return {
+        "queries": queries,
+        "shards": len(manifest["shards"]),
+        "disk_mb": round(size / 2**20, 1),
+        "generate_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_benchmark(args: Any) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load": {"before": loadavg()},
+        "settings": {
+            "base_queries": args.base_queries,
+            "scales": args.scales,
+            "epochs": EPOCHS,
+            "workers": 2,
+            "config": "configs/demo.yaml + data.format=parquet, data.cache_max_mb=0, optim.amp=none",
+        },
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=args.workdir) as work:
+        for scale in args.scales:
+            queries = int(args.base_queries * scale)
+            path = Path(work) / f"data-{queries}"
+            say(f"{scale}x: generating {queries} queries")
+            row = {"scale": scale, **generate(path, queries, use_ray=not args.quick)}
+            say(f"  {row['disk_mb']:.0f} MB on disk; training (subprocess)")
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", str(path), "--workdir", work],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode:
+                raise RuntimeError(f"scale {scale}x failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            say(
+                f"  driver {row['driver_peak_mb']:.0f} MB, workers {row['train_workers_peak_mb']} MB, job {row['job_s']:.0f} s"
+            )
+            result["runs"].append(row)
+            for p in path.glob("*"):
+                p.unlink()
+    first, last = result["runs"][0], result["runs"][-1]
+    result["ratios"] = {
+        "driver_peak_last_over_first": round(last["driver_peak_mb"] / first["driver_peak_mb"], 3),
+        "worker_peak_last_over_first": round(
+            max(last["train_workers_peak_mb"]) / max(first["train_workers_peak_mb"]), 3
+        ),
+        "driver_peak_over_disk_at_last": round(last["driver_peak_mb"] / last["disk_mb"], 3),
+    }
+    result["targets"] = {"driver_peak_flat(<=1.2x)": result["ratios"]["driver_peak_last_over_first"] <= 1.2}
+    result["load"]["after"] = loadavg()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    x = [r["disk_mb"] for r in runs]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(x, x, "k:", label="dataset on disk")
+    ax.plot(x, [r["driver_peak_mb"] for r in runs], "o-", label="driver peak RSS")
+    ax.plot(x, [max(r["train_workers_peak_mb"]) for r in runs], "s-", label="largest Train worker peak RSS")
+    ax.set_xlabel("dataset size on disk (MB)")
+    ax.set_ylabel("MB")
+    ax.legend()
+    save_figure(fig, path, "training job peak memory vs data size (2 Train workers, streamed)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = bench_parser(__doc__, quick="tiny scales (a smoke run)", json="result JSON", png="plot PNG")
+    p.add_argument("--base-queries", type=int, default=2000, help="queries at 1x (default: the demo's 2,000)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1, 3, 10])
+    p.add_argument("--workdir", default=None, help="where the datasets are written (default: the temp dir)")
+    p.add_argument("--one", default=None, help="internal: run the job once on this dataset, print its peaks")
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_scale(args.one, args.workdir)), flush=True)
+        return None
+    if args.quick:
+        args.base_queries, args.scales = 60, [1]  # one small run: the pipeline works, nothing is measured
+    result = run_benchmark(args)
+    print(json.dumps({"runs": result["runs"], "ratios": result["ratios"]}, indent=1))
+    if args.json:
+        write_outputs(result, args.json, args.png, plot)
+    return result
+
+
+if __name__ == "__main__":
+    main()
