@@ -10,9 +10,11 @@ The recipe, per scale (each in a fresh subprocess, so a process's peak RSS is th
    parquet`): Ray Data reads, splits, the normaliser's aggregation, 2 Train workers streaming their
    shards (`data.cache_max_mb: 0`, so no scale is cached in the object store), calibration and
    test scoring by Ray Data batch inference, evaluation and publishing;
-3. measure: a sampler thread reads every process's VmHWM (peak RSS) from /proc every 0.2 s and keeps
-   the driver's, each RayTrainWorker's and the largest of Ray Data's own processes (read and map
-   tasks, actors, the split coordinator).
+3. measure: a sampler thread reads, every 0.2 s from /proc, the peak RSS (VmHWM) and the private
+   resident memory (RssAnon, its largest sample) of the driver, of each RayTrainWorker and of Ray's
+   other worker processes (Ray Data's read and map tasks and actors, the split coordinator). RSS
+   counts the object store's shared pages a process has read zero-copy (blocks stay mapped while
+   the store holds them), so the private figure is the one a process's own buffers set.
 
 Targets (from the issue): the driver's peak flat (10x / 1x <= 1.2) and far below the dataset's size
 on disk; the workers' peaks set by batch and prefetch settings (flat too), not by the dataset.
@@ -39,15 +41,23 @@ from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
 EPOCHS = 1
 
 
-def vm_hwm_mb(pid: int | str) -> float | None:
-    """The peak resident set of a process (VmHWM), in MiB; None when it is gone."""
+def memory_mb(pid: int | str) -> dict[str, float] | None:
+    """A process's peak resident set (VmHWM) and its private resident memory now (RssAnon), MiB;
+    None when it is gone. The two differ by the shared pages a process maps: Ray's object store
+    (plasma) is shared memory, and every block a worker reads zero-copy counts in its RSS while the
+    store keeps those pages, though it is the store's memory (capped by Ray Data), not the worker's."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
+        return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon")}
+    except (OSError, KeyError, ValueError):
         return None
-    return None
+
+
+def vm_hwm_mb(pid: int | str) -> float | None:
+    m = memory_mb(pid)
+    return None if m is None else m["VmHWM"]
 
 
 def _title(pid: str) -> str:
@@ -63,25 +73,35 @@ class PeakSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.stop = threading.Event()
-        self.peaks: dict[str, float] = {}  # "pid title" -> peak MiB
+        self.peaks: dict[int, float] = {}  # pid -> peak RSS (VmHWM), MiB
+        self.private: dict[int, float] = {}  # pid -> the largest private RSS (RssAnon) sampled, MiB
+        self.driver_private = 0.0
+        self.kinds: dict[int, str] = {}  # pid -> the actor class or task it ran (the last title seen)
 
     def run(self) -> None:
         while not self.stop.is_set():
             for pid in descendants(os.getpid()):  # this run's Ray only, never another cluster on the box
                 title = _title(str(pid))
                 if "ray::" in title:
-                    mb = vm_hwm_mb(pid)
+                    mb = memory_mb(pid)
                     if mb is not None:
-                        key = f"{pid} {title.split()[0]}"
-                        self.peaks[key] = max(self.peaks.get(key, 0.0), mb)
+                        self.peaks[pid] = max(self.peaks.get(pid, 0.0), mb["VmHWM"])
+                        self.private[pid] = max(self.private.get(pid, 0.0), mb["RssAnon"])
+                        if "IDLE" not in title:
+                            self.kinds[pid] = title.split()[0]
+            own = memory_mb("self")
+            if own is not None:
+                self.driver_private = max(self.driver_private, own["RssAnon"])
             self.stop.wait(0.2)
 
     def groups(self) -> dict[str, Any]:
-        workers = sorted(v for k, v in self.peaks.items() if "RayTrainWorker" in k)
+        train = {pid for pid, kind in self.kinds.items() if "RayTrainWorker" in kind}
+        workers = sorted(v for pid, v in self.peaks.items() if pid in train)
         # Ray's other workers: Ray Data's read/map tasks and actors, its split coordinator, Train's controller.
-        other = [v for k, v in self.peaks.items() if "RayTrainWorker" not in k]
+        other = [v for pid, v in self.peaks.items() if pid not in train]
         return {
             "train_workers_peak_mb": [round(v, 1) for v in workers],
+            "train_workers_private_peak_mb": sorted(round(v, 1) for pid, v in self.private.items() if pid in train),
             "other_ray_worker_largest_peak_mb": round(max(other), 1) if other else None,
             "ray_processes_seen": len(self.peaks),
         }
@@ -116,9 +136,11 @@ def one_scale(dataset: str, workdir: str) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
+    driver_private = sampler.driver_private
     metrics = json.loads((published.local_dir() / "metrics.json").read_text())
     out = {
         "driver_peak_mb": round(vm_hwm_mb("self") or 0.0, 1),
+        "driver_private_peak_mb": round(driver_private, 1),
         **sampler.groups(),
         "job_s": round(wall, 1),
         "splits": metrics["splits"],
@@ -194,6 +216,10 @@ def run_benchmark(args: Any) -> dict[str, Any]:
         "worker_peak_last_over_first": round(
             max(last["train_workers_peak_mb"]) / max(first["train_workers_peak_mb"]), 3
         ),
+        "driver_private_last_over_first": round(last["driver_private_peak_mb"] / first["driver_private_peak_mb"], 3),
+        "worker_private_last_over_first": round(
+            max(last["train_workers_private_peak_mb"]) / max(first["train_workers_private_peak_mb"]), 3
+        ),
         "driver_peak_over_disk_at_last": round(last["driver_peak_mb"] / last["disk_mb"], 3),
     }
     result["targets"] = {"driver_peak_flat(<=1.2x)": result["ratios"]["driver_peak_last_over_first"] <= 1.2}
@@ -214,6 +240,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(x, x, "k:", label="dataset on disk")
     ax.plot(x, [r["driver_peak_mb"] for r in runs], "o-", label="driver peak RSS")
     ax.plot(x, [max(r["train_workers_peak_mb"]) for r in runs], "s-", label="largest Train worker peak RSS")
+    ax.plot(x, [r["driver_private_peak_mb"] for r in runs], "o--", label="driver private (RssAnon)")
+    ax.plot(x, [max(r["train_workers_private_peak_mb"]) for r in runs], "s--", label="Train worker private (RssAnon)")
     ax.set_xlabel("dataset size on disk (MB)")
     ax.set_ylabel("MB")
     ax.legend()

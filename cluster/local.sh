@@ -14,9 +14,12 @@
 #     with --node-ip-address 127.0.0.1, its own free ports and this run's own --temp-dir, so it
 #     never touches another Ray instance on the host (no `ray stop`: that kills every Ray process
 #     of the user), and each with its own bundle cache (COTRR_BUNDLE_CACHE=<out>/cache-<node>);
-#  2. `ray job submit --working-dir . -- python train_job.py --config configs/demo.yaml ...` with
-#     tiny overrides and 3 Ray Train workers, which cannot fit on one node (1 + 2 CPUs): DDP really
-#     spans both nodes; checkpoints go to s3://cotrr/registry/_runs and the bundle is published to
+#  2. the training data written to the object store as Parquet (s3://cotrr/datasets/demo-300); a
+#     check that two Train workers on two nodes read disjoint shards of it through the job's Ray Data
+#     path (`localctl.py shards`: the query ids each saw); then `ray job submit --working-dir . --
+#     python train_job.py --config configs/demo.yaml ...` with tiny overrides, the data read from
+#     S3, and 2 Ray Train workers placed one per node (STRICT_SPREAD): DDP really spans both nodes;
+#     checkpoints go to s3://cotrr/registry/_runs and the bundle is published to
 #     s3://cotrr/registry/demo with `--alias production`;
 #  3. `serve deploy` of serve_config.yaml (a copy serving s3://cotrr/registry/demo@production, HTTP
 #     on 127.0.0.1, the Router and Calibrator pinned to the head node and the Scorer to the worker
@@ -195,16 +198,24 @@ start_node worker --address "$GCS" --num-cpus 2 --resources '{"worker": 1}' --la
 "${CTL[@]}" wait-nodes --address "$GCS" --count 2 --timeout 120
 
 # ------------------------------------------------------------------------------------ training
-step "ray job submit: train_job.py on 3 Ray Train workers (spans both nodes) -> $REGISTRY/demo (@production)"
-# The bundle and the checkpoints (storage_path defaults to <registry>/_runs) go to the object
-# store. The data cache is the driver's own (an absolute path: the job runs in the unpacked
-# --working-dir package); the arrays reach the Train workers through Ray's object store.
+DATASET="s3://$BUCKET/datasets/demo-300"
+step "the training data on the object store: 300 synthetic queries as Parquet -> $DATASET"
+python -m cotrr_ray.data.synthetic --format parquet --shards 3 --queries 300 --output "$DATASET" --overwrite \
+    | sed 's/^/  /'
+
+step "two Train workers on two nodes read disjoint shards of $DATASET (the job's Ray Data path)"
+"${CTL[@]}" shards --address "$GCS" --dataset "$DATASET" --storage "$REGISTRY/_runs"
+
+step "ray job submit: train_job.py on 2 Ray Train workers, one per node, reading $DATASET -> $REGISTRY/demo (@production)"
+# Data, checkpoints (storage_path defaults to <registry>/_runs) and the bundle are all on the object
+# store: nothing the job needs is on the driver's disk. STRICT_SPREAD puts one worker on each node,
+# so DDP really spans both; each streams its own shard through Ray Data (data.cache_max_mb=0).
 ray job submit --address "$DASH" --working-dir . --submission-id "cotrr-train-$RUN_ID" \
     --runtime-env-json '{"env_vars": {"OMP_NUM_THREADS": "1"}}' \
     -- python train_job.py --config configs/demo.yaml --output "$REGISTRY/demo" --alias production \
-    data.generate.queries=300 "data.cache_dir=$OUT/data" optim.max_epochs=2 model.d_model=64 \
-    scaling.num_workers=3 "scaling.run_name=local-$RUN_ID" \
-    bootstrap_samples=200 >"$OUT/logs/train-job.log" 2>&1 || true
+    data.format=parquet "data.path=$DATASET" data.cache_max_mb=0 optim.max_epochs=2 model.d_model=64 \
+    optim.amp=none scaling.num_workers=2 scaling.cpus_per_worker=0.5 scaling.placement_strategy=STRICT_SPREAD \
+    "scaling.run_name=local-$RUN_ID" bootstrap_samples=200 >"$OUT/logs/train-job.log" 2>&1 || true
 # The driver's own output (the worker lines are in the log file).
 grep -vE "RayTrainWorker|PreemptionWatcher|packaging.py|working_dir.py|^\s*$" "$OUT/logs/train-job.log" \
     | sed -n '/submitted successfully/,$p' | tail -n 22 | sed 's/^/  /'

@@ -9,6 +9,7 @@
     python cluster/localctl.py requests --port P --expect-id BUNDLE_ID
     python cluster/localctl.py last-bundle --log train-job.log
     python cluster/localctl.py storage --registry s3://B/registry --model demo --bundle-id ID --cache DIR ...
+    python cluster/localctl.py shards --address 127.0.0.1:GCS --dataset s3://B/datasets/D --storage s3://B/x
 
 Token auth: the Ray clients used here (state API, Serve REST client) add the bearer token
 themselves when RAY_AUTH_MODE=token (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -162,6 +163,67 @@ def placement(address: str) -> None:
         raise SystemExit("work did not land on both nodes")
 
 
+def _record_shard(config: dict[str, Any]) -> None:
+    """A Train worker of `check_shards`: the node it runs on and the query ids of its training shard
+    (one epoch, through the job's own `ShardBatches`), written to the object store."""
+    import ray
+    import ray.train
+
+    from cotrr_ray.config import TrainConfig
+    from cotrr_ray.storage import locate, write_bytes
+    from cotrr_ray.training.ingest import worker_batches
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    train, _ = worker_batches(cfg, config["data"], rank, ctx.get_world_size())
+    ids = [q for t in train.epoch_tables(0) for q in t.column("query_id").to_pylist()]
+    node = ray.get_runtime_context().get_node_id()
+    out = locate(config["out"]).child(f"rank{rank}.json")
+    write_bytes(out, json.dumps({"node": node, "ids": ids}).encode())
+    ray.train.report({"queries": len(ids)})
+
+
+def check_shards(address: str, dataset: str, storage: str) -> None:
+    """Two Train workers on two nodes (STRICT_SPREAD) read disjoint shards of `dataset` through the
+    job's Ray Data path, checked by the query ids each one saw."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cotrr_ray.config import TrainConfig
+    from cotrr_ray.storage import locate, read_bytes
+    from cotrr_ray.training.ingest import ingest_config, open_training_data, parquet_source
+
+    ray.init(address=address, log_to_driver=False)
+    cfg = TrainConfig.from_yaml(None, ["data.format=parquet", f"data.path={dataset}", "data.cache_max_mb=0"])
+    data = open_training_data(cfg, parquet_source(cfg, dataset, say=lambda _: None))
+    out = locate(storage).child("shards-check")
+    trainer = TorchTrainer(
+        _record_shard,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": data.loop_config(), "out": out.uri},
+        datasets=data.datasets(),
+        dataset_config=ingest_config(),
+        scaling_config=ScalingConfig(
+            num_workers=2, resources_per_worker={"CPU": 0.5}, placement_strategy="STRICT_SPREAD"
+        ),
+        run_config=RunConfig(name=f"shards-check-{int(time.time())}", storage_path=storage),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise SystemExit(f"shards check failed: {result.error}")
+    ranks = [json.loads(read_bytes(out.child(f"rank{r}.json"))) for r in (0, 1)]
+    a, b = (set(r["ids"]) for r in ranks)
+    print(
+        f"  rank 0 on node {ranks[0]['node'][:12]}: {len(a)} queries; rank 1 on node {ranks[1]['node'][:12]}: {len(b)} queries"
+    )
+    print(f"  training split {data.counts['train']} queries; overlap {len(a & b)}; union {len(a | b)}")
+    if ranks[0]["node"] == ranks[1]["node"]:
+        raise SystemExit("both workers ran on one node")
+    if a & b or len(a | b) < data.counts["train"] - 1:
+        raise SystemExit("the shards overlap or do not cover the training split")
+
+
 def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any, float]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
@@ -291,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--model", required=True)
     s.add_argument("--bundle-id", required=True)
     s.add_argument("--cache", type=Path, action="append", default=[])
+    s = sub.add_parser("shards")
+    s.add_argument("--address", required=True)
+    s.add_argument("--dataset", required=True, help="a Parquet dataset URI (s3://)")
+    s.add_argument("--storage", required=True, help="Ray Train storage (shared: s3://)")
     a = p.parse_args(argv)
 
     if a.cmd == "ports":
@@ -312,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         print(last_bundle(a.log))
     elif a.cmd == "storage":
         check_storage(a.registry, a.model, a.bundle_id, a.cache)
+    elif a.cmd == "shards":
+        check_shards(a.address, a.dataset, a.storage)
 
 
 if __name__ == "__main__":

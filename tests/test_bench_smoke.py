@@ -581,5 +581,7 @@ def test_ingest_bench_quick(tmp_path) -> None:
         "driver_peak_last_over_first",
         "worker_peak_last_over_first",
         "driver_peak_over_disk_at_last",
+        "driver_private_last_over_first",
+        "worker_private_last_over_first",
     }
     assert (tmp_path / "ingest.png").read_bytes()[:4] == b"\x89PNG"
