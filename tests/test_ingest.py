@@ -16,7 +16,7 @@ from factories import tiny_train_config
 from cotrr_ray.core.features import FeatureNormalizer
 from cotrr_ray.core.model import Reranker
 from cotrr_ray.core.spec import IMAGE_SEARCH_SPEC as SPEC
-from cotrr_ray.data.collate import batch_moments, padded_batch, split_mask
+from cotrr_ray.data.collate import batch_moments, normalized_table, padded_batch, padded_prepared, split_mask
 from cotrr_ray.data.parquet import batch_to_lists, open_parquet_dataset
 from cotrr_ray.data.readers import DataError
 from cotrr_ray.data.splits import split_by_query, split_of
@@ -60,6 +60,23 @@ def test_padded_batch_equals_the_in_memory_featurisation(table, window) -> None:
     np.testing.assert_array_equal(got.labels, ref.labels[:, :m])
     fixed = padded_batch(table, normalizer, window=window, pad_to=window)
     np.testing.assert_allclose(fixed.context, ref.context, atol=1e-6)
+
+
+def test_prepared_rows_collate_to_the_same_batches(table) -> None:
+    # What Ray Data's tasks hand the workers (normalised windows) gathers back into padded_batch's
+    # arrays, for any slice a worker's batch may be.
+    normalizer = FeatureNormalizer(SPEC).fit(_lists(table, 8))
+    rows = normalized_table(table, normalizer, window=8)
+    for start, size in ((0, len(table)), (5, 17), (40, 1)):
+        ref = padded_batch(table.slice(start, size), normalizer, window=8)
+        got = padded_prepared(rows.slice(start, size), SPEC)
+        np.testing.assert_array_equal(got.mask, ref.mask)
+        for g in SPEC.candidate:
+            np.testing.assert_array_equal(got.candidate[g], ref.candidate[g])
+        for g in SPEC.query:
+            np.testing.assert_array_equal(got.query[g], ref.query[g])
+        np.testing.assert_array_equal(got.context, ref.context)
+        np.testing.assert_array_equal(got.labels, ref.labels)
 
 
 def test_batch_moments_merge_to_the_in_memory_fit(table) -> None:

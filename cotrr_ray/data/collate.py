@@ -154,6 +154,57 @@ def padded_batch(
     return PaddedLists(candidate, query, context, w.mask, lab)
 
 
+def normalized_table(batch: pa.RecordBatch | pa.Table, normalizer: FeatureNormalizer, *, window: int) -> pa.Table:
+    """The rows as the model sees them, still one row per query: each window's normalised candidate
+    features (``x.candidate.<g>``), context features (``x.context``) and labels (``x.label``), and the
+    normalised query vectors (``x.query.<g>``). What Ray Data's preprocessing tasks hand the Train
+    workers, whose collate (`padded_prepared`) then only gathers and pads."""
+    p = padded_batch(batch, normalizer, window=window)
+    assert p.labels is not None
+    m = p.mask.sum(axis=1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(m)]).astype(np.int32))
+
+    def windows(x: np.ndarray) -> pa.Array:  # (B, M, d) -> list<fixed_size_list<float32, d>>
+        d = x.shape[-1]
+        rows = pa.FixedSizeListArray.from_arrays(pa.array(x[p.mask].reshape(-1)), d)
+        return pa.ListArray.from_arrays(offsets, rows)
+
+    cols: dict[str, pa.Array] = {"query_id": as_record_batch(batch).column("query_id")}
+    cols.update({f"x.candidate.{g}": windows(v) for g, v in p.candidate.items()})
+    cols.update(
+        {
+            f"x.query.{g}": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+            for g, v in p.query.items()
+        }
+    )
+    cols["x.context"] = windows(p.context)
+    cols["x.label"] = pa.ListArray.from_arrays(offsets, pa.array(p.labels[p.mask]))
+    return pa.table(cols)
+
+
+def padded_prepared(table: pa.RecordBatch | pa.Table, spec: FeatureSpec) -> PaddedLists:
+    """`PaddedLists` of `normalized_table` rows, padded to the batch's longest window: a gather."""
+    batch = as_record_batch(table)
+    ctx = batch.column("x.context")
+    m = _lengths(ctx)
+    width = int(m.max(initial=0))
+    mask = np.arange(width)[None, :] < m[:, None]
+    flat = (np.cumsum(m) - m)[:, None] + np.arange(width)[None, :]
+    flat = flat[mask]
+    b = len(m)
+
+    def gather(col: pa.Array, d: int) -> np.ndarray:
+        out = np.zeros((b, width, d), np.float32)
+        out[mask] = col.flatten().flatten().to_numpy().reshape(-1, d)[flat]
+        return out
+
+    candidate = {g: gather(batch.column(f"x.candidate.{g}"), d) for g, d in spec.candidate.items()}
+    query = {g: batch.column(f"x.query.{g}").flatten().to_numpy().reshape(-1, d).copy() for g, d in spec.query.items()}
+    labels = np.zeros((b, width), np.float32)
+    labels[mask] = batch.column("x.label").flatten().to_numpy()[flat]
+    return PaddedLists(candidate, query, gather(ctx, len(CONTEXT_FEATURES)), mask, labels)
+
+
 def batch_moments(
     batch: pa.RecordBatch | pa.Table, normalizer: FeatureNormalizer, *, window: int
 ) -> dict[str, Moments]:

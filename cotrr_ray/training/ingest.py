@@ -43,7 +43,9 @@ from cotrr_ray.data.collate import (
     batch_moments,
     merge_moment_rows,
     moments_to_row,
+    normalized_table,
     padded_batch,
+    padded_prepared,
     split_mask,
     training_columns,
 )
@@ -122,6 +124,21 @@ def _keep_split(batch: pa.Table, names: list[str], fractions: dict[str, float], 
     return batch.filter(pa.array(split_mask(batch, set(names), fractions, salt)))
 
 
+def _normalize(batch: pa.Table, spec: dict, normalizer: dict, window: int) -> pa.Table:
+    """Ray Data's preprocessing of training rows: normalised, windowed model inputs (`normalized_table`)."""
+    norm = FeatureNormalizer.from_dict(normalizer, FeatureSpec.model_validate(spec))
+    return normalized_table(batch, norm, window=window)
+
+
+def prepared(ds: Any, spec: FeatureSpec, normalizer: FeatureNormalizer, window: int) -> Any:
+    """`ds`'s rows as the workers train on them, normalised by Ray Data's tasks (not the trainers)."""
+    return ds.map_batches(
+        _normalize,
+        fn_kwargs={"spec": spec.model_dump(mode="json"), "normalizer": normalizer.to_dict(), "window": window},
+        batch_format="pyarrow",
+    )
+
+
 def _split_stats(
     batch: pa.Table, fractions: dict[str, float], salt: str, fit_on: list[str], spec: dict, window: int
 ) -> pa.Table:
@@ -185,7 +202,10 @@ class TrainingData:
     def datasets(self, train: str = "train", validation: str = "validation") -> dict[str, Any]:
         """``TorchTrainer(datasets=...)``: the training and the validation split, streamed from
         storage each epoch, or read once into the object store when the source is small (`cached`)."""
-        out = {"train": self.split(train), "validation": self.split(validation)}
+        out = {
+            name: prepared(self.split(split), self.spec, self.normalizer, self.window)
+            for name, split in (("train", train), ("validation", validation))
+        }
         if self.cached:
             out = {name: ds.materialize() for name, ds in out.items()}
         return out
@@ -241,7 +261,11 @@ class InMemoryData:
     def datasets(self) -> dict[str, Any]:
         import ray.data
 
-        return {name: ray.data.from_arrow(tables) for name, tables in self.tables_per_split.items()}
+        p = self.prepared
+        return {
+            name: prepared(ray.data.from_arrow(tables), p.spec, p.normalizer, self.window)
+            for name, tables in self.tables_per_split.items()
+        }
 
     def loop_config(self) -> dict[str, Any]:
         return {
@@ -334,7 +358,8 @@ class ShardBatches:
     """One rank's shard of a Ray Dataset as padded batches (`training.loop.Batches`).
 
     `shard` is what ``ray.train.get_dataset_shard`` returns (a `DataIterator`; the Dataset itself in
-    Train's local mode). Training batches come through a local shuffle buffer seeded by (seed,
+    Train's local mode) over `prepared` rows (normalised by Ray Data's tasks), so the collate here
+    only gathers and pads. Training batches come through a local shuffle buffer seeded by (seed,
     rank, epoch); validation batches in shard order."""
 
     def __init__(
@@ -367,7 +392,7 @@ class ShardBatches:
         )
 
     def collate(self, table: pa.Table) -> PaddedLists:
-        return padded_batch(table, self.normalizer, window=self.window)
+        return padded_prepared(table, self.normalizer.spec)
 
     def epoch(self, epoch: int) -> Iterator[PaddedLists]:
         return map(self.collate, self.epoch_tables(epoch))
