@@ -40,7 +40,7 @@ from cotrr_ray.storage import locate
 from cotrr_ray.training.checkpoints import kept_epochs, load_state, model_from_state, run_fingerprint, save_state
 from cotrr_ray.training.evaluate import evaluate_lists, format_report
 from cotrr_ray.training.ingest import InMemoryData, ScoredQuery, Source, TrainingData, parquet_source, score_split
-from cotrr_ray.training.loop import VAL_METRIC, fit
+from cotrr_ray.training.loop import VAL_METRIC, all_reduce_sum, fit
 from cotrr_ray.training.prepare import PreparedData, all_queries_data, prepare_splits
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ class RayContext:
         return ray.train.torch.prepare_model(model)
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        if self.world_size == 1:
-            return values
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.cpu().numpy()
+        return all_reduce_sum(values, self.world_size, self.device)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         import ray.train

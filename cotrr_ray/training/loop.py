@@ -79,6 +79,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def all_reduce_sum(values: np.ndarray, world_size: int, device: torch.device) -> np.ndarray:
+    """Element-wise sum of `values` over the process group (the identity for one process): what
+    every `LoopContext.all_reduce_sum` of a torch.distributed launcher does."""
+    if world_size == 1:
+        return values
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.cpu().numpy()
+
+
 def window_ndcg_sums(logits: np.ndarray, lists: PaddedLists, k: int = 10) -> np.ndarray:
     """[sum of nDCG@k, number of queries] over the Top-M windows of queries with a relevant
     candidate: one shard's share of the validation metric (sums add across ranks; means do not)."""

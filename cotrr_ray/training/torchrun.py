@@ -18,7 +18,7 @@ import torch
 
 from cotrr_ray.config import TrainConfig
 from cotrr_ray.training.checkpoints import load_state, save_state
-from cotrr_ray.training.loop import fit
+from cotrr_ray.training.loop import all_reduce_sum, fit
 from cotrr_ray.training.prepare import prepare_data
 
 
@@ -47,11 +47,7 @@ class TorchContext:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        if self.world_size == 1:
-            return values
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.cpu().numpy()
+        return all_reduce_sum(values, self.world_size, self.device)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         done = sorted(self.checkpoint_dir.glob("epoch_[0-9][0-9][0-9]/state.pt"))  # not epoch_NNN.tmp/
