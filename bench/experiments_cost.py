@@ -69,7 +69,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 
 from kit.cluster import SERVE_ENV, ServeCluster, free_port, serve_config_for_bench  # noqa: E402
 from kit.load import Bench, LoadGen  # noqa: E402
-from kit.machine import loadavg, machine_info, say  # noqa: E402
+from kit.machine import loadavg, run_header, say  # noqa: E402
 from kit.report import write_json  # noqa: E402
 from serve_bench import N_BODIES, N_CANDIDATES, TOP_M, make_bodies  # noqa: E402
 
@@ -292,10 +292,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "issue": 14,
         "goal": f"throughput loss ON vs OFF <= {GOAL_MAX_LOSS:.0%}",
-        "machine": machine_info(serving=True),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load": {"before": loadavg()},
+        **run_header(serving=True),
         "settings": {
             "order": args.order.split(","),
             "concurrency": [int(c) for c in args.concurrency.split(",")],

@@ -31,7 +31,6 @@ import asyncio
 import json
 import pickle
 import sys
-import time
 import timeit
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
-from kit.machine import loadavg, machine_info, say  # noqa: E402
+from kit.machine import loadavg, run_header, say  # noqa: E402
 
 TOP_M = 20
 
@@ -157,10 +156,7 @@ def run(number: int, repeat: int, encodings: list[str], n_bodies: int = 4) -> di
 
     parser = RequestParser(IMAGE_SEARCH_SPEC, max_top_m=TOP_M, max_candidates=1000)
     result: dict[str, Any] = {
-        "machine": machine_info(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load": {"before": loadavg()},
+        **run_header(),
         "settings": {"number": number, "repeat": repeat, "candidates": 100, "top_m": TOP_M},
         "by_encoding": {},
     }

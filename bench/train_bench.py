@@ -43,7 +43,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 
 import torch  # noqa: E402
 from kit.cluster import init_local_ray  # noqa: E402
-from kit.machine import calm_run, loadavg, machine_info, say  # noqa: E402
+from kit.machine import calm_run, loadavg, run_header, say  # noqa: E402
 from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
 
 from cotrr_ray.config import TrainConfig  # noqa: E402
@@ -351,12 +351,7 @@ def load_data(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe: header and data, the CPU runs (plain PyTorch, Ray Train), their ratios, the GPU section."""
     t_start = time.perf_counter()
-    result: dict[str, Any] = {
-        "machine": machine_info(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load": {"before": loadavg()},
-    }
+    result: dict[str, Any] = run_header()
     base, data = load_data(args)
     describe_run(result, args, base, data)
     result["cpu"] = {}

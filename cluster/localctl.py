@@ -188,6 +188,7 @@ def check_shards(address: str, dataset: str, storage: str) -> None:
     """Two Train workers on two nodes (STRICT_SPREAD) read disjoint shards of `dataset` through the
     job's Ray Data path, checked by the query ids each one saw."""
     import ray
+    import ray.data
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -196,6 +197,9 @@ def check_shards(address: str, dataset: str, storage: str) -> None:
     from cotrr_ray.training.ingest import ingest_config, open_training_data, parquet_source
 
     ray.init(address=address, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # as the job reads (deterministic shards)
+    ctx.enable_progress_bars = False
     cfg = TrainConfig.from_yaml(None, ["data.format=parquet", f"data.path={dataset}", "data.cache_max_mb=0"])
     data = open_training_data(cfg, parquet_source(cfg, dataset, say=lambda _: None))
     out = locate(storage).child("shards-check")

@@ -57,15 +57,23 @@ class DataConfig(_Strict):
     cache_max_mb: float = Field(
         512,
         ge=0,
-        description="A source of at most this many MB on storage is read once into Ray's object store for all "
-        "epochs; a larger one is streamed from storage every epoch (memory bounded by blocks in flight). 0 = "
-        "always stream.",
+        description="A split (train, validation) of at most this many MB on storage (its share of the source) is "
+        "read once into Ray's object store for all epochs; a larger one is streamed from storage every epoch "
+        "(memory bounded by blocks in flight). 0 = always stream.",
     )
     shuffle_buffer_queries: int = Field(
         1000,
         ge=0,
         description="Queries in each Train worker's local shuffle buffer (Ray Data), reshuffled per epoch from "
-        "(seed, rank, epoch); 0 = shard order. Memory per worker grows with it (about one row group).",
+        "(seed, rank, epoch); 0 = shard order. A worker's private memory grows with it: up to about twice "
+        "this many queries' model inputs at a compaction of the buffer (README \"Training at scale\").",
+    )
+    block_queries: int = Field(
+        128,
+        ge=0,
+        description="Queries per Ray Data block streamed into the Train workers (a streaming repartition after "
+        "normalising), so a worker's memory is set by this and the shuffle buffer, not by the source's row "
+        "groups; 0 = blocks as read (one row group each).",
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Synthetic data settings.")
     feature_spec: FeatureSpec = Field(

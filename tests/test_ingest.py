@@ -156,13 +156,27 @@ def test_training_data_counts_and_normaliser_equal_the_in_memory_preparation(loc
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("cached", ["both", "none", "validation"])
 def test_in_process_batches_replay_per_epoch_and_cover_the_split(local_ray, jsonl, tmp_path, cached) -> None:
+    from ray.data.dataset import MaterializedDataset
+
     from cotrr_ray.training.ingest import in_process_batches, open_training_data, parquet_source
 
-    cfg = _cfg(tmp_path, f"data.cache_max_mb={512 if cached else 0}", "data.shuffle_buffer_queries=50")
+    cfg = _cfg(
+        tmp_path,
+        f"data.cache_max_mb={512 if cached == 'both' else 0}",
+        "data.shuffle_buffer_queries=50",
+        "data.block_queries=16",
+    )
     data = open_training_data(cfg, parquet_source(cfg, jsonl, lambda _: None))
-    assert data.cached is cached
+    if cached == "validation":  # a limit between the two splits' shares of the source
+        data.cache_max_bytes = int(data.split_bytes("validation")) + 1
+    expect = {"train": cached == "both", "validation": cached != "none"}
+    assert {s: data.cached(s) for s in expect} == expect
+    assert {s: isinstance(ds, MaterializedDataset) for s, ds in data.datasets().items()} == expect
+    # The converted source is one row group; the workers get it re-blocked to data.block_queries.
+    blocks = [t.num_rows for t in data.datasets()["train"].iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert max(blocks) == 16 and len(blocks) == -(-sum(blocks) // 16)
     train, val = in_process_batches(cfg, data)
 
     def order(epoch: int) -> list[str]:

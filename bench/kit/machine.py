@@ -9,6 +9,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,17 @@ def machine_info(*, serving: bool = False) -> dict[str, Any]:
     if serving:
         info.update(_serving_info())
     return info
+
+
+def run_header(*, serving: bool = False) -> dict[str, Any]:
+    """The first keys of every result JSON: the machine, the command as run, when, and the load
+    average before (a bench adds ``load["after"]`` when it ends)."""
+    return {
+        "machine": machine_info(serving=serving),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load": {"before": loadavg()},
+    }
 
 
 def _serving_info() -> dict[str, Any]:

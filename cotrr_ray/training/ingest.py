@@ -130,13 +130,18 @@ def _normalize(batch: pa.Table, spec: dict, normalizer: dict, window: int) -> pa
     return normalized_table(batch, norm, window=window)
 
 
-def prepared(ds: Any, spec: FeatureSpec, normalizer: FeatureNormalizer, window: int) -> Any:
-    """`ds`'s rows as the workers train on them, normalised by Ray Data's tasks (not the trainers)."""
-    return ds.map_batches(
+def prepared(ds: Any, spec: FeatureSpec, normalizer: FeatureNormalizer, window: int, block_queries: int) -> Any:
+    """`ds`'s rows as the workers train on them, normalised by Ray Data's tasks (not the trainers),
+    in blocks of at most `block_queries` rows. Without the re-blocking a block is one of the source's
+    row groups (whatever its writer chose, easily 100k rows), and a worker's shuffle buffer takes a
+    whole block at a time: its memory would be set by the source's layout, not by our settings."""
+    out = ds.map_batches(
         _normalize,
         fn_kwargs={"spec": spec.model_dump(mode="json"), "normalizer": normalizer.to_dict(), "window": window},
         batch_format="pyarrow",
     )
+    # Streaming (no shuffle) and order-preserving, so the shards stay deterministic.
+    return out.repartition(target_num_rows_per_block=block_queries) if block_queries else out
 
 
 def _split_stats(
@@ -167,6 +172,7 @@ class TrainingData:
     model_config: RerankerConfig
     read_ray_args: dict[str, Any]
     cache_max_bytes: int = 0
+    block_queries: int = 0  # rows per block into the workers (`data.block_queries`; 0 = as read)
 
     @property
     def source_bytes(self) -> int:
@@ -200,21 +206,23 @@ class TrainingData:
         )
 
     def datasets(self, train: str = "train", validation: str = "validation") -> dict[str, Any]:
-        """``TorchTrainer(datasets=...)``: the training and the validation split, streamed from
-        storage each epoch, or read once into the object store when the source is small (`cached`)."""
-        out = {
-            name: prepared(self.split(split), self.spec, self.normalizer, self.window)
-            for name, split in (("train", train), ("validation", validation))
-        }
-        if self.cached:
-            out = {name: ds.materialize() for name, ds in out.items()}
+        """``TorchTrainer(datasets=...)``: the training and the validation split, each streamed from
+        storage every epoch, or read once into the object store when it is small (`cached`)."""
+        out = {}
+        for name, split in (("train", train), ("validation", validation)):
+            ds = prepared(self.split(split), self.spec, self.normalizer, self.window, self.block_queries)
+            out[name] = ds.materialize() if self.cached(split) else ds
         return out
 
-    @property
-    def cached(self) -> bool:
-        """Whether the splits are read once and kept in the object store (`data.cache_max_mb`): a
-        small source costs more in per-epoch read start-up (seconds on a small box) than in memory."""
-        return self.source_bytes <= self.cache_max_bytes
+    def split_bytes(self, split: str) -> float:
+        """A split's estimated size on storage: its share of the queries times the source's size."""
+        return self.source_bytes * self.counts[split] / max(1, sum(self.counts.values()))
+
+    def cached(self, split: str) -> bool:
+        """Whether `split` is read once and kept in the object store (`data.cache_max_mb`): a small
+        split costs more in per-epoch read start-up (seconds on a small box) than in memory, and a
+        streamed one re-reads the whole source to filter it (the split is a hash of the query id)."""
+        return self.split_bytes(split) <= self.cache_max_bytes
 
     def loop_config(self) -> dict[str, Any]:
         """What a Train worker needs to batch its shards (picklable, small)."""
@@ -263,7 +271,7 @@ class InMemoryData:
 
         p = self.prepared
         return {
-            name: prepared(ray.data.from_arrow(tables), p.spec, p.normalizer, self.window)
+            name: prepared(ray.data.from_arrow(tables), p.spec, p.normalizer, self.window, 0)  # tables are small
             for name, tables in self.tables_per_split.items()
         }
 
@@ -295,6 +303,7 @@ def open_training_data(cfg: TrainConfig, source: Source, *, fit_on: tuple[str, .
         model_config(cfg, source.spec),
         {},
         cache_max_bytes=int(d.cache_max_mb * 2**20),
+        block_queries=d.block_queries,
     )
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order

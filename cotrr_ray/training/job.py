@@ -308,8 +308,14 @@ def run(cfg: TrainConfig, say: Callable[[str], None] = print) -> Published:
             tdata = open_training_data_checked(cfg, source)
             sizes = dict(tdata.counts)
             say(f"splits by query: {sizes}")
-            how = "read once into the object store" if tdata.cached else "streamed from storage every epoch"
-            say(f"dataset {tdata.source_bytes / 2**20:.0f} MB on storage: {how} (data.cache_max_mb)")
+            how = {
+                split: "read once into the object store" if tdata.cached(split) else "streamed every epoch"
+                for split in ("train", "validation")
+            }
+            say(
+                f"dataset {tdata.source_bytes / 2**20:.0f} MB on storage: train {how['train']}, "
+                f"validation {how['validation']} (data.cache_max_mb)"
+            )
             say(f"model {tdata.model_config.d_model}d x {tdata.model_config.n_layers} layers")
             state, model, fit_s = _fit_best(cfg, tdata, storage, say)
             calibrator, calibration_fit = _calibrate(cfg, tdata, source, model, storage, say)
