@@ -66,7 +66,7 @@ class DataConfig(_Strict):
         ge=0,
         description="Queries in each Train worker's local shuffle buffer (Ray Data), reshuffled per epoch from "
         "(seed, rank, epoch); 0 = shard order. A worker's private memory grows with it: up to about twice "
-        "this many queries' model inputs at a compaction of the buffer (README \"Training at scale\").",
+        'this many queries\' model inputs at a compaction of the buffer (README "Training at scale").',
     )
     block_queries: int = Field(
         128,
