@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path]
 
-from kit.machine import descendants, loadavg, machine_info, say  # noqa: E402
+from kit.machine import descendants, loadavg, run_header, say  # noqa: E402
 from kit.report import bench_parser, save_figure, write_outputs  # noqa: E402
 
 EPOCHS = 1
@@ -190,10 +190,7 @@ def generate(path: Path, queries: int, *, use_ray: bool) -> dict[str, Any]:
 def run_benchmark(args: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "machine": machine_info(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load": {"before": loadavg()},
+        **run_header(),
         "settings": {
             "base_queries": args.base_queries,
             "scales": args.scales,
